@@ -1,0 +1,258 @@
+"""Typed configuration dataclasses.
+
+Every config is a small dataclass validated in `__post_init__`. `from_dict` rejects unknown keys
+with a message naming the key, and `load_yaml` reads a YAML file into any of them, so the CLI,
+YAML files and Python callers go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+BLOCK_CHARS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+# transformers' newer `layers_block_type` names, and the older ones some files still carry.
+HF_BLOCK_NAMES = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
+HF_LEGACY_NAMES = {"mamba": "M", "attention": "*", "moe": "E", "mlp": "-"}
+
+
+class ConfigError(ValueError):
+    """Bad configuration value or key; the message names the key and the source."""
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Build dataclass `cls` from `data`, rejecting keys the dataclass does not define."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {sorted(names)}"
+        )
+    try:
+        return cls(**data)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except TypeError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Read a YAML file into dataclass `cls`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return from_dict(cls, data, source=str(path))
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """A Nemotron-H hybrid model. Field names follow transformers' `NemotronHConfig`."""
+
+    vocab_size: int = 131072
+    """Rows of the embedding and the LM head."""
+    hidden_size: int = 4096
+    """Width of the residual stream."""
+    pattern: str = "M*E-"
+    """One character per layer: M Mamba-2, * attention, E mixture of experts, - MLP."""
+    num_attention_heads: int = 32
+    """Query heads per attention layer."""
+    num_key_value_heads: int = 8
+    """Key/value heads (grouped-query attention); divides num_attention_heads."""
+    head_dim: int = 128
+    """Width of one attention head."""
+    intermediate_size: int = 21504
+    """Hidden width of dense MLP layers."""
+    mamba_num_heads: int = 128
+    """SSM heads per Mamba-2 layer."""
+    mamba_head_dim: int = 64
+    """Channels per SSM head; inner size = mamba_num_heads * mamba_head_dim."""
+    ssm_state_size: int = 128
+    """State size N of each SSM head."""
+    n_groups: int = 8
+    """SSM groups sharing B/C projections; divides mamba_num_heads."""
+    conv_kernel: int = 4
+    """Depthwise causal conv1d width."""
+    chunk_size: int = 128
+    """Chunk length of the SSD scan."""
+    use_conv_bias: bool = True
+    """conv1d has a bias."""
+    mamba_proj_bias: bool = False
+    """Mamba in_proj/out_proj have biases (transformers' `use_bias`)."""
+    time_step_min: float = 0.001
+    """Lower clamp of the softplus time step (as transformers' mixer uses it)."""
+    n_routed_experts: int = 8
+    """Routed experts per MoE layer."""
+    num_experts_per_tok: int = 2
+    """Experts chosen per token (top-k)."""
+    moe_intermediate_size: int = 7688
+    """Hidden width of one routed expert."""
+    moe_shared_expert_intermediate_size: int = 7688
+    """Hidden width of the shared expert."""
+    routed_scaling_factor: float = 1.0
+    """Multiplier on the normalised routing weights."""
+    norm_topk_prob: bool = True
+    """Normalise the chosen sigmoid scores to sum 1."""
+    tie_word_embeddings: bool = False
+    """LM head shares the embedding matrix."""
+    layer_norm_epsilon: float = 1e-5
+    """RMSNorm epsilon (block norms, final norm, gated Mamba norm)."""
+    attention_bias: bool = False
+    """Attention projections have biases."""
+    mlp_bias: bool = False
+    """MLP and expert projections have biases."""
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    max_position_embeddings: int = 4096
+    """Informational: the model has no positional embedding."""
+    initializer_range: float = 0.02
+    """Std of the normal init of linear and embedding weights."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups",
+            "conv_kernel", "chunk_size", "n_routed_experts", "num_experts_per_tok",
+            "moe_intermediate_size", "moe_shared_expert_intermediate_size",
+        ):
+            _positive(name, getattr(self, name))
+        if not self.pattern or set(self.pattern) - set(BLOCK_CHARS):
+            bad = sorted(set(self.pattern) - set(BLOCK_CHARS)) if self.pattern else "empty"
+            raise ConfigError(f"pattern {self.pattern!r}: invalid characters {bad}; use M * E -")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.mamba_num_heads % self.n_groups:
+            raise ConfigError(f"mamba_num_heads={self.mamba_num_heads} is not a multiple of n_groups={self.n_groups}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}"
+            )
+        if self.layer_norm_epsilon <= 0:
+            raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.pattern)
+
+    @property
+    def mamba_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        """Channels through conv1d: [x | B | C]."""
+        return self.mamba_inner + 2 * self.n_groups * self.ssm_state_size
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # --- the transformers `nemotron_h` config.json contract -------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json contents that transformers' NemotronHConfig reads, both naming styles."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("pattern", "time_step_min")}
+        d.update(
+            model_type="nemotron_h",
+            architectures=["NemotronHForCausalLM"],
+            hybrid_override_pattern=self.pattern,
+            num_hidden_layers=self.num_layers,
+            layers_block_type=[HF_BLOCK_NAMES[c] for c in self.pattern],
+            use_bias=self.mamba_proj_bias,
+            time_step_min=self.time_step_min,
+            mamba_hidden_act="silu",
+            mlp_hidden_act="relu2",
+            n_group=1,
+            topk_group=1,
+            n_shared_experts=1,
+            expand=max(1, self.mamba_inner // self.hidden_size),
+        )
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Read a transformers `nemotron_h` config dict (either layer naming style)."""
+        if d.get("model_type") != "nemotron_h":
+            raise ConfigError(
+                f"{source}: model_type {d.get('model_type')!r} is not supported; star-elastic reads 'nemotron_h'"
+            )
+        pattern = _pattern_from_hf(d, source)
+        for key, supported in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
+            if d.get(key, supported) != supported:
+                raise ConfigError(f"{source}: {key}={d[key]!r} is not supported (only {supported!r})")
+        for key in ("n_group", "topk_group"):
+            if d.get(key, 1) != 1:
+                raise ConfigError(f"{source}: {key}={d[key]} is not supported (grouped expert routing); use 1")
+        if d.get("moe_latent_size") is not None:
+            raise ConfigError(f"{source}: moe_latent_size is not supported")
+        if d.get("num_nextn_predict_layers", 0):
+            raise ConfigError(f"{source}: multi-token prediction layers are not supported")
+        aliases = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_chunk_size": "chunk_size",
+                   "mamba_conv_bias": "use_conv_bias", "use_bias": "mamba_proj_bias", "mamba_dt_min": "time_step_min"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"pattern"}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            key = aliases.get(key, key)
+            if key in fields:
+                kwargs[key] = value
+        if "use_bias" in d:  # transformers' mixer reads `use_bias`; `mamba_proj_bias` is informational
+            kwargs["mamba_proj_bias"] = d["use_bias"]
+        kwargs["pattern"] = pattern
+        try:
+            return cls(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found (a model directory needs config.json)") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: invalid JSON ({err})") from None
+        return cls.from_hf_dict(d, source=str(path))
+
+
+def _pattern_from_hf(d: dict[str, Any], source: str) -> str:
+    """Layer pattern from `hybrid_override_pattern` (older files) or `layers_block_type` (newer)."""
+    if d.get("layers_block_type") is not None:
+        names = {v: k for k, v in HF_BLOCK_NAMES.items()} | HF_LEGACY_NAMES
+        unknown = sorted({t for t in d["layers_block_type"] if t not in names})
+        if unknown:
+            raise ConfigError(f"{source}: layers_block_type has unknown block types {unknown}")
+        pattern = "".join(names[t] for t in d["layers_block_type"])
+    elif d.get("hybrid_override_pattern"):
+        pattern = d["hybrid_override_pattern"]
+        bad = sorted(set(pattern) - set(BLOCK_CHARS))
+        if bad:
+            raise ConfigError(f"{source}: hybrid_override_pattern has unknown characters {bad}")
+    else:
+        raise ConfigError(f"{source}: neither 'layers_block_type' nor 'hybrid_override_pattern' is set")
+    n = d.get("num_hidden_layers")
+    if d.get("layers_block_type") is None and n is not None and n != len(pattern):
+        raise ConfigError(
+            f"{source}: num_hidden_layers={n} but hybrid_override_pattern has {len(pattern)} layers"
+        )
+    return pattern

@@ -1,0 +1,235 @@
+"""Load and save the Hugging Face `nemotron_h` checkpoint layout (safetensors only).
+
+On disk (NVIDIA's layout, which transformers reads and writes):
+    backbone.embeddings.weight, backbone.layers.N.norm.weight, backbone.layers.N.mixer.<param>,
+    backbone.layers.N.mixer.experts.E.{up,down}_proj.weight   (one tensor per expert)
+    backbone.norm_f.weight, lm_head.weight
+In memory, `HybridLM` keeps the same names except that each layer's experts are stacked into
+`mixer.experts.{up,down}_proj` (E, ...) tensors. `disk_to_model_keys` is the whole map; a key it
+cannot place, a missing key, or a shape mismatch raises `CheckpointError` naming file and key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from star_elastic.config import ConfigError, ModelConfig
+from star_elastic.model.hybrid import HybridLM
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_EXPERT = re.compile(r"^(backbone\.layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message names the file and the key."""
+
+
+# --- the key map ------------------------------------------------------------------------------
+def expected_disk_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every on-disk key of a `cfg` checkpoint → (shape, model key) built from a meta model."""
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for key, t in model.state_dict().items():
+        if key.endswith(("experts.up_proj", "experts.down_proj")):
+            prefix, leaf = key.rsplit(".", 1)
+            for e in range(t.shape[0]):
+                out[f"{prefix}.{e}.{leaf}.weight"] = (tuple(t.shape[1:]), key)
+        else:
+            out[key] = (tuple(t.shape), key)
+    return out
+
+
+def _normalise_key(key: str) -> str:
+    """Accept transformers' in-memory prefix `model.` as an alias of `backbone.`."""
+    return "backbone." + key[len("model.") :] if key.startswith("model.") else key
+
+
+# --- reading ----------------------------------------------------------------------------------
+def _weight_files(path: Path) -> dict[str, list[str]]:
+    """File name → keys it should hold (from the index for sharded checkpoints)."""
+    if (path / INDEX).is_file():
+        try:
+            index = json.loads((path / INDEX).read_text())
+            weight_map = index["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{path / INDEX}: not a valid safetensors index ({err})") from None
+        files: dict[str, list[str]] = defaultdict(list)
+        for key, name in weight_map.items():
+            files[name].append(key)
+        for name in files:
+            if not (path / name).is_file():
+                raise CheckpointError(f"{path / name}: listed in {INDEX} (e.g. for {files[name][0]}) but missing")
+        return dict(files)
+    if (path / WEIGHTS).is_file():
+        return {WEIGHTS: []}
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    hint = f" (found {pickles}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"{path}: no {WEIGHTS} or {INDEX}{hint}")
+
+
+def _read_tensors(path: Path) -> dict[str, tuple[torch.Tensor, str]]:
+    """All tensors of the checkpoint: normalised key → (tensor, file name)."""
+    tensors: dict[str, tuple[torch.Tensor, str]] = {}
+    for name, indexed_keys in _weight_files(path).items():
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                keys = list(f.keys())
+                missing = sorted(set(indexed_keys) - set(keys))
+                if missing:
+                    raise CheckpointError(f"{path / name}: {INDEX} lists {missing[0]} but the file lacks it")
+                for key in keys:
+                    tensors[_normalise_key(key)] = (f.get_tensor(key), name)
+        except SafetensorError as err:
+            raise CheckpointError(f"{path / name}: unreadable safetensors file, truncated or corrupt ({err})") from None
+    return tensors
+
+
+def _assemble(cfg: ModelConfig, tensors: dict[str, tuple[torch.Tensor, str]], path: Path) -> dict[str, torch.Tensor]:
+    """Map on-disk tensors to the model's state dict, checking every key and shape."""
+    expected = expected_disk_shapes(cfg)
+    stacked: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    state: dict[str, torch.Tensor] = {}
+    for key, (t, fname) in tensors.items():
+        if key in ("lm_head.weight",) and cfg.tie_word_embeddings:
+            state["lm_head.weight"] = t
+            continue
+        if key not in expected:
+            raise CheckpointError(f"{path / fname}: unexpected tensor {key!r} for this config (pattern {cfg.pattern})")
+        shape, model_key = expected[key]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{path / fname}: tensor {key!r} has shape {tuple(t.shape)}, expected {shape}")
+        match = _EXPERT.match(key)
+        if match:
+            stacked[model_key][int(match.group(2))] = t
+        else:
+            state[model_key] = t
+    missing = sorted(k for k in expected if k not in tensors and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more}")
+    for model_key, parts in stacked.items():
+        state[model_key] = torch.stack([parts[e] for e in range(len(parts))])
+    return state
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> HybridLM:
+    """Load a transformers `nemotron_h` checkpoint directory into a `HybridLM`.
+
+    dtype None keeps the checkpoint's dtype (that of the embeddings); the router's correction
+    bias always stays fp32, as transformers keeps it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    cfg = ModelConfig.from_json(path / "config.json")
+    state = _assemble(cfg, _read_tensors(path), path)
+    dtype = dtype or state["backbone.embeddings.weight"].dtype
+    tied_head = state.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
+    if tied_head is not None and not torch.equal(tied_head, state["backbone.embeddings.weight"]):
+        raise CheckpointError(
+            f"{path}: tie_word_embeddings is true but lm_head.weight differs from backbone.embeddings.weight"
+        )
+    for key, t in state.items():
+        keep_fp32 = key.endswith("e_score_correction_bias")
+        state[key] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["backbone.embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    model.tokenizer = _load_tokenizer(path)
+    return model.eval()
+
+
+def _load_tokenizer(path: Path):
+    if not (path / "tokenizer.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+# --- writing ----------------------------------------------------------------------------------
+def to_disk_state(model: HybridLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under their on-disk names (experts split, head always written)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        if key.endswith(("experts.up_proj", "experts.down_proj")):
+            prefix, leaf = key.rsplit(".", 1)
+            for e in range(t.shape[0]):
+                out[f"{prefix}.{e}.{leaf}.weight"] = t[e].contiguous()
+        else:
+            # transformers' nemotron_h never ties the head, so a tied head is written out too
+            out[key] = t.detach().clone() if key == "lm_head.weight" and model.config.tie_word_embeddings else t.contiguous()
+    return out
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [state]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    return shards
+
+
+def write_config(cfg: ModelConfig, path: Path, dtype: torch.dtype, extra: dict | None = None) -> None:
+    d = cfg.to_hf_dict() | {"dtype": str(dtype).removeprefix("torch.")} | (extra or {})
+    _atomic_write_text(path / "config.json", json.dumps(d, indent=2) + "\n")
+
+
+def save_model(model: HybridLM, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+    """Write config.json, safetensors weights (sharded above `max_shard_bytes`) and the tokenizer."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in to_disk_state(model).items()}
+    shards = _shards(state, max_shard_bytes)
+    if len(shards) == 1:
+        _atomic_save(shards[0], path / WEIGHTS)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(shard, path / name)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        _atomic_write_text(path / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_config(model.config, path, model.dtype)
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
+           "pad_token_id": model.config.pad_token_id}
+    _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(path))
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, target)
+
+
+def _atomic_write_text(target: Path, text: str) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_model", "save_model", "expected_disk_shapes", "to_disk_state"]

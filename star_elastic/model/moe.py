@@ -1,0 +1,92 @@
+"""Mixture of experts of Nemotron-H: sigmoid router with correction bias, relu² experts, shared expert.
+
+Routing (as transformers' NemotronHTopkRouter with n_group = 1):
+  scores = sigmoid(gate(x)) in fp32; top-k chosen on scores + e_score_correction_bias (the bias
+  steers selection only); weights = chosen scores / their sum * routed_scaling_factor.
+Experts are stored as 3D tensors (E, I, C) / (E, C, I) like transformers holds them in memory;
+the on-disk layout (one tensor per expert) is handled by `star_elastic.hf`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from star_elastic.config import ModelConfig
+from star_elastic.model.mlp import MLP, relu2
+
+
+class TopkRouter(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.scaling, self.normalise = cfg.num_experts_per_tok, cfg.routed_scaling_factor, cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (n, C) → weights (n, k) fp32, indices (n, k). Masked-out experts cannot be chosen."""
+        scores = torch.sigmoid(x.float() @ self.weight.float().t())  # (n, E)
+        choice = scores + self.e_score_correction_bias
+        if expert_mask is not None:
+            choice = choice.masked_fill(expert_mask == 0, float("-inf"))
+        idx = torch.topk(choice, self.top_k, dim=-1, sorted=False).indices  # (n, k)
+        w = scores.gather(1, idx)
+        if self.normalise:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        if expert_mask is not None:  # value 1 for chosen experts; carries the router's gradient
+            w = w * expert_mask.float()[idx]
+        return w * self.scaling, idx
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, I, C = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.num_experts = E
+        self.up_proj = nn.Parameter(torch.empty(E, I, C))
+        self.down_proj = nn.Parameter(torch.empty(E, C, I))
+
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, inter_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (n, C), weights/idx (n, k) → (n, C). Tokens are sorted by expert, one matmul pair each."""
+        n, k = idx.shape
+        flat = idx.reshape(-1)  # (n*k,) expert of each (token, slot)
+        order = torch.argsort(flat, stable=True)
+        token = order // k  # token of each sorted slot
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x[token]  # (n*k, C) grouped by expert
+        out = torch.empty(n * k, x.shape[1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            h = relu2(xs[start : start + count] @ self.up_proj[e].t())  # (count, I)
+            if inter_mask is not None:
+                h = h * inter_mask.to(h.dtype)
+            out[start : start + count] = h @ self.down_proj[e].t()
+            start += count
+        out = out * weights.reshape(-1)[order].unsqueeze(-1)
+        y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
+        return y.index_add_(0, token, out).to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = TopkRouter(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_shared_expert_intermediate_size, cfg.mlp_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        expert_mask: torch.Tensor | None = None,
+        inter_mask: torch.Tensor | None = None,
+        shared_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (n, C)
+        weights, idx = self.gate(flat, expert_mask)
+        routed = self.experts(flat, weights, idx, inter_mask).view(shape)
+        return routed + self.shared_experts(x, shared_mask)
