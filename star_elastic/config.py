@@ -112,9 +112,9 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-5
     """RMSNorm epsilon (block norms, final norm, gated Mamba norm)."""
     attention_bias: bool = False
-    """Attention projections have biases."""
+    """Must be false: Nemotron-H attention has no biases (transformers ignores the flag)."""
     mlp_bias: bool = False
-    """MLP and expert projections have biases."""
+    """Dense MLP and shared-expert projections have biases (routed experts never do)."""
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -144,6 +144,10 @@ class ModelConfig:
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ConfigError(
                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}"
+            )
+        if self.attention_bias:
+            raise ConfigError(
+                "attention_bias=true is not supported: transformers' nemotron_h builds attention without biases"
             )
         if self.layer_norm_epsilon <= 0:
             raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
@@ -191,6 +195,8 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Read a transformers `nemotron_h` config dict (either layer naming style)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         if d.get("model_type") != "nemotron_h":
             raise ConfigError(
                 f"{source}: model_type {d.get('model_type')!r} is not supported; star-elastic reads 'nemotron_h'"
