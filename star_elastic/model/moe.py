@@ -51,24 +51,39 @@ class Experts(nn.Module):
     ) -> torch.Tensor:
         """x (n, C), weights/idx (n, k) → (n, C). Tokens are sorted by expert, one matmul pair each."""
         n, k = idx.shape
+        if n * k <= self.num_experts // 2:  # decode-sized: walk the few slots, skip the sort
+            return self._few_tokens(x, weights, idx, inter_mask)
         flat = idx.reshape(-1)  # (n*k,) expert of each (token, slot)
         order = torch.argsort(flat, stable=True)
         token = order // k  # token of each sorted slot
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = x[token]  # (n*k, C) grouped by expert
+        ws = weights.reshape(-1)[order].unsqueeze(-1)  # (n*k, 1) routing weight of each slot
         out = torch.empty(n * k, x.shape[1], dtype=torch.float32, device=x.device)
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
                 continue
             h = relu2(xs[start : start + count] @ self.up_proj[e].t())  # (count, I)
+            # the routing weight is applied before down_proj (linear, so the same value) on the
+            # narrower activation; fp32 like transformers' accumulation
+            h = h.float() * ws[start : start + count]
             if inter_mask is not None:
-                h = h * inter_mask.to(h.dtype)
-            out[start : start + count] = h @ self.down_proj[e].t()
+                h = h * inter_mask
+            out[start : start + count] = h.to(x.dtype) @ self.down_proj[e].t()
             start += count
-        out = out * weights.reshape(-1)[order].unsqueeze(-1)
         y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
         return y.index_add_(0, token, out).to(x.dtype)
+
+
+    def _few_tokens(self, x, weights, idx, inter_mask) -> torch.Tensor:
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for (i, j), e in zip(((i, j) for i in range(idx.shape[0]) for j in range(idx.shape[1])), idx.flatten().tolist()):
+            h = relu2(x[i] @ self.up_proj[e].t()).float() * weights[i, j]  # (I,)
+            if inter_mask is not None:
+                h = h * inter_mask
+            y[i] += h.to(x.dtype) @ self.down_proj[e].t()
+        return y.to(x.dtype)
 
 
 class MoE(nn.Module):

@@ -15,7 +15,7 @@ from torch import nn
 def masked_rms(x: torch.Tensor, mask: torch.Tensor | None, eps: float) -> torch.Tensor:
     """x * rsqrt(mean of x² over active channels + eps), in x's dtype (callers pass fp32)."""
     if mask is None:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return F.rms_norm(x, (x.shape[-1],), eps=eps)  # one fused op: same formula
     count = mask.sum(-1, keepdim=True).clamp_min(1e-6)
     return x * mask * torch.rsqrt((x.pow(2) * mask).sum(-1, keepdim=True) / count + eps)
 
