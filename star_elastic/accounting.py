@@ -171,20 +171,29 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
 # --- inference memory -----------------------------------------------------------------------
 
 
-def kv_cache_bytes(cfg: ModelConfig, batch_size: int, context_len: int, kv_bytes: int = 2) -> int:
-    """Keys and values of every attention layer for `batch_size` sequences of `context_len` tokens."""
-    per_layer = 2 * cfg.num_key_value_heads * cfg.head_dim * context_len * batch_size
-    return cfg.pattern.count("*") * per_layer * kv_bytes
+def kv_cache_layer_bytes(cfg: ModelConfig, batch_size: int, context_len: int, kv_bytes: int = 2) -> int:
+    """Keys and values of one attention layer for `batch_size` sequences of `context_len` tokens."""
+    return 2 * cfg.num_key_value_heads * cfg.head_dim * context_len * batch_size * kv_bytes
 
 
-def ssm_state_bytes(cfg: ModelConfig, batch_size: int, state_bytes: int = 4) -> int:
-    """Recurrent state of every Mamba layer: the SSM state plus the conv1d's last inputs.
+def ssm_state_layer_bytes(cfg: ModelConfig, batch_size: int, state_bytes: int = 4) -> int:
+    """Recurrent state of one Mamba layer: the SSM state plus the conv1d's last inputs.
 
     Unlike the KV cache it does not grow with the context.
     """
     ssm = cfg.mamba_inner * cfg.ssm_state_size
     conv = cfg.mamba_conv_dim * (cfg.conv_kernel - 1)
-    return cfg.pattern.count("M") * batch_size * (ssm + conv) * state_bytes
+    return batch_size * (ssm + conv) * state_bytes
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch_size: int, context_len: int, kv_bytes: int = 2) -> int:
+    """Keys and values of every attention layer."""
+    return cfg.pattern.count("*") * kv_cache_layer_bytes(cfg, batch_size, context_len, kv_bytes)
+
+
+def ssm_state_bytes(cfg: ModelConfig, batch_size: int, state_bytes: int = 4) -> int:
+    """Recurrent state of every Mamba layer."""
+    return cfg.pattern.count("M") * ssm_state_layer_bytes(cfg, batch_size, state_bytes)
 
 
 def memory_bytes(

@@ -262,3 +262,52 @@ def _pattern_from_hf(d: dict[str, Any], source: str) -> str:
             f"{source}: num_hidden_layers={n} but hybrid_override_pattern has {len(pattern)} layers"
         )
     return pattern
+
+
+BUDGET_TYPES = ("total_params", "active_params", "memory", "latency")
+ELASTIC_AXES = ("hidden", "attn_heads", "mamba_heads", "experts", "expert_inter", "shared_inter", "mlp_inter", "depth")
+
+
+@dataclasses.dataclass
+class ElasticConfig:
+    """What is elastic and which budgets the router is trained for."""
+
+    budgets: tuple[float, ...] = (1.0, 0.75, 0.5)
+    """Target budgets as fractions of the full model's cost, largest first."""
+    budget_type: str = "active_params"
+    """total_params | active_params | memory (weights + KV cache + SSM state) | latency (profiled table)."""
+    fractions: tuple[float, ...] = (1.0, 0.75, 0.5)
+    """Default choice grid of every axis, as fractions of the full size."""
+    axes: tuple[str, ...] = ("hidden", "attn_heads", "mamba_heads", "experts", "expert_inter", "shared_inter", "mlp_inter")
+    """Elastic axes; add "depth" for layer skipping (off by default)."""
+    choices: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    """Explicit choice lists per axis (absolute sizes; heads per group), overriding `fractions`."""
+    multiple: int = 16
+    """Channel choices on input dimensions are rounded to multiples of this (NVFP4 blocks stay whole)."""
+    memory_batch: int = 1
+    """Batch size assumed by the `memory` budget type."""
+    memory_context: int = 4096
+    """Context length assumed by the `memory` budget type."""
+    router_hidden: int = 64
+    """Width of each axis's router MLP."""
+
+    def __post_init__(self) -> None:
+        self.budgets = tuple(float(b) for b in self.budgets)
+        self.fractions = tuple(float(f) for f in self.fractions)
+        self.axes = tuple(self.axes)
+        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
+            raise ConfigError(f"budgets must be fractions in (0, 1], got {list(self.budgets)}")
+        if list(self.budgets) != sorted(set(self.budgets), reverse=True):
+            raise ConfigError(f"budgets must be distinct and in descending order, got {list(self.budgets)}")
+        if self.budget_type not in BUDGET_TYPES:
+            raise ConfigError(f"budget_type {self.budget_type!r} unknown; use one of {list(BUDGET_TYPES)}")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions) or 1.0 not in self.fractions:
+            raise ConfigError(f"fractions must lie in (0, 1] and include 1.0, got {list(self.fractions)}")
+        unknown = sorted(set(self.axes) - set(ELASTIC_AXES)) + sorted(set(self.choices) - set(ELASTIC_AXES))
+        if unknown:
+            raise ConfigError(f"unknown elastic axis {unknown[0]!r}; axes are {list(ELASTIC_AXES)}")
+        for axis, values in self.choices.items():
+            if not values or any(not isinstance(v, int) or v <= 0 for v in values):
+                raise ConfigError(f"choices[{axis!r}] must be a non-empty list of positive integers, got {values!r}")
+        if self.multiple <= 0:
+            raise ConfigError(f"multiple must be positive, got {self.multiple}")

@@ -99,21 +99,37 @@ def _channels(units: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class IndexSets:
-    """Index tensors along every sliceable dimension for one architecture of one config."""
+    """Index tensors along every sliceable dimension of one config.
 
-    def __init__(self, cfg: ModelConfig, arch: Architecture):
+    Built from an `Architecture` (`IndexSets.prefix`: the nested submodel) or from full-length
+    permutations (`star_elastic.elastic.sort`: the importance order). `expert_inter` may be
+    (E, I): one order per expert, since each expert's channels can be ranked on their own.
+    """
+
+    def __init__(self, cfg: ModelConfig, hidden, q_heads, mamba_heads, experts, expert_inter, shared_inter,
+                 mlp_inter, layers):
+        self.cfg = cfg
+        self.hidden, self.q_heads, self.mamba_heads, self.experts = hidden, q_heads, mamba_heads, experts
+        self.expert_inter, self.shared_inter, self.mlp_inter, self.layers = expert_inter, shared_inter, mlp_inter, layers
+
+    @classmethod
+    def prefix(cls, cfg: ModelConfig, arch: Architecture) -> IndexSets:
+        """The nested submodel `arch`: a prefix on every axis (per group for grouped heads)."""
         arch.validate(cfg)
-        self.cfg, self.arch = cfg, arch
         rep = cfg.num_attention_heads // cfg.num_key_value_heads
-        heads_per_group = cfg.mamba_num_heads // cfg.n_groups
-        self.hidden = torch.arange(arch.hidden)
-        self.q_heads = _grouped_prefix(cfg.num_key_value_heads, rep, arch.attn_heads)
-        self.mamba_heads = _grouped_prefix(cfg.n_groups, heads_per_group, arch.mamba_heads)
-        self.experts = torch.arange(arch.experts)
-        self.expert_inter = torch.arange(arch.expert_inter)
-        self.shared_inter = torch.arange(arch.shared_inter)
-        self.mlp_inter = torch.arange(arch.mlp_inter)
-        self.layers = torch.tensor(arch.layers)
+        sets = cls(
+            cfg,
+            hidden=torch.arange(arch.hidden),
+            q_heads=_grouped_prefix(cfg.num_key_value_heads, rep, arch.attn_heads),
+            mamba_heads=_grouped_prefix(cfg.n_groups, cfg.mamba_num_heads // cfg.n_groups, arch.mamba_heads),
+            experts=torch.arange(arch.experts),
+            expert_inter=torch.arange(arch.expert_inter),
+            shared_inter=torch.arange(arch.shared_inter),
+            mlp_inter=torch.arange(arch.mlp_inter),
+            layers=torch.tensor(arch.layers),
+        )
+        sets.arch = arch
+        return sets
 
     # --- derived sets ----------------------------------------------------------------------
     @cached_property
@@ -140,7 +156,7 @@ class IndexSets:
 
     # --- the two consumers ------------------------------------------------------------------
     def masks(self, dtype: torch.dtype = torch.float32, device=None) -> Masks:
-        """0/1 masks of the full model's sizes for the elastic forward."""
+        """0/1 masks of the full model's sizes for the elastic forward (prefix sets only)."""
         cfg = self.cfg
 
         def mask(n: int, idx: torch.Tensor) -> torch.Tensor:
@@ -206,9 +222,21 @@ _RULES: dict[tuple[str, str], dict[int, str]] = {
 
 
 def gather(t: torch.Tensor, rule: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Keep `rule[dim]` indices along each listed dim."""
-    for dim, idx in rule.items():
-        t = t.index_select(dim, idx.to(t.device))
+    """Keep `rule[dim]` indices along each listed dim.
+
+    A 2D index (E, n) on a dim > 0 of an (E, ...) tensor selects per leading entry (per expert).
+    Rules are applied leading dim first, so a per-expert index meets the experts already chosen.
+    """
+    for dim, idx in sorted(rule.items()):
+        idx = idx.to(t.device)
+        if idx.dim() == 1:
+            t = t.index_select(dim, idx)
+        else:
+            shape = [t.shape[0]] + [1] * (t.dim() - 1)
+            shape[dim] = idx.shape[1]
+            expand = list(t.shape)
+            expand[dim] = idx.shape[1]
+            t = torch.take_along_dim(t, idx[: t.shape[0]].view(shape).expand(expand), dim=dim)
     return t.contiguous()
 
 
@@ -226,7 +254,7 @@ def renumber_layer(key: str, new_index: dict[int, int]) -> str | None:
 
 def slice_state(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: Architecture) -> dict[str, torch.Tensor]:
     """A full model's state dict (model key names) → the sliced model's state dict."""
-    sets = IndexSets(cfg, arch)
+    sets = IndexSets.prefix(cfg, arch)
     new_index = {old: new for new, old in enumerate(arch.layers)}
     out = {}
     for key, t in state.items():
