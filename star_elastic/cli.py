@@ -25,7 +25,107 @@ def _run_info(args: argparse.Namespace) -> int:
     return info_command(args.path, as_json=args.json)
 
 
-SUBCOMMANDS = [_add_info]
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_train_parent(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-parent", help="train the demo's small reasoning parent on CPU and report its accuracy")
+    p.add_argument("--out", required=True, help="output model directory (Hugging Face nemotron_h layout)")
+    p.add_argument("--config", help="YAML with ParentConfig keys (flags override it)")
+    for flag, kind in (("steps", int), ("batch-size", int), ("lr", float), ("width-scale", float), ("seed", int),
+                       ("n-test", int), ("time-limit-s", float), ("threads", int)):
+        p.add_argument(f"--{flag}", type=kind, default=None)
+    p.set_defaults(func=_run_train_parent)
+
+
+def _run_train_parent(args: argparse.Namespace) -> int:
+    import json
+
+    from star_elastic.train.parent import load_parent_config, train_parent
+
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "width_scale", "seed", "n_test",
+                                                 "time_limit_s", "threads")}
+    cfg = load_parent_config(args.config, overrides)
+    _, report = train_parent(cfg, args.out)
+    summary = {k: report[k] for k in ("params", "steps", "train_seconds", "final_loss")}
+    summary["test_accuracy"] = report["test"]["accuracy"]
+    summary["by_task"] = report["test"]["by_task"]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_elastify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("elastify", help="train one checkpoint holding a nested model for every budget")
+    p.add_argument("--model", help="parent model directory")
+    p.add_argument("--data", help='jsonl / parquet (text, messages or input_ids) or "synthetic"')
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--budgets", type=_floats, help="e.g. 1.0,0.75,0.5")
+    p.add_argument("--budget-type", choices=["total_params", "active_params", "memory", "latency"])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seq-len", type=int, help="stage-2 sequence length (stage 1 uses half)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--stop-after", type=int, help="stop after this many steps (checkpointed); resume with --resume")
+    p.add_argument("--config", help="YAML with the same keys (flags override it)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from RUN/checkpoints/latest")
+    p.set_defaults(func=_run_elastify)
+
+
+def _run_elastify(args: argparse.Namespace) -> int:
+    import json
+
+    from star_elastic.train.elastify import load_elastify_config, train
+
+    overrides = {
+        "model": args.model, "data": args.data, "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
+        "lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every, "stop_after": args.stop_after,
+        "resume": args.resume, "elastic.budgets": args.budgets, "elastic.budget_type": args.budget_type,
+    }
+    if args.seq_len:
+        overrides["stage2_seq_len"] = args.seq_len
+        overrides["stage1_seq_len"] = max(8, args.seq_len // 2)
+    cfg = load_elastify_config(args.config, overrides)
+    for key in ("model", "out"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"elastify needs --{key} (or '{key}:' in the YAML config)")
+    summary = train(cfg)
+    if summary["rank"] == 0:
+        print(json.dumps(summary["architectures"], indent=2, default=str))
+    return 0
+
+
+def _add_slice(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slice", help="cut one budget out of an elastic run as a standalone checkpoint")
+    p.add_argument("run", help="elastic run folder")
+    p.add_argument("--budget", type=float, required=True)
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=_run_slice)
+
+
+def _run_slice(args: argparse.Namespace) -> int:
+    import json
+
+    from star_elastic.slicing import slice_run
+
+    result = slice_run(args.run, args.budget, args.out)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"sliced budget {args.budget} ({result['budget_type']}) → {args.out}", file=sys.stderr)
+        for key in ("total_params", "active_params"):
+            print(f"  {key:14s} {result[key]:>14,}  ({result[key.replace('params', 'fraction')]:.3f} of the parent)")
+        print(f"  target {result['budget_type']} {args.budget:.3f}, achieved {result['relative_cost']:.3f}")
+    return 0
+
+
+SUBCOMMANDS = [_add_info, _add_train_parent, _add_elastify, _add_slice]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from star_elastic.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -26,3 +26,14 @@ def slice_model(model: HybridLM, arch: Architecture) -> HybridLM:
         small.lm_head.weight = small.backbone.embeddings.weight
     small.tokenizer = model.tokenizer
     return small.eval()
+
+
+def slice_run(run, budget: float, out) -> dict:
+    """`star-elastic slice`: the router's architecture for `budget` → a standalone HF checkpoint."""
+    from star_elastic.elastic.run import load_elastic
+    from star_elastic.hf import save_model
+
+    elastic = load_elastic(run)
+    info = elastic.describe(budget)
+    save_model(slice_model(elastic.model, elastic.architecture(budget)), out)
+    return info

@@ -1,0 +1,109 @@
+"""Training data → token sequences: local jsonl / parquet files or the built-in synthetic set.
+
+A record holds one of `input_ids` (pre-tokenized), `messages` (chat, rendered with the
+tokenizer's chat template) or `text`. Every sequence comes back as (ids, loss_mask); for chat
+records and the synthetic set the mask covers the assistant turn, otherwise every token.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from star_elastic.config import ConfigError
+
+BUILTIN = "synthetic"
+
+
+def _records_jsonl(path: Path) -> list[dict]:
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{path}:{n}: expected a JSON object per line")
+            records.append(rec)
+    return records
+
+
+def _records_parquet(path: Path) -> list[dict]:
+    from datasets import Dataset
+
+    try:
+        return list(Dataset.from_parquet(str(path)))
+    except Exception as err:  # pyarrow raises several types for unreadable files
+        raise ConfigError(f"{path}: cannot read parquet ({err})") from None
+
+
+def _encode_record(rec: dict, tokenizer, where: str) -> tuple[list[int], list[int]]:
+    if "input_ids" in rec:
+        ids = rec["input_ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise ConfigError(f"{where}: 'input_ids' must be a list of integers")
+        if ids and (min(ids) < 0 or max(ids) >= len(tokenizer)):
+            raise ConfigError(f"{where}: 'input_ids' has ids outside the vocabulary (size {len(tokenizer)})")
+        return list(ids), [1] * len(ids)
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
+            raise ConfigError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        prompt = [m for m in msgs if m["role"] != "assistant"]
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer.encode(full, add_special_tokens=False)
+        n_head = len(tokenizer.encode(head, add_special_tokens=False)) if full.startswith(head) else 0
+        return ids, [0] * n_head + [1] * (len(ids) - n_head)
+    if "text" in rec:
+        if not isinstance(rec["text"], str):
+            raise ConfigError(f"{where}: 'text' must be a string")
+        ids = tokenizer.encode(rec["text"], add_special_tokens=False)
+        return ids, [1] * len(ids)
+    raise ConfigError(f"{where}: a record needs 'input_ids', 'messages' or 'text' (found keys {sorted(rec)})")
+
+
+def load_sequences(data: str, tokenizer, n_synthetic: int = 20000, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """DATA (a .jsonl / .parquet path, or "synthetic") → list of (ids, loss_mask)."""
+    if data == BUILTIN:
+        from star_elastic.data import synthetic
+        from star_elastic.data.tokenizer import encode_example
+
+        return [encode_example(tokenizer, ex) for ex in synthetic.make_splits(n_synthetic, 0, 0, seed=seed)["train"]]
+    path = Path(data)
+    if not path.is_file():
+        raise ConfigError(f"data {data!r}: no such file (use a .jsonl or .parquet file, or {BUILTIN!r})")
+    if path.suffix == ".jsonl":
+        records = _records_jsonl(path)
+    elif path.suffix == ".parquet":
+        records = _records_parquet(path)
+    else:
+        raise ConfigError(f"{path}: unsupported data format {path.suffix!r}; use .jsonl or .parquet")
+    if not records:
+        raise ConfigError(f"{path}: no records")
+    seqs = [_encode_record(rec, tokenizer, f"{path}:{i + 1}") for i, rec in enumerate(records)]
+    return [s for s in seqs if len(s[0]) >= 2]
+
+
+def batch_for_step(
+    seqs: list[tuple[list[int], list[int]]], step: int, rank: int, batch_size: int, seq_len: int, pad_id: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of `rank` at `step`: a pure function of (seed, step, rank), so that a resumed run
+    and an uninterrupted one see the same data. Returns ids (B, T) and a 0/1 loss mask (B, T)."""
+    rng = random.Random(f"{seed}:{step}:{rank}")
+    picked = [seqs[rng.randrange(len(seqs))] for _ in range(batch_size)]
+    width = min(seq_len, max(len(ids) for ids, _ in picked))
+    ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(batch_size, width, dtype=torch.long)
+    for i, (tok, m) in enumerate(picked):
+        tok, m = tok[:width], m[:width]
+        ids[i, : len(tok)] = torch.tensor(tok)
+        mask[i, : len(m)] = torch.tensor(m)
+    return ids, mask
