@@ -47,3 +47,21 @@ def hf_model(cfg):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+ELASTIC_TINY = dict(hidden_size=64, head_dim=16, num_attention_heads=8, num_key_value_heads=2, mamba_num_heads=8,
+                    mamba_head_dim=16, n_groups=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+                    intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2)
+
+
+def tiny_elastic(seed: int = 0, budget_type: str = "active_params", fit_steps: int = 60, **changes):
+    """An ElasticLM over a random tiny model, router fitted to the cost (no sorting, no training)."""
+    from star_elastic import HybridLM
+    from star_elastic.config import ElasticConfig
+    from star_elastic.elastic.router import fit_router_to_cost
+    from star_elastic.elastic.run import build_elastic
+
+    model = randomize(HybridLM(tiny_config(**(ELASTIC_TINY | changes))), seed=seed, scale=0.2).eval()
+    elastic = build_elastic(model, ElasticConfig(budget_type=budget_type), None, None)
+    fit_router_to_cost(elastic.router, elastic.cost, elastic.ecfg.budgets, steps=fit_steps, seed=seed)
+    return elastic.eval()

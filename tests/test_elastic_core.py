@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import randomize, tiny_config
+from conftest import ELASTIC_TINY, randomize, tiny_config
 
 from star_elastic import HybridLM
 from star_elastic.accounting import count_params, memory_bytes
@@ -19,9 +19,6 @@ from star_elastic.elastic.router import (
 from star_elastic.elastic.space import ChoiceSpace
 from star_elastic.slicing import slice_model
 
-ELASTIC_TINY = dict(hidden_size=64, head_dim=16, num_attention_heads=8, num_key_value_heads=2, mamba_num_heads=8,
-                    mamba_head_dim=16, n_groups=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
-                    intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2)
 
 
 def random_arch(cfg, rng: random.Random, depth: bool) -> Architecture:
