@@ -311,3 +311,33 @@ class ElasticConfig:
                 raise ConfigError(f"choices[{axis!r}] must be a non-empty list of positive integers, got {values!r}")
         if self.multiple <= 0:
             raise ConfigError(f"multiple must be positive, got {self.multiple}")
+
+
+# Module-name patterns (fnmatch) of the linears quantized by default: the hybrid-MoE practice of
+# quantizing expert, shared-expert, MLP and Mamba projections and keeping attention, the MoE
+# router, conv1d, norms, embeddings and the LM head in high precision.
+DEFAULT_QUANT_INCLUDE = (
+    "*.mixer.in_proj", "*.mixer.out_proj", "*.mixer.up_proj", "*.mixer.down_proj",
+    "*.mixer.shared_experts.up_proj", "*.mixer.shared_experts.down_proj", "*.mixer.experts",
+)
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    """Quantization of an elastic checkpoint."""
+
+    format: str = "nvfp4"
+    """fp8 (E4M3, per-tensor scales) or nvfp4 (E2M1, FP8 scales per 16 inputs, FP32 global scale)."""
+    include: tuple[str, ...] = DEFAULT_QUANT_INCLUDE
+    """fnmatch patterns of module names to quantize (`*.mixer.experts` = every routed expert)."""
+    exclude: tuple[str, ...] = ()
+    """Patterns removed from `include`."""
+    activations: bool = True
+    """Fake-quantize linear inputs with calibrated static scales (as the exported input_scale)."""
+
+    def __post_init__(self) -> None:
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+        if self.format not in ("fp8", "nvfp4"):
+            raise ConfigError(f"unknown quantization format {self.format!r}; use 'fp8' or 'nvfp4'")
+        if not self.include:
+            raise ConfigError("include must name at least one module pattern")

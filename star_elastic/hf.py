@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from star_elastic.config import ConfigError, ModelConfig
 from star_elastic.model.hybrid import HybridLM
+from star_elastic.quant.export import dequantize_tensors, install_input_quant, read_quant_config
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -132,7 +133,12 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     cfg = ModelConfig.from_json(path / "config.json")
-    state = _assemble(cfg, _read_tensors(path), path)
+    tensors = _read_tensors(path)
+    quant = read_quant_config(path)
+    input_scales = {}
+    if quant is not None:  # a quantized checkpoint: dequantize here, emulate input quantization below
+        tensors, input_scales = dequantize_tensors(tensors, quant, path, dtype or torch.float32)
+    state = _assemble(cfg, tensors, path)
     dtype = dtype or state["backbone.embeddings.weight"].dtype
     tied_head = state.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
     if tied_head is not None and not torch.equal(tied_head, state["backbone.embeddings.weight"]):
@@ -150,6 +156,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
     model.tokenizer = _load_tokenizer(path)
+    if input_scales:
+        install_input_quant(model, input_scales, "nvfp4" if quant["quantization"]["quant_algo"] == "NVFP4" else "fp8")
     return model.eval()
 
 

@@ -9,6 +9,8 @@ the on-disk layout (one tensor per expert) is handled by `star_elastic.hf`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -45,6 +47,19 @@ class Experts(nn.Module):
         self.num_experts = E
         self.up_proj = nn.Parameter(torch.empty(E, I, C))
         self.down_proj = nn.Parameter(torch.empty(E, C, I))
+        # optional activation quantizer (x, expert, "up" | "down") → x, set by star_elastic.quant
+        self.act_quant: Callable[[torch.Tensor, int, str], torch.Tensor] | None = None
+
+    def _expert(self, e: int, x: torch.Tensor, inter_mask: torch.Tensor | None) -> torch.Tensor:
+        """Expert e on its tokens x (n, C) → (n, C)."""
+        if self.act_quant is not None:
+            x = self.act_quant(x, e, "up")
+        h = relu2(x @ self.up_proj[e].t())  # (n, I)
+        if inter_mask is not None:
+            h = h * inter_mask.to(h.dtype)
+        if self.act_quant is not None:
+            h = self.act_quant(h, e, "down")
+        return h @ self.down_proj[e].t()
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, inter_mask: torch.Tensor | None = None
@@ -58,31 +73,22 @@ class Experts(nn.Module):
         token = order // k  # token of each sorted slot
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = x[token]  # (n*k, C) grouped by expert
-        ws = weights.reshape(-1)[order].unsqueeze(-1)  # (n*k, 1) routing weight of each slot
         out = torch.empty(n * k, x.shape[1], dtype=torch.float32, device=x.device)
         start = 0
         for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            h = relu2(xs[start : start + count] @ self.up_proj[e].t())  # (count, I)
-            # the routing weight is applied before down_proj (linear, so the same value) on the
-            # narrower activation; fp32 like transformers' accumulation
-            h = h.float() * ws[start : start + count]
-            if inter_mask is not None:
-                h = h * inter_mask
-            out[start : start + count] = h.to(x.dtype) @ self.down_proj[e].t()
-            start += count
+            if count:
+                out[start : start + count] = self._expert(e, xs[start : start + count], inter_mask)
+                start += count
+        out = out * weights.reshape(-1)[order].unsqueeze(-1)  # routing weight in fp32, as transformers
         y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
         return y.index_add_(0, token, out).to(x.dtype)
 
-
     def _few_tokens(self, x, weights, idx, inter_mask) -> torch.Tensor:
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for (i, j), e in zip(((i, j) for i in range(idx.shape[0]) for j in range(idx.shape[1])), idx.flatten().tolist()):
-            h = relu2(x[i] @ self.up_proj[e].t()).float() * weights[i, j]  # (I,)
-            if inter_mask is not None:
-                h = h * inter_mask
-            y[i] += h.to(x.dtype) @ self.down_proj[e].t()
+        experts = idx.tolist()
+        for i in range(idx.shape[0]):
+            for j, e in enumerate(experts[i]):
+                y[i] += self._expert(e, x[i : i + 1], inter_mask)[0].float() * weights[i, j]
         return y.to(x.dtype)
 
 

@@ -1,0 +1,256 @@
+"""Quantized checkpoints in the Hugging Face layout NVIDIA's quantized models use (and vLLM reads).
+
+Per quantized linear `name` (experts one by one, `...experts.E.up_proj`):
+  NVFP4: name.weight uint8 [out, in/2] (two E2M1 codes per byte, low nibble first),
+         name.weight_scale float8_e4m3fn [out, in/16], name.weight_scale_2 fp32 [] (global),
+         name.input_scale fp32 [] (activation amax / (6·448))
+  FP8:   name.weight float8_e4m3fn [out, in], name.weight_scale fp32 [], name.input_scale fp32 []
+plus `hf_quant_config.json` and a `quantization_config` block in config.json. Unquantized tensors
+are stored in `high_precision_dtype` (BF16 by default).
+
+`slice_packed` cuts a nested slice straight from these tensors: the index sets of
+`IndexSets.rule` (the same ones the masked forward and the BF16 slicer use) are mapped to bytes
+(÷2) and scale blocks (÷16) along the input dimension; scalar scales are the full tensor's and
+are shared by every slice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from star_elastic.config import ConfigError, ModelConfig, QuantConfig
+from star_elastic.elastic.arch import Architecture, IndexSets, renumber_layer
+from star_elastic.model.hybrid import HybridLM
+from star_elastic.model.moe import Experts
+from star_elastic.quant import formats
+from star_elastic.quant.fake import FP_MAX, InputQuant, quantized_module_names
+
+QUANT_CONFIG = "hf_quant_config.json"
+_EXPERT_KEY = re.compile(r"^(backbone\.layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)$")
+
+
+def _quantize_weight(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    if fmt == "fp8":
+        q, s = formats.quantize_fp8(w)
+        return {"weight": q, "weight_scale": s.reshape(())}
+    packed, scales, gs = formats.quantize_nvfp4(w)
+    return {"weight": packed, "weight_scale": scales, "weight_scale_2": gs.reshape(())}
+
+
+def quantized_state(model: HybridLM, qcfg: QuantConfig, quantizers: dict[str, InputQuant],
+                    high_precision_dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """On-disk tensors of a quantized checkpoint. `model` holds the (unquantized) master weights:
+    pass a model without parametrizations, or one whose parametrizations are read through
+    `original` — here every weight is read raw and quantized once."""
+    from star_elastic.hf import to_disk_state
+
+    names = set(quantized_module_names(model, qcfg))
+    raw = _raw_state(model)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in to_disk_state(_Raw(model, raw)).items():
+        module = key.rsplit(".", 1)[0]
+        expert = _EXPERT_KEY.match(module)
+        owner = expert.group(1) if expert else module
+        if owner in names and key.endswith(".weight"):
+            for suffix, value in _quantize_weight(t.float(), qcfg.format).items():
+                out[f"{module}.{suffix}"] = value.contiguous()
+            q = quantizers.get(owner)
+            if q is not None:
+                i = 2 * int(expert.group(2)) + (expert.group(3) == "down_proj") if expert else 0
+                out[f"{module}.input_scale"] = q.scale(i).float().reshape(())
+        else:
+            out[key] = t.to(high_precision_dtype).contiguous() if t.is_floating_point() else t
+    return out
+
+
+def _raw_state(model: HybridLM) -> dict[str, torch.Tensor]:
+    """Model state dict with parametrized weights read as their stored originals."""
+    state = {}
+    for key, t in model.state_dict().items():
+        if ".parametrizations." in key:
+            if not key.endswith(".original"):
+                continue
+            key = key.replace(".parametrizations.", ".").removesuffix(".original")
+        state[key] = t
+    return state
+
+
+class _Raw:
+    """Duck-typed stand-in for `to_disk_state`: a model whose state dict is `state`."""
+
+    def __init__(self, model: HybridLM, state: dict[str, torch.Tensor]):
+        self.config, self._state = model.config, state
+
+    def state_dict(self):
+        return self._state
+
+
+def quant_metadata(qcfg: QuantConfig, model: HybridLM) -> dict:
+    names = set(quantized_module_names(model, qcfg))
+    excluded = sorted({n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in names})
+    algo = "NVFP4" if qcfg.format == "nvfp4" else "FP8"
+    return {
+        "producer": {"name": "star-elastic", "version": "0.1.0"},
+        "quantization": {
+            "quant_algo": algo,
+            "kv_cache_quant_algo": None,
+            "group_size": formats.BLOCK if algo == "NVFP4" else None,
+            "exclude_modules": _exclude_patterns(excluded),
+        },
+    }
+
+
+def _exclude_patterns(names: list[str]) -> list[str]:
+    """Unquantized linears as patterns on the module name (layer index wildcarded)."""
+    return sorted({re.sub(r"^backbone\.layers\.\d+\.", "backbone.layers.*.", n) for n in names})
+
+
+def write_quantized(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], meta: dict, tokenizer=None) -> None:
+    """config.json (with quantization_config), hf_quant_config.json, model.safetensors, tokenizer."""
+    from star_elastic.hf import WEIGHTS, _atomic_save, write_config
+
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_save(tensors, path / WEIGHTS)
+    q = meta["quantization"]
+    write_config(cfg, path, torch.bfloat16, extra={"quantization_config": {
+        "quant_method": "modelopt", "quant_algo": q["quant_algo"], "kv_cache_quant_algo": q["kv_cache_quant_algo"],
+        "group_size": q["group_size"], "exclude_modules": q["exclude_modules"],
+    }})
+    (path / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+
+
+# --- slicing packed tensors ---------------------------------------------------------------------
+def _to_units(idx: torch.Tensor, factor: int, what: str) -> torch.Tensor:
+    """Channel indices → indices of `factor`-wide units (bytes, blocks); runs must be whole units."""
+    if idx.numel() % factor:
+        raise ConfigError(f"{what}: {idx.numel()} kept input channels do not fill whole units of {factor}")
+    groups = idx.view(-1, factor)
+    if not torch.equal(groups - groups[:, :1], torch.arange(factor).expand_as(groups)) or bool((groups[:, 0] % factor).any()):
+        raise ConfigError(f"{what}: kept input channels are not aligned to units of {factor}")
+    return groups[:, 0] // factor
+
+
+def _model_key(disk_module: str) -> tuple[str, int | None]:
+    """On-disk module name → (model state-dict key of its weight, expert index)."""
+    m = _EXPERT_KEY.match(disk_module)
+    if m:
+        return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
+    return f"{disk_module}.weight", None
+
+
+def slice_packed(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: Architecture, fmt: str) -> dict[str, torch.Tensor]:
+    """Slice a quantized checkpoint's tensors to `arch` without dequantizing."""
+    sets = IndexSets.prefix(cfg, arch)
+    new_layer = {old: new for new, old in enumerate(arch.layers)}
+    kept_experts = {int(e): new for new, e in enumerate(sets.experts.tolist())}
+    out = {}
+    for key, t in tensors.items():
+        module, leaf = key.rsplit(".", 1)
+        if leaf in ("weight_scale", "weight_scale_2", "input_scale") or (leaf == "weight" and key.replace(".weight", ".weight_scale") in tensors):
+            model_key, expert = _model_key(module)
+            rule = sets.rule(model_key)
+            if expert is not None:  # 3D rule (E, out, in) → this expert's 2D rule
+                if expert not in kept_experts:
+                    continue
+                rule = {d - 1: idx for d, idx in rule.items() if d > 0}
+                module = re.sub(r"\.experts\.\d+\.", f".experts.{kept_experts[expert]}.", module)
+            new_module = renumber_layer(module, new_layer)
+            if new_module is None:
+                continue
+            if t.dim() == 0:
+                out[f"{new_module}.{leaf}"] = t
+                continue
+            rule = dict(rule)
+            if 1 in rule and (leaf == "weight_scale" or (leaf == "weight" and fmt == "nvfp4")):
+                factor = formats.BLOCK if leaf == "weight_scale" else 2
+                rule[1] = _to_units(rule[1], factor, f"{key} (input dim)")
+            out[f"{new_module}.{leaf}"] = _gather_any(t, rule)
+        else:
+            new_key = renumber_layer(key, new_layer)
+            if new_key is None:
+                continue
+            model_key, expert = (key, None)
+            out[new_key] = _gather_any(t, sets.rule(model_key))
+    return out
+
+
+def _gather_any(t: torch.Tensor, rule: dict[int, torch.Tensor]) -> torch.Tensor:
+    """index_select for any dtype (uint8, float8) via a byte view where needed."""
+    view_u8 = t.dtype == torch.float8_e4m3fn
+    x = t.view(torch.uint8) if view_u8 else t
+    for dim, idx in sorted(rule.items()):
+        x = x.index_select(dim, idx)
+    x = x.contiguous()
+    return x.view(torch.float8_e4m3fn) if view_u8 else x
+
+
+# --- reading ------------------------------------------------------------------------------------
+def read_quant_config(path: Path) -> dict | None:
+    f = path / QUANT_CONFIG
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text())
+        algo = meta["quantization"]["quant_algo"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ConfigError(f"{f}: not a valid quantization config ({err})") from None
+    if algo not in ("NVFP4", "FP8"):
+        raise ConfigError(f"{f}: quant_algo {algo!r} is not supported (NVFP4 or FP8)")
+    return meta
+
+
+def dequantize_tensors(tensors: dict, meta: dict, path: Path, dtype=torch.float32) -> tuple[dict, dict]:
+    """(disk key → (tensor, file)) with packed linears → dequantized weights; also input scales by module."""
+    fmt = "nvfp4" if meta["quantization"]["quant_algo"] == "NVFP4" else "fp8"
+    out, input_scales = {}, {}
+    for key, (t, fname) in tensors.items():
+        module, leaf = key.rsplit(".", 1)
+        if leaf in ("weight_scale", "weight_scale_2"):
+            continue
+        if leaf == "input_scale":
+            input_scales[module] = t.float()
+            continue
+        if leaf == "weight" and f"{module}.weight_scale" in tensors:
+            s = tensors[f"{module}.weight_scale"][0]
+            try:
+                if fmt == "nvfp4":
+                    w = formats.dequantize_nvfp4(t, s, tensors[f"{module}.weight_scale_2"][0], dtype)
+                else:
+                    w = formats.dequantize_fp8(t, s, dtype)
+            except (KeyError, RuntimeError, ValueError) as err:
+                raise ConfigError(f"{path / fname}: cannot dequantize {key!r} ({err})") from None
+            out[key] = (w, fname)
+        else:
+            out[key] = (t.to(dtype) if t.is_floating_point() else t, fname)
+    return out, input_scales
+
+
+def install_input_quant(model: HybridLM, input_scales: dict[str, torch.Tensor], fmt: str) -> None:
+    """Emulate the exported activation quantization with the stored input scales."""
+    experts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for module, scale in input_scales.items():
+        m = _EXPERT_KEY.match(module)
+        if m:
+            experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = scale
+            continue
+        q = InputQuant(fmt)
+        q.set_scales(scale.reshape(1))
+        model.get_submodule(module).register_forward_pre_hook(lambda mod, args, q=q: (q(args[0]),))
+    for name, table in experts.items():
+        module: Experts = model.get_submodule(name)
+        q = InputQuant(fmt, 2 * module.num_experts)
+        scales = torch.ones(2 * module.num_experts)
+        for (e, which), s in table.items():
+            scales[2 * e + (which == "down_proj")] = s
+        q.set_scales(scales)
+        module.act_quant = lambda x, e, which, q=q: q(x, 2 * e + (which == "down"))
+
+
+__all__ = ["FP_MAX", "quantized_state", "quant_metadata", "write_quantized", "slice_packed", "read_quant_config",
+           "dequantize_tensors", "install_input_quant"]

@@ -1,0 +1,110 @@
+"""Quantization keeps nesting: packed slices, masked fake-quant == loaded quantized slice, layout."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_elastic
+from safetensors.torch import load_file
+
+from star_elastic import load_model
+from star_elastic.config import ConfigError, QuantConfig
+from star_elastic.elastic.arch import IndexSets
+from star_elastic.quant import formats
+from star_elastic.quant.export import quant_metadata, quantized_state, slice_packed, write_quantized
+from star_elastic.quant.fake import apply_fake_quant, set_mode
+from star_elastic.slicing import slice_model
+
+
+def bf16_rounded(elastic):
+    """The exported checkpoint stores unquantized tensors in BF16: start from BF16 values."""
+    with torch.no_grad():
+        for p in elastic.model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return elastic
+
+
+def quantized_elastic(fmt: str, seed: int = 0):
+    elastic = bf16_rounded(tiny_elastic(seed=seed))
+    fq = copy.deepcopy(elastic.model)
+    qcfg = QuantConfig(format=fmt)
+    quantizers = apply_fake_quant(fq, qcfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # calibrate over every budget: one static scale serves all slices
+        for b in elastic.ecfg.budgets:
+            masks = IndexSets.prefix(fq.config, elastic.architecture(b)).masks()
+            fq(torch.randint(0, fq.config.vocab_size, (2, 16), generator=g), masks=masks)
+    set_mode(quantizers, "quantize")
+    return elastic, fq, qcfg, quantizers
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_masked_fake_quant_equals_loaded_quantized_slice(tmp_path, fmt):
+    elastic, fq, qcfg, quantizers = quantized_elastic(fmt)
+    tensors = quantized_state(fq, qcfg, quantizers)
+    ids = torch.randint(0, fq.config.vocab_size, (2, 12))
+    for b in elastic.ecfg.budgets:
+        arch = elastic.architecture(b)
+        out = tmp_path / f"slice-{b}"
+        write_quantized(out, arch.model_config(fq.config), slice_packed(tensors, fq.config, arch, fmt),
+                        quant_metadata(qcfg, fq))
+        sliced = load_model(out)
+        with torch.no_grad():
+            masked = fq(ids, masks=IndexSets.prefix(fq.config, arch).masks())
+            torch.testing.assert_close(sliced(ids), masked, atol=1e-4, rtol=0)
+
+
+def test_slice_then_quantize_equals_quantize_then_slice_on_packed_bytes():
+    elastic, fq, qcfg, quantizers = quantized_elastic("nvfp4", seed=1)
+    full = quantized_state(fq, qcfg, quantizers)
+    arch = elastic.architecture(0.5)
+    packed_slice = slice_packed(full, fq.config, arch, "nvfp4")
+    small = slice_model(elastic.model, arch)  # BF16 slice of the unquantized weights
+    checked = 0
+    for key, t in packed_slice.items():
+        if not key.endswith(".weight") or t.dtype != torch.uint8:
+            continue
+        module = key.rsplit(".", 1)[0]
+        if ".experts." in module:
+            layer, rest = module.split(".mixer.experts.")
+            e, which = rest.split(".")
+            w = getattr(small.get_submodule(f"{layer}.mixer.experts"), which)[int(e)]
+        else:
+            w = small.get_submodule(module).weight
+        gs = packed_slice[f"{module}.weight_scale_2"]  # the full tensor's global scale
+        p, s, _ = formats.quantize_nvfp4(w.detach(), global_scale=gs)
+        assert torch.equal(t, p), key
+        assert torch.equal(packed_slice[f"{module}.weight_scale"].view(torch.uint8), s.view(torch.uint8)), key
+        checked += 1
+    assert checked >= 10
+
+
+def test_export_layout(tmp_path):
+    elastic, fq, qcfg, quantizers = quantized_elastic("nvfp4")
+    tensors = quantized_state(fq, qcfg, quantizers)
+    write_quantized(tmp_path, fq.config, tensors, quant_metadata(qcfg, fq))
+    meta = json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]
+    assert meta["quant_algo"] == "NVFP4" and meta["group_size"] == 16
+    assert "backbone.layers.*.mixer.q_proj" in meta["exclude_modules"]
+    assert "lm_head" in meta["exclude_modules"] and "backbone.layers.*.mixer.gate" not in meta["exclude_modules"]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_algo"] == "NVFP4"
+    disk = load_file(tmp_path / "model.safetensors")
+    C = fq.config.hidden_size
+    up = "backbone.layers.2.mixer.experts.3.up_proj"
+    assert disk[f"{up}.weight"].dtype == torch.uint8 and disk[f"{up}.weight"].shape == (32, C // 2)
+    assert disk[f"{up}.weight_scale"].dtype == torch.float8_e4m3fn and disk[f"{up}.weight_scale"].shape == (32, C // 16)
+    assert disk[f"{up}.weight_scale_2"].shape == () and disk[f"{up}.input_scale"].dtype == torch.float32
+    assert disk["backbone.layers.1.mixer.q_proj.weight"].dtype == torch.bfloat16  # attention stays high precision
+    assert disk["backbone.layers.0.mixer.in_proj.weight"].dtype == torch.uint8  # Mamba projections quantized
+
+
+def test_bad_quant_configs():
+    with pytest.raises(ConfigError, match="unknown quantization format 'int4'"):
+        QuantConfig(format="int4")
+    elastic = tiny_elastic()
+    with pytest.raises(ConfigError, match="match no module"):
+        apply_fake_quant(copy.deepcopy(elastic.model), QuantConfig(include=("*.nothing",)))
