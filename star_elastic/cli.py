@@ -125,7 +125,35 @@ def _run_slice(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_info, _add_train_parent, _add_elastify, _add_slice]
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="FP8 / NVFP4 PTQ and nested QAD of an elastic run")
+    p.add_argument("run", help="elastic run folder (BF16)")
+    p.add_argument("--format", choices=["fp8", "nvfp4"], required=True)
+    p.add_argument("--data", default="synthetic", help='jsonl / parquet or "synthetic"')
+    p.add_argument("--qad-steps", type=int, default=0)
+    p.add_argument("--out", required=True, help="quantized run folder (QRUN)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    import json
+
+    from star_elastic.config import from_dict
+    from star_elastic.quant.qad import QuantizeConfig, quantize_run
+
+    data = {"run": args.run, "out": args.out, "data": args.data, "qad_steps": args.qad_steps,
+            "quant": {"format": args.format}}
+    data.update({k: getattr(args, k) for k in ("batch_size", "seq_len", "lr", "seed") if getattr(args, k) is not None})
+    summary = quantize_run(from_dict(QuantizeConfig, data, source="quantize flags"))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+SUBCOMMANDS = [_add_info, _add_train_parent, _add_elastify, _add_slice, _add_quantize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,11 +29,29 @@ def slice_model(model: HybridLM, arch: Architecture) -> HybridLM:
 
 
 def slice_run(run, budget: float, out) -> dict:
-    """`star-elastic slice`: the router's architecture for `budget` → a standalone HF checkpoint."""
+    """`star-elastic slice`: the router's architecture for `budget` → a standalone HF checkpoint.
+
+    A quantized run (QRUN) is cut from its packed tensors without dequantizing.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
     from star_elastic.elastic.run import load_elastic
     from star_elastic.hf import save_model
+    from star_elastic.quant.export import read_quant_config, slice_packed, write_quantized
 
     elastic = load_elastic(run)
     info = elastic.describe(budget)
-    save_model(slice_model(elastic.model, elastic.architecture(budget)), out)
-    return info
+    arch = elastic.architecture(budget)
+    model_dir = Path(run) / "model"
+    quant = read_quant_config(model_dir)
+    if quant is None:
+        save_model(slice_model(elastic.model, arch), out)
+        return info
+    fmt = "nvfp4" if quant["quantization"]["quant_algo"] == "NVFP4" else "fp8"
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    cfg = elastic.config
+    write_quantized(Path(out), arch.model_config(cfg), slice_packed(tensors, cfg, arch, fmt), quant,
+                    elastic.model.tokenizer)
+    return info | {"quantization": fmt}

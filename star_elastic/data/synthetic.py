@@ -1,0 +1,122 @@
+"""Synthetic reasoning problems for the demo: a `<think>` trace, then a short exact-match answer.
+
+Three families, each with difficulty levels (more steps at higher levels); every step of a trace
+is a small local computation a tiny model can learn by imitation, so accuracy grows with model
+capacity and with the length of the chain it has to keep straight:
+  arith  "7+5-3+8="            think "7+5=12 12-3=9 9+8=17"           answer "17"
+  rev    "rev 3 8 2 5"         think "5 | 5 2 | 5 2 8 | 5 2 8 3"        answer "5 2 8 3"
+  vars   "a=3 b=a+2 c=b*2 c?"  think "a=3 b=3+2=5 c=5*2=10"            answer "10"
+Generation is a pure function of the seed (its own random.Random).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from star_elastic.config import ConfigError
+
+FAMILIES = ("arith", "rev", "vars")
+THINK_END = "</think>"
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """Which problems to generate."""
+
+    families: tuple[str, ...] = FAMILIES
+    """Task families to mix, uniformly."""
+    levels: tuple[int, ...] = (1, 2, 3)
+    """Difficulty levels to mix, uniformly (1 = shortest chains)."""
+
+    def __post_init__(self) -> None:
+        self.families, self.levels = tuple(self.families), tuple(self.levels)
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown or not self.families:
+            raise ConfigError(f"unknown task family {unknown[0] if unknown else None!r}; valid: {list(FAMILIES)}")
+        if not self.levels or any(lv not in (1, 2, 3) for lv in self.levels):
+            raise ConfigError(f"levels must be among 1, 2, 3, got {list(self.levels)}")
+
+
+def _arith(rng: random.Random, level: int) -> tuple[str, str, str]:
+    """A chain of level+2 one-digit operands; the running total stays in 0..99."""
+    total = rng.randint(1, 9)
+    prompt, steps = str(total), []
+    for _ in range(level + 1):
+        n = rng.randint(1, 9)
+        op = "-" if total - n >= 0 and (total + n > 99 or rng.random() < 0.4) else "+"
+        new = total + n if op == "+" else total - n
+        prompt += f"{op}{n}"
+        steps.append(f"{total}{op}{n}={new}")
+        total = new
+    return prompt + "=", " ".join(steps), str(total)
+
+
+def _rev(rng: random.Random, level: int) -> tuple[str, str, str]:
+    """Reverse a list of level+2 digits, building the result one element at a time."""
+    items = [str(rng.randint(0, 9)) for _ in range(level + 2)]
+    partial = [" ".join(items[::-1][: i + 1]) for i in range(len(items))]
+    return "rev " + " ".join(items), " | ".join(partial), partial[-1]
+
+
+def _vars(rng: random.Random, level: int) -> tuple[str, str, str]:
+    """A chain of level+1 assignments, each one operation on the previous variable."""
+    names = "abcdefgh"
+    value = rng.randint(1, 9)
+    defs, steps = [f"a={value}"], [f"a={value}"]
+    for i in range(1, level + 2):
+        prev, name = names[i - 1], names[i]
+        op, n = rng.choice("+-*"), rng.randint(1, 4)
+        if op == "*" and value * n > 99 or op == "-" and value - n < 0:
+            op = "+"
+        new = {"+": value + n, "-": value - n, "*": value * n}[op]
+        defs.append(f"{name}={prev}{op}{n}")
+        steps.append(f"{name}={value}{op}{n}={new}")
+        value = new
+    return " ".join(defs) + f" {names[level + 1]}?", " ".join(steps), str(value)
+
+
+_MAKERS = {"arith": _arith, "rev": _rev, "vars": _vars}
+
+
+def generate(n: int, seed: int, config: TaskConfig | None = None) -> list[dict]:
+    """n problems: {"family", "level", "prompt", "think", "answer"}, deterministic in `seed`."""
+    config = config or TaskConfig()
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        family, level = rng.choice(config.families), rng.choice(config.levels)
+        prompt, think, answer = _MAKERS[family](rng, level)
+        out.append({"family": family, "level": level, "prompt": prompt, "think": think, "answer": answer})
+    return out
+
+
+def make_splits(n_train: int, n_val: int, n_test: int, seed: int = 0, config: TaskConfig | None = None) -> dict:
+    """Fixed train / val / test splits; val and test prompts never occur in train (nor test in val)."""
+    train = generate(n_train, seed * 3 + 1, config)
+    seen = {ex["prompt"] for ex in train}
+    splits = {"train": train}
+    for name, n, offset in (("val", n_val, 2), ("test", n_test, 3)):
+        rng_seed, kept = seed * 3 + offset, []
+        while len(kept) < n:
+            for ex in generate(2 * (n - len(kept)) + 8, rng_seed, config):
+                if ex["prompt"] not in seen and len(kept) < n:
+                    seen.add(ex["prompt"])
+                    kept.append(ex)
+            rng_seed += 1000
+        splits[name] = kept
+    return splits
+
+
+def parse_answer(text: str) -> str | None:
+    """The answer after the last `</think>`, up to the end-of-text marker; None if no trace ended."""
+    if THINK_END not in text:
+        return None
+    answer = text.rsplit(THINK_END, 1)[1]
+    for stop in ("</s>", "<|user|>"):
+        answer = answer.split(stop, 1)[0]
+    return answer.strip()
+
+
+def check_answer(generated_text: str, answer: str) -> bool:
+    return parse_answer(generated_text) == answer.strip()
