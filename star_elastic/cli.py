@@ -153,7 +153,22 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_info, _add_train_parent, _add_elastify, _add_slice, _add_quantize]
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole story on a small reasoning model trained on CPU")
+    p.add_argument("--out", default="demo_out", help="output folder (artifacts found there are reused)")
+    p.add_argument("--quick", action="store_true", help="toy sizes, about a minute (used by the tests)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from star_elastic.demo import run_demo
+
+    report = run_demo(args.out, quick=args.quick)
+    print(f"report: {args.out}/report.md ({report['wall_seconds']} s)")
+    return 0
+
+
+SUBCOMMANDS = [_add_info, _add_train_parent, _add_elastify, _add_slice, _add_quantize, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

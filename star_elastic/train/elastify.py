@@ -80,6 +80,8 @@ class ElastifyConfig:
     stop_after: int | None = None
     """Stop (after checkpointing) once this many steps are done: for preemption tests."""
     resume: bool = False
+    save_initial: bool = False
+    """Also write the sorted, router-fitted, untrained state to RUN/initial (zero-shot baseline)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -211,6 +213,8 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
             f"{b}→{elastic.describe(b)['relative_cost']:.3f}" for b in ecfg.budgets))
         if rank == 0:
             save_run(elastic, out)
+            if cfg.save_initial:
+                save_run(elastic, out / "initial")
 
     stage1_steps = int(round(cfg.steps * cfg.stage1_fraction))
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None

@@ -1,0 +1,170 @@
+"""Accuracy and latency of budget configurations, the accuracy–latency Pareto front, plots.
+
+A configuration is (think_budget, answer_budget, max_think_tokens). Accuracy is exact match of the
+answer parsed after `</think>`. Queries run in batches; `latency_s` is the mean wall time a query
+waits for its batch (think + answer phases), which is what a batched server's clients see, and is
+comparable across configurations measured with the same batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from star_elastic.config import ConfigError
+from star_elastic.data import synthetic
+from star_elastic.data.tokenizer import format_prompt
+from star_elastic.infer.budget import ElasticServer
+from star_elastic.infer.generate import GenerationConfig, generate
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    think_budget: float
+    answer_budget: float
+    max_think_tokens: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.think_budget:g}→{self.answer_budget:g} cap {self.max_think_tokens}"
+
+
+def load_eval_examples(path: str | None, n_test: int = 400, seed: int = 0) -> list[dict]:
+    """The held-out synthetic test split, or a local jsonl of {"prompt", "answer"} records."""
+    if path is None:
+        return synthetic.make_splits(1, 0, n_test, seed=seed)["test"][:n_test] if n_test else []
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                rec = json.loads(line)
+                if not {"prompt", "answer"} <= set(rec):
+                    raise ConfigError(f"{path}:{n}: eval records need 'prompt' and 'answer'")
+                records.append({"family": rec.get("family", "custom"), "level": rec.get("level", 0), **rec})
+    return records
+
+
+def evaluate_config(server: ElasticServer, examples: list[dict], cfg: BudgetConfig, batch_size: int = 100,
+                    max_answer_tokens: int = 24) -> dict:
+    """Accuracy, latency and token counts of one budget configuration."""
+    tok = server.elastic.model.tokenizer
+    correct, latencies, think_tokens, answer_tokens, think_s, answer_s = [], [], 0, 0, 0.0, 0.0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = [tok.encode(format_prompt(tok, ex["prompt"]), add_special_tokens=False) for ex in chunk]
+        run = server.generate(prompts, cfg.think_budget, cfg.answer_budget, cfg.max_think_tokens, max_answer_tokens)
+        for ex, res in zip(chunk, run.results):
+            text = "<think>" + tok.decode(res.think_tokens + res.answer_tokens, skip_special_tokens=False)
+            correct.append(synthetic.check_answer(text, ex["answer"]))
+            think_tokens += len(res.think_tokens)
+            answer_tokens += len(res.answer_tokens)
+        latencies += [run.think_seconds + run.answer_seconds] * len(chunk)
+        think_s += run.think_seconds
+        answer_s += run.answer_seconds
+    n = max(1, len(examples))
+    return {
+        "think_budget": cfg.think_budget, "answer_budget": cfg.answer_budget, "max_think_tokens": cfg.max_think_tokens,
+        "accuracy": sum(correct) / n, "latency_s": sum(latencies) / n,
+        "think_tokens": think_tokens / n, "answer_tokens": answer_tokens / n,
+        "tokens_per_s": (think_tokens + answer_tokens) / max(1e-9, think_s + answer_s),
+        "think_seconds": think_s, "answer_seconds": answer_s, "n": len(examples), "batch_size": batch_size,
+    }
+
+
+def pareto_front(points: list[dict], x: str = "latency_s", y: str = "accuracy") -> list[bool]:
+    """on_front[i]: no other point has lower-or-equal x and higher-or-equal y with one strict."""
+    flags = []
+    for p in points:
+        dominated = any(
+            q[x] <= p[x] and q[y] >= p[y] and (q[x] < p[x] or q[y] > p[y]) for q in points if q is not p
+        )
+        flags.append(not dominated)
+    return flags
+
+
+def headline(points: list[dict], parent: dict) -> dict:
+    """Paper-style comparison with the parent's default budget control.
+
+    at_equal_accuracy: fastest configuration with accuracy ≥ the parent's → latency ratio.
+    at_equal_latency: most accurate configuration with latency ≤ the parent's → accuracy gain.
+    """
+    not_parent = [p for p in points if p is not parent]
+    faster = [p for p in not_parent if p["accuracy"] >= parent["accuracy"]]
+    cheaper = [p for p in not_parent if p["latency_s"] <= parent["latency_s"]]
+    out = {"parent": {k: parent[k] for k in ("think_budget", "answer_budget", "max_think_tokens", "accuracy", "latency_s")}}
+    if faster:
+        best = min(faster, key=lambda p: p["latency_s"])
+        out["at_equal_accuracy"] = {"config": _label(best), "accuracy": best["accuracy"], "latency_s": best["latency_s"],
+                                    "latency_reduction": parent["latency_s"] / best["latency_s"]}
+    if cheaper:
+        best = max(cheaper, key=lambda p: (p["accuracy"], -p["latency_s"]))
+        out["at_equal_latency"] = {"config": _label(best), "accuracy": best["accuracy"], "latency_s": best["latency_s"],
+                                   "accuracy_gain": best["accuracy"] - parent["accuracy"]}
+    return out
+
+
+def _label(p: dict) -> str:
+    return f"{p['think_budget']:g}→{p['answer_budget']:g} cap {p['max_think_tokens']}"
+
+
+@torch.inference_mode()
+def decode_speed(model, batch: int = 1, prompt_len: int = 32, new_tokens: int = 48, repeats: int = 3) -> float:
+    """Cached greedy decode tokens/s of one model (median of repeats, prefill excluded)."""
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompts = ids.tolist()
+
+    def run(n):
+        t0 = time.perf_counter()
+        generate(model, prompts, GenerationConfig(max_new_tokens=n))
+        return time.perf_counter() - t0
+
+    run(2)
+    per_token = sorted((run(new_tokens) - run(1)) / (new_tokens - 1) for _ in range(repeats))[repeats // 2]
+    return batch / per_token
+
+
+def sweep(server: ElasticServer, examples: list[dict], caps: list[int], batch_size: int = 100,
+          progress: bool = True) -> list[dict]:
+    """Every trained budget alone at each think cap (the baseline) and every (think, answer) pair."""
+    budgets = server.elastic.ecfg.budgets
+    full_cap = max(caps)
+    configs = [BudgetConfig(b, b, c) for b in budgets for c in caps]
+    configs += [BudgetConfig(t, a, full_cap) for t in budgets for a in budgets if t != a]
+    points = [evaluate_config(server, examples, c, batch_size)
+              for c in tqdm(configs, desc="budget sweep", file=sys.stderr, disable=not progress)]
+    for p, on in zip(points, pareto_front(points)):
+        p["on_front"] = on
+    return points
+
+
+def plot_front(points: list[dict], parent: dict, path: Path, title: str = "Accuracy vs latency") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    same = [p for p in points if p["think_budget"] == p["answer_budget"]]
+    mixed = [p for p in points if p["think_budget"] != p["answer_budget"]]
+    ax.scatter([p["latency_s"] for p in same], [p["accuracy"] for p in same], c="tab:gray", label="one budget, think cap")
+    ax.scatter([p["latency_s"] for p in mixed], [p["accuracy"] for p in mixed], c="tab:blue", label="think → answer budgets")
+    front = sorted((p for p in points if p["on_front"]), key=lambda p: p["latency_s"])
+    ax.plot([p["latency_s"] for p in front], [p["accuracy"] for p in front], c="tab:red", lw=2, label="Pareto front")
+    for p in points:
+        ax.annotate(f"{p['think_budget']:g}→{p['answer_budget']:g}/{p['max_think_tokens']}",
+                    (p["latency_s"], p["accuracy"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.scatter([parent["latency_s"]], [parent["accuracy"]], marker="*", s=220, c="gold", edgecolors="k",
+               zorder=5, label="parent default")
+    ax.set_xlabel("latency per query (s, batched)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
