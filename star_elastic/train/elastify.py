@@ -270,7 +270,19 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     if world > 1:
         dist.barrier()
     return {"rank": rank, "world": world, "steps": cfg.steps, "finished": finished,
+            "state_sha256": state_digest(elastic),
             "architectures": {b: elastic.describe(b) for b in ecfg.budgets}}
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over every tensor's bytes, in key order: equal digests mean identical weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, t in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def checkpoint_weights(elastic) -> dict[str, torch.Tensor]:
