@@ -92,20 +92,24 @@ def generate(n: int, seed: int, config: TaskConfig | None = None) -> list[dict]:
 
 
 def make_splits(n_train: int, n_val: int, n_test: int, seed: int = 0, config: TaskConfig | None = None) -> dict:
-    """Fixed train / val / test splits; val and test prompts never occur in train (nor test in val)."""
-    train = generate(n_train, seed * 3 + 1, config)
-    seen = {ex["prompt"] for ex in train}
-    splits = {"train": train}
-    for name, n, offset in (("val", n_val, 2), ("test", n_test, 3)):
-        rng_seed, kept = seed * 3 + offset, []
+    """Fixed train / val / test splits with distinct prompts across them.
+
+    Test and val are drawn first (so every family and level is held out even where the problem
+    space is small) and their prompts are then excluded from train.
+    """
+    splits, seen = {}, set()
+    for name, n, offset in (("test", n_test, 3), ("val", n_val, 2), ("train", n_train, 1)):
+        kept, rng_seed = [], seed * 3 + offset
         while len(kept) < n:
-            for ex in generate(2 * (n - len(kept)) + 8, rng_seed, config):
-                if ex["prompt"] not in seen and len(kept) < n:
+            for ex in generate(n - len(kept) + 8, rng_seed, config):
+                if len(kept) == n or ex["prompt"] in seen:
+                    continue  # held-out prompts stay unique and out of train; train may repeat itself
+                if name != "train":
                     seen.add(ex["prompt"])
-                    kept.append(ex)
+                kept.append(ex)
             rng_seed += 1000
         splits[name] = kept
-    return splits
+    return {k: splits[k] for k in ("train", "val", "test")}
 
 
 def parse_answer(text: str) -> str | None:
