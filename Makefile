@@ -21,7 +21,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_hybrid.py
+	$(BIN)/python benchmarks/bench_hybrid.py --config bench
+	$(BIN)/python benchmarks/bench_hybrid.py --config demo
+	$(BIN)/python benchmarks/bench_elastic_step.py
+	$(BIN)/python benchmarks/bench_serving_memory.py demo_out/run
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -34,6 +34,13 @@ BENCH_CONFIG = ModelConfig(
 )
 
 
+def demo_config() -> ModelConfig:
+    from star_elastic.data.tokenizer import build_tokenizer
+    from star_elastic.train.parent import DEFAULT_PARENT
+
+    return ModelConfig(**DEFAULT_PARENT, vocab_size=len(build_tokenizer()))
+
+
 def _once(fn) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -63,6 +70,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--config", choices=["bench", "demo"], default="bench",
+                    help="bench: a 10-layer hidden-256 hybrid; demo: the demo's trained parent size")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--default-allocator", action="store_true",
                     help="skip tune_cpu_allocator (it applies to both sides alike: one process)")
@@ -74,13 +83,14 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     dtype = getattr(torch, args.dtype)
+    config = BENCH_CONFIG if args.config == "bench" else demo_config()
     with tempfile.TemporaryDirectory() as tmp:
-        HybridLM(BENCH_CONFIG).init_weights(0).save_pretrained(tmp)
+        HybridLM(config).init_weights(0).save_pretrained(tmp)
         ours = load_model(tmp, dtype=dtype).to(args.device).eval()
         ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, BENCH_CONFIG.vocab_size, (args.batch, args.prompt_len), generator=g).to(args.device)
+    ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt_len), generator=g).to(args.device)
     prompts = ids.tolist()
 
     with torch.inference_mode():
@@ -101,7 +111,7 @@ def main() -> None:
 
     tokens = args.batch * args.prompt_len
     result = {
-        "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "config": args.config, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": n,
         "prefill_tok_s": {"star_elastic": tokens / prefill_ours, "transformers": tokens / prefill_ref},
         "decode_tok_s": {"star_elastic": args.batch / decode_ours, "transformers": args.batch / decode_ref},
@@ -111,7 +121,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.device} {args.dtype}, {result['threads']} threads, batch {args.batch}, prompt {args.prompt_len}, "
+    print(f"config {args.config}: {args.device} {args.dtype}, {result['threads']} threads, batch {args.batch}, prompt {args.prompt_len}, "
           f"{n} new tokens", file=sys.stderr)
     for what in ("prefill", "decode"):
         r = result[f"{what}_tok_s"]

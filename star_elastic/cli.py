@@ -153,6 +153,87 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="budget-controlled generation: a small model thinks, a larger one answers")
+    p.add_argument("run", help="elastic run folder")
+    p.add_argument("prompt", help="user message")
+    p.add_argument("--think-budget", type=float, default=1.0)
+    p.add_argument("--answer-budget", type=float, default=1.0)
+    p.add_argument("--max-think-tokens", type=int, default=256, help="cap; </think> is forced when reached")
+    p.add_argument("--max-answer-tokens", type=int, default=64)
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from star_elastic.data.tokenizer import format_prompt
+    from star_elastic.elastic.run import load_elastic
+    from star_elastic.infer.budget import ElasticServer
+
+    elastic = load_elastic(args.run)
+    server = ElasticServer.from_elastic(elastic)
+    tok = elastic.model.tokenizer
+    prompt = tok.encode(format_prompt(tok, args.prompt), add_special_tokens=False)
+    sys.stdout.write("<think>")
+
+    def stream(phase: str, row: int, token: int) -> None:
+        sys.stdout.write(tok.decode([token], skip_special_tokens=False))
+        sys.stdout.flush()
+
+    run = server.generate([prompt], args.think_budget, args.answer_budget, args.max_think_tokens,
+                          args.max_answer_tokens, on_token=stream)
+    res = run.results[0]
+    print()
+    forced = " (</think> forced at the cap)" if res.forced_end_of_think else ""
+    print(f"think  budget {args.think_budget:g}: {len(res.think_tokens)} tokens in {run.think_seconds:.3f} s{forced}",
+          file=sys.stderr)
+    print(f"answer budget {args.answer_budget:g}: {len(res.answer_tokens)} tokens in {run.answer_seconds:.3f} s",
+          file=sys.stderr)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy and latency of budgets and budget-control configurations (JSON)")
+    p.add_argument("run", help="elastic run folder")
+    p.add_argument("--data", help="jsonl of {prompt, answer} records (default: the built-in test split)")
+    p.add_argument("--n-test", type=int, default=300)
+    p.add_argument("--think-budget", type=float, help="one configuration (default: every budget alone)")
+    p.add_argument("--answer-budget", type=float)
+    p.add_argument("--max-think-tokens", type=int, default=96)
+    p.add_argument("--sweep", type=lambda t: [int(x) for x in t.split(",")], metavar="CAPS",
+                   help="budget-control sweep over these think caps, e.g. 96,32,20")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--plot", help="PNG of the accuracy-latency front (with --sweep)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from star_elastic.elastic.run import load_elastic
+    from star_elastic.infer.budget import ElasticServer
+    from star_elastic.infer.evaluate import BudgetConfig, evaluate_config, headline, load_eval_examples, plot_front, sweep
+
+    server = ElasticServer.from_elastic(load_elastic(args.run))
+    examples = load_eval_examples(args.data, args.n_test)
+    budgets = server.elastic.ecfg.budgets
+    if args.sweep:
+        points = sweep(server, examples, sorted(args.sweep, reverse=True), args.batch_size)
+        parent = next(p for p in points if p["think_budget"] == p["answer_budget"] == budgets[0]
+                      and p["max_think_tokens"] == max(args.sweep))
+        if args.plot:
+            from pathlib import Path
+
+            plot_front(points, parent, Path(args.plot))
+        print(json.dumps({"points": points, "headline": headline(points, parent)}, indent=2))
+        return 0
+    if args.think_budget is not None:
+        configs = [BudgetConfig(args.think_budget, args.answer_budget or args.think_budget, args.max_think_tokens)]
+    else:
+        configs = [BudgetConfig(b, b, args.max_think_tokens) for b in budgets]
+    print(json.dumps([evaluate_config(server, examples, c, args.batch_size) for c in configs], indent=2))
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole story on a small reasoning model trained on CPU")
     p.add_argument("--out", default="demo_out", help="output folder (artifacts found there are reused)")
@@ -168,7 +249,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_info, _add_train_parent, _add_elastify, _add_slice, _add_quantize, _add_demo]
+SUBCOMMANDS = [_add_info, _add_train_parent, _add_elastify, _add_slice, _add_generate, _add_eval, _add_quantize,
+               _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
