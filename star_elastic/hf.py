@@ -148,14 +148,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     for key, t in state.items():
         keep_fp32 = key.endswith("e_score_correction_bias")
         state[key] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
-    with torch.device("meta"):
-        model = HybridLM(cfg)
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["backbone.embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.backbone.embeddings.weight
-    model.tokenizer = _load_tokenizer(path)
+    model = HybridLM.from_state_dict(cfg, state, _load_tokenizer(path))
     if input_scales:
         install_input_quant(model, input_scales, "nvfp4" if quant["quantization"]["quant_algo"] == "NVFP4" else "fp8")
     return model.eval()

@@ -7,25 +7,14 @@ uses for its masks.
 
 from __future__ import annotations
 
-import torch
-
 from star_elastic.elastic.arch import Architecture, slice_state
 from star_elastic.model.hybrid import HybridLM
 
 
 def slice_model(model: HybridLM, arch: Architecture) -> HybridLM:
     """A new HybridLM holding copies of the sliced weights (dtype and device kept)."""
-    cfg = arch.model_config(model.config)
     state = slice_state(model.state_dict(), model.config, arch)
-    with torch.device("meta"):
-        small = HybridLM(cfg)
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["backbone.embeddings.weight"]
-    small.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
-        small.lm_head.weight = small.backbone.embeddings.weight
-    small.tokenizer = model.tokenizer
-    return small.eval()
+    return HybridLM.from_state_dict(arch.model_config(model.config), state, model.tokenizer).eval()
 
 
 def slice_run(run, budget: float, out) -> dict:

@@ -130,3 +130,20 @@ def test_bad_elastic_configs_name_the_problem():
         ChoiceSpace.build(cfg, ElasticConfig(choices={"hidden": [48, 32]}))
     with pytest.raises(ConfigError, match="choice 1 for 'experts' is outside 2..8"):
         ChoiceSpace.build(cfg, ElasticConfig(choices={"experts": [8, 1]}))
+
+
+def test_latency_budget_uses_the_profiled_table():
+    from star_elastic.elastic.router import profile_latency
+
+    cfg = tiny_config(**ELASTIC_TINY)
+    model = randomize(HybridLM(cfg), seed=3, scale=0.2).eval()
+    ecfg = ElasticConfig(budget_type="latency")
+    space = ChoiceSpace.build(cfg, ecfg)
+    table = profile_latency(model, space, batch=1, seq_len=16, repeats=3)
+    assert set(table["axes"]) == set(space.axes) and all(len(table["axes"][a]) == len(space.choices[a]) for a in space.axes)
+    cost = CostModel(space, ecfg, table)
+    assert float(cost.cost(one_hot_picks(space, {a: 0 for a in space.axes}))) == pytest.approx(table["full"])
+    picks = {a: 0 for a in space.axes} | {"hidden": 2}
+    assert float(cost.cost(one_hot_picks(space, picks))) == pytest.approx(table["axes"]["hidden"][2])
+    with pytest.raises(ConfigError, match="needs a latency table"):
+        CostModel(space, ecfg)

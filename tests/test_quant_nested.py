@@ -91,7 +91,8 @@ def test_export_layout(tmp_path):
     assert "backbone.layers.*.mixer.q_proj" in meta["exclude_modules"]
     assert "lm_head" in meta["exclude_modules"] and "backbone.layers.*.mixer.gate" not in meta["exclude_modules"]
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["quantization_config"]["quant_algo"] == "NVFP4"
+    assert cfg["quantization_config"]["quant_algo"] == "NVFP4" and cfg["quantization_config"]["quant_method"] == "modelopt"
+    assert cfg["quantization_config"]["ignore"] == meta["exclude_modules"]
     disk = load_file(tmp_path / "model.safetensors")
     C = fq.config.hidden_size
     up = "backbone.layers.2.mixer.experts.3.up_proj"

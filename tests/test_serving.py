@@ -22,8 +22,10 @@ def test_runs():
     assert runs(torch.tensor([0, 1, 2, 5, 6, 9])) == [(0, 3), (5, 2), (9, 1)]
 
 
+@pytest.mark.parametrize("bounding_max", [0, 1 << 20], ids=["per-run matmuls", "bounding block"])
 @pytest.mark.parametrize("seed", range(4))
-def test_view_model_equals_sliced_model_and_shares_storage(seed):
+def test_view_model_equals_sliced_model_and_shares_storage(seed, bounding_max, monkeypatch):
+    monkeypatch.setattr(SegmentedLinear, "BOUNDING_MAX", bounding_max)
     cfg = tiny_config(n_groups=2 + 2 * (seed % 2), tie_word_embeddings=seed == 2)
     parent = randomize(HybridLM(cfg), seed=seed, scale=0.2).eval()
     storages = {p.untyped_storage().data_ptr() for p in parent.parameters()}

@@ -41,7 +41,11 @@ class ElasticLM(nn.Module):
         return encode_budget(budget, self.ecfg.budgets)
 
     def picks(self, budget: float) -> dict[str, int]:
-        return self.router.pick(self.budget_vector(budget).to(next(self.router.parameters()).device))
+        """Choice index per axis for `budget`; budget 1.0 is the full (parent) architecture."""
+        vec = self.budget_vector(budget)  # validates the range
+        if budget >= 1.0:
+            return {axis: 0 for axis in self.space.axes}
+        return self.router.pick(vec.to(next(self.router.parameters()).device))
 
     def architecture(self, budget: float) -> Architecture:
         return self.space.architecture(self.picks(budget))
@@ -68,6 +72,10 @@ class ElasticLM(nn.Module):
     def forward_sampled(self, input_ids: torch.Tensor, budget: float, tau: float, generator=None, **kwargs):
         """Training forward: Gumbel picks; returns (logits, picks) so the caller adds the router loss."""
         vec = self.budget_vector(budget).to(input_ids.device)
+        if budget >= 1.0:  # the parent itself: no router, no masks
+            picks = {a: torch.nn.functional.one_hot(torch.tensor(0), len(c)).float().to(input_ids.device)
+                     for a, c in self.space.choices.items()}
+            return self.model(input_ids, **kwargs), picks
         picks = self.router.sample(vec, tau, generator)
         masks = Masks(**{MASK_FIELD[a]: p.to(input_ids.device) @ getattr(self, f"table_{a}") for a, p in picks.items()})
         # one-hot pick (value) × mask table = exactly the prefix masks of that choice

@@ -153,10 +153,23 @@ class CostModel:
     def relative(self, picks: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.cost(picks) / self.full
 
+    def capacity(self, picks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Total parameters relative to the full model, whatever the budget type."""
+        if not hasattr(self, "_full_total"):
+            self._full_total = float(self.params(one_hot_picks(self.space, {a: 0 for a in self.space.axes}), False))
+        return self.params(picks, active=False) / self._full_total
+
+
+# Weight of the capacity term: between architectures of (nearly) equal cost the router prefers the
+# larger one. Without it an axis that barely moves the cost (experts under an active-parameter
+# budget) drifts freely; with it the budget's optimum moves by about CAPACITY_WEIGHT·budget/2.
+CAPACITY_WEIGHT = 1e-2
+
 
 def router_loss(cost_model: CostModel, picks: dict[str, torch.Tensor], budget: float) -> torch.Tensor:
-    """Squared relative deviation of the picked architecture's cost from the target budget."""
-    return (cost_model.relative(picks) / budget - 1.0) ** 2
+    """Squared relative deviation of the picked architecture's cost from the target budget, minus
+    a small reward for capacity (ties between equal-cost architectures go to the larger one)."""
+    return (cost_model.relative(picks) / budget - 1.0) ** 2 - CAPACITY_WEIGHT * cost_model.capacity(picks)
 
 
 def fit_router_to_cost(
@@ -167,16 +180,18 @@ def fit_router_to_cost(
     opt = torch.optim.Adam(router.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     history = []
-    for step in range(steps):
+    fitted = [b for b in budgets if b < 1.0]  # budget 1.0 is the full model by definition
+    for step in range(steps if fitted else 0):
         t = tau[0] * (tau[1] / tau[0]) ** (step / max(1, steps - 1))
         loss = sum(
-            router_loss(cost_model, router.sample(encode_budget(b, budgets), t, g), b) for b in budgets
-        ) / len(budgets)
+            router_loss(cost_model, router.sample(encode_budget(b, budgets), t, g), b) for b in fitted
+        ) / len(fitted)
         opt.zero_grad()
         loss.backward()
         opt.step()
         history.append(loss.item())
-    targets = {b: refine_picks(cost_model, router.pick(encode_budget(b, budgets)), b) for b in budgets}
+    targets = {b: refine_picks(cost_model, router.pick(encode_budget(b, budgets)), b) if b < 1.0
+               else {a: 0 for a in cost_model.space.axes} for b in budgets}
     teach_router(router, budgets, targets)
     return history
 
@@ -186,16 +201,18 @@ def refine_picks(cost_model: CostModel, picks: dict[str, int], budget: float) ->
     closest to the budget, until none helps. Starts from the Gumbel-fitted router's pick."""
     space = cost_model.space
 
-    def gap(p):
-        return abs(float(cost_model.relative(one_hot_picks(space, p))) - budget)
+    def score(p):  # closeness to the budget first (to 0.1 %), then the larger architecture
+        one_hot = one_hot_picks(space, p)
+        gap = abs(float(cost_model.relative(one_hot)) - budget)
+        return (round(gap, 3), -float(cost_model.capacity(one_hot)))
 
-    best, best_gap = dict(picks), gap(picks)
+    best, best_score = dict(picks), score(picks)
     while True:
         moves = [dict(best, **{a: i}) for a in space.axes for i in range(len(space.choices[a])) if i != best[a]]
-        scored = [(gap(m), m) for m in moves]
-        if not scored or min(scored, key=lambda t: t[0])[0] >= best_gap - 1e-12:
+        scored = sorted(((score(m), m) for m in moves), key=lambda t: t[0])
+        if not scored or scored[0][0] >= best_score:
             return best
-        best_gap, best = min(scored, key=lambda t: t[0])
+        best_score, best = scored[0]
 
 
 def teach_router(router: BudgetRouter, budgets: tuple[float, ...], targets: dict[float, dict[str, int]],

@@ -130,14 +130,30 @@ def decode_speed(model, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
 
 
 def sweep(server: ElasticServer, examples: list[dict], caps: list[int], batch_size: int = 100,
-          progress: bool = True) -> list[dict]:
-    """Every trained budget alone at each think cap (the baseline) and every (think, answer) pair."""
+          progress: bool = True, timing_rounds: int = 3) -> list[dict]:
+    """Every trained budget alone at each think cap (the baseline) and every (think, answer) pair.
+
+    Latency is the median over `timing_rounds` passes that visit the configurations in turn, so
+    that slow spells of the machine do not land on one configuration only.
+    """
     budgets = server.elastic.ecfg.budgets
     full_cap = max(caps)
     configs = [BudgetConfig(b, b, c) for b in budgets for c in caps]
     configs += [BudgetConfig(t, a, full_cap) for t in budgets for a in budgets if t != a]
-    points = [evaluate_config(server, examples, c, batch_size)
-              for c in tqdm(configs, desc="budget sweep", file=sys.stderr, disable=not progress)]
+    bar = tqdm(total=len(configs) * timing_rounds, desc="budget sweep", file=sys.stderr, disable=not progress)
+    points, times = [], [[] for _ in configs]
+    for i, c in enumerate(configs):
+        points.append(evaluate_config(server, examples, c, batch_size))
+        times[i].append(points[-1]["latency_s"])
+        bar.update()
+    for _ in range(timing_rounds - 1):
+        for i, c in enumerate(configs):
+            times[i].append(evaluate_config(server, examples, c, batch_size)["latency_s"])
+            bar.update()
+    bar.close()
+    for p, t in zip(points, times):
+        p["latency_s"] = sorted(t)[len(t) // 2]
+        p["latency_rounds"] = t
     for p, on in zip(points, pareto_front(points)):
         p["on_front"] = on
     return points

@@ -34,15 +34,36 @@ def runs(idx: torch.Tensor) -> list[tuple[int, int]]:
 
 
 class SegmentedLinear(nn.Module):
-    """y = x @ W[rows, cols].T (+ b[rows]) computed on views of W, one matmul per run."""
+    """y = x @ W[rows, cols].T (+ b[rows]) computed on views of W, never on a gathered copy.
+
+    Small weights (≤ `BOUNDING_MAX` elements, where per-op overhead dominates): one matmul on the
+    view spanning every kept row and column, the input scattered into its columns and the kept
+    output rows gathered. Large weights: one matmul per contiguous run, no wasted FLOPs.
+    """
+
+    BOUNDING_MAX = 1 << 20
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, row_runs, col_runs):
         super().__init__()
         self.weight, self.bias = weight, bias  # the parent's tensors (not copied, not registered)
         self.row_runs, self.col_runs = row_runs, col_runs
         self.in_features = sum(n for _, n in col_runs)
+        r0, r1 = row_runs[0][0], row_runs[-1][0] + row_runs[-1][1]
+        c0, c1 = col_runs[0][0], col_runs[-1][0] + col_runs[-1][1]
+        self.bounding = (r1 - r0) * (c1 - c0) <= self.BOUNDING_MAX
+        if self.bounding:
+            self.block = weight[r0:r1, c0:c1]  # a view
+            self.block_bias = None if bias is None else bias[r0:r1]
+            self.rows = None if len(row_runs) == 1 else _offsets(row_runs, r0)
+            self.cols = None if len(col_runs) == 1 else _offsets(col_runs, c0)
+            self.width = c1 - c0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bounding:
+            if self.cols is not None:  # kept input channels at their columns, zeros between
+                x = x.new_zeros(*x.shape[:-1], self.width).index_copy_(-1, self.cols.to(x.device), x)
+            y = F.linear(x, self.block, self.block_bias)
+            return y if self.rows is None else y.index_select(-1, self.rows.to(y.device))
         outs = []
         for r0, rn in self.row_runs:
             y, c = None, 0
@@ -54,6 +75,10 @@ class SegmentedLinear(nn.Module):
                 y = y + self.bias[r0 : r0 + rn]
             outs.append(y)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _offsets(run_list, start: int) -> torch.Tensor:
+    return torch.cat([torch.arange(s - start, s - start + n) for s, n in run_list])
 
 
 def _view(t: torch.Tensor, rule: dict[int, torch.Tensor]) -> torch.Tensor | None:

@@ -155,6 +155,20 @@ class HybridLM(nn.Module):
         return allowed.unsqueeze(1), pad_mask
 
     # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer=None) -> HybridLM:
+        """A model holding exactly `state`'s tensors (no copy, no init); a tied head is re-tied."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = dict(state)
+        if cfg.tie_word_embeddings:
+            state["lm_head.weight"] = state["backbone.embeddings.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.backbone.embeddings.weight
+        model.tokenizer = tokenizer
+        return model
+
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> HybridLM:
         """Deterministic random init in the spirit of transformers' NemotronH init."""

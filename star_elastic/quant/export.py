@@ -119,6 +119,7 @@ def write_quantized(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tenso
     write_config(cfg, path, torch.bfloat16, extra={"quantization_config": {
         "quant_method": "modelopt", "quant_algo": q["quant_algo"], "kv_cache_quant_algo": q["kv_cache_quant_algo"],
         "group_size": q["group_size"], "exclude_modules": q["exclude_modules"],
+        "ignore": q["exclude_modules"],  # vLLM reads `ignore` when it takes config.json's block
     }})
     (path / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer is not None:

@@ -252,7 +252,7 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
                   "relative_cost": float(elastic.cost.relative({a: p.detach() for a, p in picks.items()})),
                   "arch": arch, "seconds": round(time.perf_counter() - t0, 2)}
         bar.set_postfix(loss=f"{record['loss']:.3f}", kd=f"{record['kd']:.3f}", rl=f"{record['router']:.4f}",
-                        budget=budget, cost=f"{record['relative_cost']:.2f}")
+                        budget=budget, cost=f"{record['relative_cost']:.2f}", arch="/".join(map(str, arch.values())))
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
