@@ -22,6 +22,16 @@ from star_elastic.elastic.sort import sort_model
 from star_elastic.model.mlp import relu2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to oversubscription on a busy
+    machine (with 2 threads next to another CPU-bound job this file ran 8x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed: int, scale: float = 0.3, **changes) -> HybridLM:
     return randomize(HybridLM(tiny_config(**changes)), seed=seed, scale=scale).eval()
 
@@ -64,7 +74,8 @@ def test_reap_sums_by_hand():
     #   e0: t0 [1,4] ‖√17‖, t1 [0,9] ‖9‖, t2 [4,0] ‖4‖;  e1: t0 [4,16] ‖4√17‖, t1 [0,36] ‖36‖;
     #   e2: t2 h=[4,0], f=[12,0] ‖12‖
     s17 = math.sqrt(17)
-    torch.testing.assert_close(reap, torch.tensor([0.75 * s17 + 0.5 * 9 + 0.6 * 4, 0.25 * 4 * s17 + 0.5 * 36, 0.4 * 12, 0]))
+    expect = [0.75 * s17 + 0.5 * 9 + 0.6 * 4, 0.25 * 4 * s17 + 0.5 * 36, 0.4 * 12, 0]  # Σ g·‖f‖ per expert
+    torch.testing.assert_close(reap, torch.tensor(expect))
     assert count.tolist() == [3, 2, 1, 0]
     assert inter.tolist() == [[5, 13], [4, 52], [4, 0], [0, 0]]
     stats = ImportanceStats("E", tokens=3, sums={"layers.0.reap": reap, "layers.0.routed": count,
@@ -114,8 +125,8 @@ def _capture_inputs(model, names):
 
 
 def test_collect_stats_shapes_and_brute_force():
-    cfg = tiny_config(routed_scaling_factor=2.5, num_experts_per_tok=3)
-    model = tiny_model(3, **dataclasses.asdict(cfg))
+    model = tiny_model(3, routed_scaling_factor=2.5, num_experts_per_tok=3)
+    cfg = model.config
     batches = [torch.randint(3, cfg.vocab_size, (2, 9)), torch.randint(3, cfg.vocab_size, (3, 5))]
     stats = collect_stats(model, batches)
     assert stats.tokens == 2 * 9 + 3 * 5

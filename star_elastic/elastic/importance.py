@@ -107,6 +107,7 @@ def reap_sums(
       reap  (E,)    sum over (token, slot) routed to j of g_j(x)·‖f_j(x)‖₂, f_j = down_j relu²(up_j x)
       count (E,)    number of tokens routed to j
       inter (E, I)  sum over those tokens of |relu²(up_j x)| (the expert's down_proj input)
+    Calibration runs on the unquantized parent, so `Experts.act_quant` is deliberately not applied.
     """
     E, I, _ = up.shape
     n, k = idx.shape
@@ -127,10 +128,11 @@ def reap_sums(
 
 
 # --- collection ---------------------------------------------------------------------------------
-def _register_hooks(model: HybridLM, stats: ImportanceStats, valid: Callable[[], torch.Tensor]) -> list:
-    """Attach the statistic hooks; `valid()` returns the current batch's (B, T) bool mask."""
+def _register_hooks(model: HybridLM, stats: ImportanceStats, valid: Callable[[], torch.Tensor], handles: list) -> None:
+    """Attach the statistic hooks, appending their handles to `handles` as they are made (so a
+    failure halfway still leaves every attached hook removable); `valid()` returns the current
+    batch's (B, T) bool mask of real tokens."""
     cfg = model.config
-    handles = []
 
     def rows(t):  # (B, T, ...) → (n_real, ...): real tokens only
         return t[valid()]
@@ -177,7 +179,6 @@ def _register_hooks(model: HybridLM, stats: ImportanceStats, valid: Callable[[],
             handles.append(shared.register_forward_pre_hook(on_input(p + "shared_inter", channel_abs_sum)))
             handles.append(mixer.experts.register_forward_pre_hook(on_experts(i)))
     handles.append(model.backbone.norm_f.register_forward_hook(on_output("norm_f", channel_abs_sum)))
-    return handles
 
 
 def collect_stats(
@@ -196,10 +197,11 @@ def collect_stats(
     cfg = model.config
     stats = ImportanceStats(pattern=cfg.pattern)
     current: dict[str, torch.Tensor] = {}
-    handles = _register_hooks(model, stats, lambda: current["valid"])
+    handles: list = []
     masks = iter(attention_mask) if attention_mask is not None else None
     was_training = model.training
     try:
+        _register_hooks(model, stats, lambda: current["valid"], handles)
         model.eval()
         total = len(batches) if hasattr(batches, "__len__") else None
         with torch.no_grad():

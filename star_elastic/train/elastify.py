@@ -51,7 +51,7 @@ class ElastifyConfig:
     elastic: dict = dataclasses.field(default_factory=dict)
     """ElasticConfig fields (budgets, budget_type, fractions, axes, choices, ...)."""
     steps: int = 300
-    """Total optimisation steps (both stages)."""
+    """Total optimisation steps (both stages); 0 writes the sorted, cost-fitted run untrained."""
     stage1_fraction: float = 0.5
     """Share of steps in stage 1 (short context, uniform budgets)."""
     stage1_seq_len: int = 64
@@ -87,7 +87,9 @@ class ElastifyConfig:
     def __post_init__(self) -> None:
         self.stage2_probs = tuple(float(p) for p in self.stage2_probs)
         self.tau = tuple(float(t) for t in self.tau)
-        for name in ("steps", "batch_size", "stage1_seq_len", "stage2_seq_len", "checkpoint_every", "calibration_batches"):
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0 (0: importance, sorting and the cost-fitted router only), got {self.steps}")
+        for name in ("batch_size", "stage1_seq_len", "stage2_seq_len", "checkpoint_every", "calibration_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.stage1_fraction <= 1:
