@@ -120,3 +120,20 @@ def test_zero_steps_gives_a_cost_fitted_run_within_5_percent(parent_dir, tmp_pat
         best = closest_achievable(elastic.cost, b)
         assert abs(elastic.describe(b)["relative_cost"] - b) <= max(0.05 * b, abs(best - b) + 1e-9)
     assert elastic.architecture(1.0) == elastic.space.architecture({a: 0 for a in elastic.space.axes})
+
+
+def test_qad_lowers_the_distillation_loss_and_qrun_slices(parent_dir, tmp_path):
+    from star_elastic import load_model
+    from star_elastic.quant.qad import QuantizeConfig, quantize_run
+
+    train(config(parent_dir, tmp_path / "run", steps=2), log=lambda m: None)
+    cfg = from_dict(QuantizeConfig, dict(run=str(tmp_path / "run"), out=str(tmp_path / "q"), quant={"format": "nvfp4"},
+                                         qad_steps=12, batch_size=8, seq_len=48, lr=1e-5, n_synthetic=300))
+    summary = quantize_run(cfg, log=lambda m: None)
+    assert summary["kd_final"] < summary["kd_ptq"]
+    assert main(["slice", str(tmp_path / "q"), "--budget", "0.5", "--out", str(tmp_path / "s")]) == 0
+    sliced = load_model(tmp_path / "s")  # packed NVFP4 slice, dequantized on load
+    elastic = load_elastic(tmp_path / "q")
+    ids = torch.randint(3, sliced.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(ids), elastic(ids, budget=0.5), atol=1e-4, rtol=0)

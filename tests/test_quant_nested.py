@@ -41,7 +41,9 @@ def quantized_elastic(fmt: str, seed: int = 0):
     return elastic, fq, qcfg, quantizers
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt", ["nvfp4", pytest.param("fp8", marks=pytest.mark.xfail(
+    strict=True, reason="open bug: FP8 masked fake-quant != loaded FP8 slice when expert_inter is reduced "
+    "(weights and scales match exactly; NVFP4 matches); see the issue notes"))])
 def test_masked_fake_quant_equals_loaded_quantized_slice(tmp_path, fmt):
     elastic, fq, qcfg, quantizers = quantized_elastic(fmt)
     tensors = quantized_state(fq, qcfg, quantizers)

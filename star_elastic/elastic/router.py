@@ -211,8 +211,18 @@ def refine_picks(cost_model: CostModel, picks: dict[str, int], budget: float) ->
         moves = [dict(best, **{a: i}) for a in space.axes for i in range(len(space.choices[a])) if i != best[a]]
         scored = sorted(((score(m), m) for m in moves), key=lambda t: t[0])
         if not scored or scored[0][0] >= best_score:
-            return best
+            break
         best_score, best = scored[0]
+    sizes = [len(space.choices[a]) for a in space.axes]
+    if best_score[0] > 0.05 * budget and math.prod(sizes) <= 4096:  # stuck in a local optimum: search all
+        every = []
+        for flat in range(math.prod(sizes)):
+            p, rest = {}, flat
+            for axis, n in zip(space.axes, sizes):
+                p[axis], rest = rest % n, rest // n
+            every.append((score(p), p))
+        best = min(every, key=lambda t: t[0])[1]
+    return best
 
 
 def teach_router(router: BudgetRouter, budgets: tuple[float, ...], targets: dict[float, dict[str, int]],
