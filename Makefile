@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/star-elastic demo --out demo_out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_hybrid.py --config bench
