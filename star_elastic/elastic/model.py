@@ -14,7 +14,7 @@ from torch import nn
 from star_elastic import accounting
 from star_elastic.config import ElasticConfig
 from star_elastic.elastic.arch import Architecture, IndexSets
-from star_elastic.elastic.router import BudgetRouter, CostModel, encode_budget
+from star_elastic.elastic.router import BudgetRouter, CostModel, encode_budget, one_hot_picks
 from star_elastic.elastic.space import ChoiceSpace
 from star_elastic.model.hybrid import HybridLM, Masks
 
@@ -52,14 +52,14 @@ class ElasticLM(nn.Module):
 
     def describe(self, budget: float) -> dict:
         """Per-axis sizes and parameter counts of the submodel the router picks for `budget`."""
-        arch = self.architecture(budget)
+        picks = self.picks(budget)
+        arch = self.space.architecture(picks)
         counts = accounting.count_params(arch.model_config(self.config))
         full = accounting.count_params(self.config)
         return {
             "budget": budget, "budget_type": self.ecfg.budget_type, "architecture": arch.to_dict(),
             "total_params": counts.total_params, "active_params": counts.active_params,
-            "relative_cost": float(self.cost.relative({a: torch.nn.functional.one_hot(torch.tensor(i), len(
-                self.space.choices[a])).float() for a, i in self.picks(budget).items()})),
+            "relative_cost": float(self.cost.relative(one_hot_picks(self.space, picks))),
             "total_fraction": counts.total_params / full.total_params,
             "active_fraction": counts.active_params / full.active_params,
         }
