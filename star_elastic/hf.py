@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from star_elastic.config import ConfigError, ModelConfig
 from star_elastic.model.hybrid import HybridLM
+from star_elastic.model.moe import keeps_fp32
 from star_elastic.quant.export import dequantize_tensors, install_input_quant, read_quant_config
 
 WEIGHTS = "model.safetensors"
@@ -146,8 +147,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
             f"{path}: tie_word_embeddings is true but lm_head.weight differs from backbone.embeddings.weight"
         )
     for key, t in state.items():
-        keep_fp32 = key.endswith("e_score_correction_bias")
-        state[key] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+        state[key] = t.to(device=device, dtype=torch.float32 if keeps_fp32(key) else dtype)
     model = HybridLM.from_state_dict(cfg, state, _load_tokenizer(path))
     if input_scales:
         install_input_quant(model, input_scales, "nvfp4" if quant["quantization"]["quant_algo"] == "NVFP4" else "fp8")

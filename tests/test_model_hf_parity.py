@@ -102,3 +102,14 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
                               pad_token_id=0)
     mine = generate(ours, [prompt], GenerationConfig(max_new_tokens=15))[0]
     assert mine == hf_out[0, len(prompt):].tolist()
+
+
+def test_bf16_checkpoint_keeps_correction_bias_fp32_like_transformers(tmp_path):
+    ours = randomize(HybridLM(tiny_config()))
+    bias = ours.backbone.layers[2].mixer.gate.e_score_correction_bias.clone()
+    ours.to(torch.bfloat16).save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ref_bias = ref.model.layers[2].mixer.gate.e_score_correction_bias
+    assert ref.model.embeddings.weight.dtype == torch.bfloat16
+    assert ref_bias.dtype == torch.float32 and torch.equal(ref_bias, bias)  # no BF16 rounding on the way
+    assert torch.equal(load_model(tmp_path).backbone.layers[2].mixer.gate.e_score_correction_bias, bias)

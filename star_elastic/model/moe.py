@@ -18,12 +18,26 @@ from star_elastic.config import ModelConfig
 from star_elastic.model.mlp import MLP, relu2
 
 
+def keeps_fp32(key: str) -> bool:
+    """Tensors held and stored in fp32 whatever the model's dtype: the correction bias only steers
+    top-k selection, where a BF16 rounding flips near-tied experts (transformers keeps it fp32 too)."""
+    return key.endswith("e_score_correction_bias")
+
+
 class TopkRouter(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k, self.scaling, self.normalise = cfg.num_experts_per_tok, cfg.routed_scaling_factor, cfg.norm_topk_prob
         self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` / `.half()` move the correction bias but keep its fp32 values unrounded."""
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.float().to(self.e_score_correction_bias.device)
+        return self
 
     def forward(self, x: torch.Tensor, expert_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (n, C) → weights (n, k) fp32, indices (n, k). Masked-out experts cannot be chosen."""

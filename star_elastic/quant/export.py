@@ -6,7 +6,7 @@ Per quantized linear `name` (experts one by one, `...experts.E.up_proj`):
          name.input_scale fp32 [] (activation amax / (6·448))
   FP8:   name.weight float8_e4m3fn [out, in], name.weight_scale fp32 [], name.input_scale fp32 []
 plus `hf_quant_config.json` and a `quantization_config` block in config.json. Unquantized tensors
-are stored in `high_precision_dtype` (BF16 by default).
+are stored in `high_precision_dtype` (BF16 by default), the MoE correction bias in fp32.
 
 `slice_packed` cuts a nested slice straight from these tensors: the index sets of
 `IndexSets.rule` (the same ones the masked forward and the BF16 slicer use) are mapped to bytes
@@ -25,7 +25,7 @@ import torch
 from star_elastic.config import ConfigError, ModelConfig, QuantConfig
 from star_elastic.elastic.arch import Architecture, IndexSets, renumber_layer
 from star_elastic.model.hybrid import HybridLM
-from star_elastic.model.moe import Experts
+from star_elastic.model.moe import Experts, keeps_fp32
 from star_elastic.quant import formats
 from star_elastic.quant.fake import FP_MAX, InputQuant, quantized_module_names
 
@@ -62,8 +62,10 @@ def quantized_state(model: HybridLM, qcfg: QuantConfig, quantizers: dict[str, In
             if q is not None:
                 i = 2 * int(expert.group(2)) + (expert.group(3) == "down_proj") if expert else 0
                 out[f"{module}.input_scale"] = q.scale(i).float().reshape(())
+        elif t.is_floating_point():
+            out[key] = t.to(torch.float32 if keeps_fp32(key) else high_precision_dtype).contiguous()
         else:
-            out[key] = t.to(high_precision_dtype).contiguous() if t.is_floating_point() else t
+            out[key] = t
     return out
 
 
