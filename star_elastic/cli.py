@@ -128,27 +128,40 @@ def _run_slice(args: argparse.Namespace) -> int:
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="FP8 / NVFP4 PTQ and nested QAD of an elastic run")
     p.add_argument("run", help="elastic run folder (BF16)")
-    p.add_argument("--format", choices=["fp8", "nvfp4"], required=True)
-    p.add_argument("--data", default="synthetic", help='jsonl / parquet or "synthetic"')
-    p.add_argument("--qad-steps", type=int, default=0)
-    p.add_argument("--out", required=True, help="quantized run folder (QRUN)")
+    p.add_argument("--format", choices=["fp8", "nvfp4"], help="required here or as quant.format in --config")
+    p.add_argument("--data", help='jsonl / parquet or "synthetic" (default)')
+    p.add_argument("--qad-steps", type=int, help="QAD steps after PTQ (default 0: PTQ only)")
+    p.add_argument("--out", help="quantized run folder (QRUN); required here or in --config")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="YAML with QuantizeConfig keys, e.g. configs/quantize_nvfp4.yaml (flags override it)")
     p.set_defaults(func=_run_quantize)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
     import json
 
-    from star_elastic.config import from_dict
+    from star_elastic.config import from_dict, read_yaml_mapping
     from star_elastic.quant.qad import QuantizeConfig, quantize_run
 
-    data = {"run": args.run, "out": args.out, "data": args.data, "qad_steps": args.qad_steps,
-            "quant": {"format": args.format}}
-    data.update({k: getattr(args, k) for k in ("batch_size", "seq_len", "lr", "seed") if getattr(args, k) is not None})
-    summary = quantize_run(from_dict(QuantizeConfig, data, source="quantize flags"))
+    data = read_yaml_mapping(args.config) if args.config else {}
+    source = args.config or "quantize flags"
+    data["run"] = args.run
+    flags = {"out": args.out, "data": args.data, "qad_steps": args.qad_steps, "batch_size": args.batch_size,
+             "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.format is not None:
+        quant = data.get("quant") or {}
+        if not isinstance(quant, dict):
+            raise ConfigError(f"{source}: 'quant' must be a mapping of QuantConfig keys, got {quant!r}")
+        data["quant"] = dict(quant, format=args.format)
+    if not (data.get("quant") or {}).get("format"):
+        raise ConfigError("quantize needs --format fp8|nvfp4 (or 'quant: {format: ...}' in the YAML config)")
+    if not data.get("out"):
+        raise ConfigError("quantize needs --out QRUN (or 'out:' in the YAML config)")
+    summary = quantize_run(from_dict(QuantizeConfig, data, source=source))
     print(json.dumps(summary, indent=2))
     return 0
 

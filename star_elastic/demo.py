@@ -206,6 +206,7 @@ def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None
     report = {
         "quick": quick,
         "parent": {"params": parent_report["params"], "accuracy": parent_report["test"]["accuracy"],
+                   "n_test": parent_report["test"]["n"],
                    "train_seconds": parent_report["train_seconds"], "steps": parent_report["steps"],
                    "by_task": parent_report["test"]["by_task"]},
         "budgets": budgets,
@@ -251,7 +252,8 @@ def render_markdown(r: dict) -> str:
     lines = ["# star-elastic demo report", ""]
     p = r["parent"]
     lines += [f"Parent: {p['params']:,} parameters, trained {p['train_seconds']} s ({p['steps']} steps), "
-              f"test accuracy {p['accuracy']:.1%} on {r['eval']['n_test']} held-out problems.", ""]
+              f"test accuracy {p['accuracy']:.1%} on its {p['n_test']}-problem test split; "
+              f"the tables below use {r['eval']['n_test']} held-out problems.", ""]
     nb = r["eval"]["batch_size"]
     lines += ["## Nested models", "", "| budget | total params | active params | accuracy before training | "
               f"accuracy after | latency/query (s) | decode tok/s batch 1 | decode tok/s batch {nb} | "
@@ -281,12 +283,15 @@ def render_markdown(r: dict) -> str:
     lines += ["", "## Checkpoints and quantization", "",
               f"One BF16 elastic checkpoint: {cb['elastic']:,} bytes; the separate BF16 slices together: "
               f"{cb['separate']:,} bytes ({cb['separate'] / cb['elastic']:.2f}x).", "",
-              "| checkpoint | bytes | vs BF16 elastic | " + " | ".join(f"budget {b['budget']:g} acc (recovery)" for b in r["budgets"]) + " |",
-              "|---|---|---|" + "---|" * len(r["budgets"])]
+              "| checkpoint | bytes | vs BF16 elastic | held-out KD after PTQ → final | "
+              + " | ".join(f"budget {b['budget']:g} acc (recovery)" for b in r["budgets"]) + " |",
+              "|---|---|---|---|" + "---|" * len(r["budgets"])]
     for name, q in r["quantization"].items():
         cells = " | ".join(f"{x['accuracy']:.1%} ({x['recovery']:.1%})" if x["recovery"] is not None else f"{x['accuracy']:.1%}"
                            for x in q["budgets"])
-        lines.append(f"| {name} | {q['bytes']:,} | {q['bytes'] / cb['elastic']:.2f} | {cells} |")
+        kd = q["report"]
+        kd_cell = f"{kd['kd_ptq']:.5f} → {kd['kd_final']:.5f}" if kd["qad_steps"] else f"{kd['kd_ptq']:.5f}"
+        lines.append(f"| {name} | {q['bytes']:,} | {q['bytes'] / cb['elastic']:.2f} | {kd_cell} | {cells} |")
     lines += ["", f"Wall time {r['wall_seconds']} s; stages: " + ", ".join(f"{k} {v} s" for k, v in r["timings_s"].items()), "",
               _story(r), ""]
     return "\n".join(lines)
@@ -294,18 +299,19 @@ def render_markdown(r: dict) -> str:
 
 def _story(r: dict) -> str:
     """One paragraph stating what the measured numbers show (no claim the numbers do not make)."""
-    parent = r["parent"]["accuracy"]
-    parts = []
+    full = next((b for b in r["budgets"] if b["budget"] == 1.0), None)
+    parent = full["accuracy_before_training"] if full else r["parent"]["accuracy"]  # sorted parent == parent
+    parts = [f"the full model {full['accuracy']:.1%} after elastic training"] if full else []
     for b in r["budgets"]:
         if b["budget"] == 1.0:
             continue
         lost = parent - b["accuracy_before_training"]
         recovered = (b["accuracy"] - b["accuracy_before_training"]) / lost if lost > 0 else None
-        share = f", {recovered:.0%} of the gap to the parent recovered" if recovered is not None else ""
-        parts.append(f"budget {b['budget']:g}: {b['accuracy_before_training']:.0%} zero-shot → {b['accuracy']:.0%} "
+        share = f", {recovered:.1%} of the gap to the parent recovered" if recovered is not None else ""
+        parts.append(f"budget {b['budget']:g}: {b['accuracy_before_training']:.1%} zero-shot → {b['accuracy']:.1%} "
                      f"after elastic training{share}")
     h, cb = r["headline"], r["checkpoint_bytes"]
-    text = (f"What it shows: the parent scores {parent:.0%}; slicing its sorted weights zero-shot and then training "
+    text = (f"What it shows: on these problems the parent scores {parent:.1%}; slicing its sorted weights zero-shot and then training "
             f"all budgets in one run gives " + "; ".join(parts) + ". ")
     if "at_equal_accuracy" in h:
         a = h["at_equal_accuracy"]
@@ -313,4 +319,10 @@ def _story(r: dict) -> str:
                  f"{a['latency_reduction']:.2f}x lower latency. ")
     text += (f"All budgets live in one checkpoint ({cb['elastic']:,} bytes in BF16, vs {cb['separate']:,} for "
              f"separate slices) and are served from one copy of the weights.")
+    recoveries = {name: [x["recovery"] for x in q["budgets"] if x["recovery"] is not None]
+                  for name, q in r.get("quantization", {}).items()}
+    quant = [f"{name} keeps {min(rec):.1%}–{max(rec):.1%} of BF16 accuracy across budgets "
+             f"({r['quantization'][name]['bytes'] / cb['elastic']:.2f}x the bytes)" for name, rec in recoveries.items() if rec]
+    if quant:
+        text += " Quantized once, every slice stays usable: " + "; ".join(quant) + "."
     return text

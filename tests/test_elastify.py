@@ -108,6 +108,11 @@ def test_bad_inputs(parent_dir, tmp_path, capsys):
     assert main(["elastify", "--model", str(parent_dir), "--data", str(bad_data), "--out", str(tmp_path / "r2"),
                  "--steps", "1"]) == 2
     assert "d.jsonl:1: a record needs 'input_ids', 'messages' or 'text'" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "run"), "--out", str(tmp_path / "q")]) == 2
+    assert "quantize needs --format fp8|nvfp4" in capsys.readouterr().err
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert main(["quantize", str(tmp_path / "run"), "--format", "fp8", "--config", str(tmp_path / "list.yaml")]) == 2
+    assert "list.yaml: expected a mapping of keys at the top level, got list" in capsys.readouterr().err
 
 
 def test_zero_steps_gives_a_cost_fitted_run_within_5_percent(parent_dir, tmp_path):
@@ -122,18 +127,41 @@ def test_zero_steps_gives_a_cost_fitted_run_within_5_percent(parent_dir, tmp_pat
     assert elastic.architecture(1.0) == elastic.space.architecture({a: 0 for a in elastic.space.axes})
 
 
-def test_qad_lowers_the_distillation_loss_and_qrun_slices(parent_dir, tmp_path):
+def test_qad_lowers_the_distillation_loss_and_qrun_slices(parent_dir, tmp_path, capsys):
     from star_elastic import load_model
-    from star_elastic.quant.qad import QuantizeConfig, quantize_run
 
     train(config(parent_dir, tmp_path / "run", steps=2), log=lambda m: None)
-    cfg = from_dict(QuantizeConfig, dict(run=str(tmp_path / "run"), out=str(tmp_path / "q"), quant={"format": "nvfp4"},
-                                         qad_steps=12, batch_size=8, seq_len=48, lr=1e-5, n_synthetic=300))
-    summary = quantize_run(cfg, log=lambda m: None)
-    assert summary["kd_final"] < summary["kd_ptq"]
+    yaml_cfg = tmp_path / "q.yaml"  # the YAML says fp8 and another folder; the flags override both
+    yaml_cfg.write_text(f"out: {tmp_path / 'elsewhere'}\nquant:\n  format: fp8\nqad_steps: 12\nbatch_size: 8\nseq_len: 48\n"
+                        "n_synthetic: 300\n")
+    capsys.readouterr()
+    assert main(["quantize", str(tmp_path / "run"), "--config", str(yaml_cfg), "--format", "nvfp4",
+                 "--out", str(tmp_path / "q")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "nvfp4" and summary["qad_steps"] == 12 and not (tmp_path / "elsewhere").exists()
+    assert json.loads((tmp_path / "q" / "model" / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "NVFP4"
+    assert summary["kd_final"] < summary["kd_ptq"]  # at the default learning rate
     assert main(["slice", str(tmp_path / "q"), "--budget", "0.5", "--out", str(tmp_path / "s")]) == 0
     sliced = load_model(tmp_path / "s")  # packed NVFP4 slice, dequantized on load
     elastic = load_elastic(tmp_path / "q")
     ids = torch.randint(3, sliced.config.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(sliced(ids), elastic(ids, budget=0.5), atol=1e-4, rtol=0)
+
+
+def test_shipped_yaml_configs_load_and_flags_override_them():
+    from star_elastic.config import read_yaml_mapping
+    from star_elastic.quant.qad import QuantizeConfig
+    from star_elastic.train.elastify import load_elastify_config
+    from star_elastic.train.parent import load_parent_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    parent = load_parent_config(str(root / "parent.yaml"), {"steps": 7})
+    assert parent.steps == 7 and parent.model == read_yaml_mapping(root / "parent.yaml")["model"]
+    raw = read_yaml_mapping(root / "elastify.yaml")
+    elastify = load_elastify_config(str(root / "elastify.yaml"), {"lr": 0.5, "elastic.budget_type": "total_params"})
+    assert (elastify.lr, elastify.elastic["budget_type"], elastify.steps) == (0.5, "total_params", raw["steps"])
+    assert list(elastify.elastic["budgets"]) == raw["elastic"]["budgets"]
+    raw = read_yaml_mapping(root / "quantize_nvfp4.yaml")
+    quantize = from_dict(QuantizeConfig, raw)
+    assert (quantize.quant["format"], quantize.qad_steps, quantize.lr) == ("nvfp4", raw["qad_steps"], raw["lr"])

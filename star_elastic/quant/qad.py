@@ -44,7 +44,8 @@ class QuantizeConfig:
     calibration_batches: int = 4
     batch_size: int = 16
     seq_len: int = 128
-    lr: float = 2e-4
+    lr: float = 2e-5
+    """AdamW rate. On the demo run, 60 NVFP4 steps halved the held-out KD at 1e-5 … 1e-4; 2e-4 barely moved it."""
     budget_probs: tuple[float, ...] | None = None
     """QAD budget probabilities, largest first; None uses the run's stage-2 default (0.5 / 0.3 / 0.2)."""
     n_synthetic: int = 5000
@@ -127,7 +128,8 @@ def quantize_run(cfg: QuantizeConfig, log=None) -> dict:
     log(f"after {cfg.qad_steps} QAD steps: held-out KD {kd_final:.4f}")
 
     write_qrun(run, out, elastic, student, qcfg, quantizers, meta)
-    summary = {"format": qcfg.format, "qad_steps": cfg.qad_steps, "kd_ptq": kd_ptq, "kd_final": kd_final,
+    summary = {"format": qcfg.format, "qad_steps": cfg.qad_steps, "lr": cfg.lr if cfg.qad_steps else None,
+               "kd_ptq": kd_ptq, "kd_final": kd_final,
                "qad_loss_first": history[:5], "qad_loss_last": history[-5:]}
     (out / "quantize_report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from star_elastic.config import ConfigError, ElasticConfig, from_dict
+from star_elastic.config import ConfigError, ElasticConfig, from_dict, read_yaml_mapping
 from star_elastic.data.loading import batch_for_step, load_sequences
 from star_elastic.elastic import importance
 from star_elastic.elastic.router import fit_router_to_cost, profile_latency, router_loss
@@ -64,6 +65,8 @@ class ElastifyConfig:
     router_lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    """After warmup the rates follow a cosine from lr down to lr · min_lr_ratio (1.0: constant)."""
     grad_clip: float = 1.0
     kd_temperature: float = 1.0
     router_weight: float = 1.0
@@ -92,6 +95,8 @@ class ElastifyConfig:
         for name in ("batch_size", "stage1_seq_len", "stage2_seq_len", "checkpoint_every", "calibration_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.stage1_fraction <= 1:
             raise ConfigError(f"stage1_fraction must be in [0, 1], got {self.stage1_fraction}")
         if abs(sum(self.stage2_probs) - 1) > 1e-6 or any(p < 0 for p in self.stage2_probs):
@@ -149,7 +154,12 @@ def tau_at(cfg: ElastifyConfig, step: int) -> float:
 
 
 def lr_scale(cfg: ElastifyConfig, step: int) -> float:
-    return min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    """Linear warmup, then a cosine from 1 to min_lr_ratio at the last step; a function of the step alone."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - 1 - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def prepare(cfg: ElastifyConfig, log=print):
@@ -297,14 +307,7 @@ def checkpoint_weights(elastic) -> dict[str, torch.Tensor]:
 
 def load_elastify_config(path: str | None, overrides: dict) -> ElastifyConfig:
     """YAML (optional) then CLI overrides; `elastic.*` overrides go into the nested block."""
-    data: dict = {}
-    if path:
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(p.read_text()) or {}
+    data = read_yaml_mapping(path) if path else {}
     elastic = dict(data.get("elastic", {}))
     for key in list(overrides):
         if key.startswith("elastic."):
