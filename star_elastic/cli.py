@@ -152,12 +152,11 @@ def _run_quantize(args: argparse.Namespace) -> int:
     flags = {"out": args.out, "data": args.data, "qad_steps": args.qad_steps, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed}
     data.update({k: v for k, v in flags.items() if v is not None})
-    if args.format is not None:
-        quant = data.get("quant") or {}
-        if not isinstance(quant, dict):
-            raise ConfigError(f"{source}: 'quant' must be a mapping of QuantConfig keys, got {quant!r}")
-        data["quant"] = dict(quant, format=args.format)
-    if not (data.get("quant") or {}).get("format"):
+    quant = data.get("quant") or {}
+    if not isinstance(quant, dict):
+        raise ConfigError(f"{source}: 'quant' must be a mapping of QuantConfig keys, got {quant!r}")
+    data["quant"] = dict(quant, format=args.format) if args.format is not None else quant
+    if not data["quant"].get("format"):
         raise ConfigError("quantize needs --format fp8|nvfp4 (or 'quant: {format: ...}' in the YAML config)")
     if not data.get("out"):
         raise ConfigError("quantize needs --out QRUN (or 'out:' in the YAML config)")
