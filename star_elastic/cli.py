@@ -143,24 +143,19 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 def _run_quantize(args: argparse.Namespace) -> int:
     import json
 
-    from star_elastic.config import from_dict, read_yaml_mapping
+    from star_elastic.config import from_dict, merge_config
     from star_elastic.quant.qad import QuantizeConfig, quantize_run
 
-    data = read_yaml_mapping(args.config) if args.config else {}
-    source = args.config or "quantize flags"
-    data["run"] = args.run
-    flags = {"out": args.out, "data": args.data, "qad_steps": args.qad_steps, "batch_size": args.batch_size,
-             "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed}
-    data.update({k: v for k, v in flags.items() if v is not None})
+    data = merge_config(args.config, {
+        "run": args.run, "out": args.out, "data": args.data, "qad_steps": args.qad_steps, "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed, "quant.format": args.format,
+    })
     quant = data.get("quant") or {}
-    if not isinstance(quant, dict):
-        raise ConfigError(f"{source}: 'quant' must be a mapping of QuantConfig keys, got {quant!r}")
-    data["quant"] = dict(quant, format=args.format) if args.format is not None else quant
-    if not data["quant"].get("format"):
+    if isinstance(quant, dict) and not quant.get("format"):  # a non-mapping is QuantizeConfig's error to name
         raise ConfigError("quantize needs --format fp8|nvfp4 (or 'quant: {format: ...}' in the YAML config)")
     if not data.get("out"):
         raise ConfigError("quantize needs --out QRUN (or 'out:' in the YAML config)")
-    summary = quantize_run(from_dict(QuantizeConfig, data, source=source))
+    summary = quantize_run(from_dict(QuantizeConfig, data, source=args.config or "quantize flags"))
     print(json.dumps(summary, indent=2))
     return 0
 

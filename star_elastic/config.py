@@ -58,6 +58,24 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def merge_config(path: str | Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """YAML mapping (optional) with CLI overrides on top. None means "flag not given"; a dotted key such
+    as `elastic.budgets` or `quant.format` sets one key inside that nested block."""
+    data = read_yaml_mapping(path) if path else {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        block, _, sub = key.partition(".")
+        if not sub:
+            data[key] = value
+            continue
+        nested = data.get(block) or {}
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{path}: '{block}' must be a mapping of keys, got {nested!r}")
+        data[block] = dict(nested, **{sub: value})
+    return data
+
+
 def load_yaml(cls: type[T], path: str | Path) -> T:
     """Read a YAML file into dataclass `cls`."""
     return from_dict(cls, read_yaml_mapping(path), source=str(path))

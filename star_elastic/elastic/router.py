@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from star_elastic import accounting
-from star_elastic.config import ConfigError, ElasticConfig, ModelConfig
+from star_elastic.config import ConfigError, ElasticConfig
 from star_elastic.elastic.space import ChoiceSpace
 
 

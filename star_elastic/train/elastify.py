@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from star_elastic.config import ConfigError, ElasticConfig, from_dict, read_yaml_mapping
+from star_elastic.config import ConfigError, ElasticConfig, from_dict, merge_config
 from star_elastic.data.loading import batch_for_step, load_sequences
 from star_elastic.elastic import importance
 from star_elastic.elastic.router import fit_router_to_cost, profile_latency, router_loss
@@ -307,13 +307,5 @@ def checkpoint_weights(elastic) -> dict[str, torch.Tensor]:
 
 def load_elastify_config(path: str | None, overrides: dict) -> ElastifyConfig:
     """YAML (optional) then CLI overrides; `elastic.*` overrides go into the nested block."""
-    data = read_yaml_mapping(path) if path else {}
-    elastic = dict(data.get("elastic", {}))
-    for key in list(overrides):
-        if key.startswith("elastic."):
-            value = overrides.pop(key)
-            if value is not None:
-                elastic[key.split(".", 1)[1]] = value
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    data["elastic"] = elastic
+    data = merge_config(path, overrides)
     return from_dict(ElastifyConfig, data, source=path or "elastify flags")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from star_elastic.config import ConfigError, ModelConfig, from_dict, read_yaml_mapping
+from star_elastic.config import ConfigError, ModelConfig, from_dict, merge_config
 from star_elastic.data import synthetic
 from star_elastic.data.tokenizer import build_tokenizer, encode_example, format_prompt
 from star_elastic.infer.generate import GenerationConfig, generate
@@ -201,6 +201,5 @@ def train_parent(cfg: ParentConfig, out: str | Path | None = None) -> tuple[Hybr
 
 def load_parent_config(path: str | None, overrides: dict) -> ParentConfig:
     """YAML file (optional) then CLI overrides, validated once."""
-    data = read_yaml_mapping(path) if path else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = merge_config(path, overrides)
     return from_dict(ParentConfig, data, source=path or "train-parent flags")
