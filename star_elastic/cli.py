@@ -101,10 +101,22 @@ def _run_elastify(args: argparse.Namespace) -> int:
 
 
 def _add_slice(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("slice", help="cut one budget out of an elastic run as a standalone checkpoint")
-    p.add_argument("run", help="elastic run folder")
-    p.add_argument("--budget", type=float, required=True)
-    p.add_argument("--out", required=True, help="output model directory")
+    p = sub.add_parser(
+        "slice", help="cut a submodel out of an elastic run (--budget) or of any sorted checkpoint (--arch)",
+        description="RUN --budget B: the router's pick for budget B. CKPT --arch / --arch-file: explicit sizes "
+                    "cut from any nemotron_h checkpoint folder (BF16, FP8 or NVFP4), streamed one tensor at a "
+                    "time. The checkpoint must already be sorted by importance (every variant a prefix), as "
+                    "NVIDIA's Elastic checkpoints and our runs are.")
+    p.add_argument("run", metavar="RUN_OR_CKPT", help="elastic run folder, or a nemotron_h checkpoint folder")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--budget", type=float, help="budget of the run's router")
+    how.add_argument("--arch", help="per-axis sizes, e.g. hidden=2048,mamba_heads=6,experts=96,layers=0-23+26; "
+                                    "axes: hidden, attn_heads (per KV group), mamba_heads (per SSM group), experts, "
+                                    "expert_inter, shared_inter, mlp_inter, layers; unnamed axes stay full")
+    how.add_argument("--arch-file", help='JSON {"23b": {"hidden": 2048, ...}, "12b": "hidden=1536,..."}: '
+                                         "one folder per name under --out")
+    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size for --arch (default 2)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=_run_slice)
 
@@ -114,6 +126,8 @@ def _run_slice(args: argparse.Namespace) -> int:
 
     from star_elastic.slicing import slice_run
 
+    if args.budget is None:
+        return _run_slice_arch(args)
     result = slice_run(args.run, args.budget, args.out)
     if args.json:
         print(json.dumps(result))
@@ -122,6 +136,24 @@ def _run_slice(args: argparse.Namespace) -> int:
         for key in ("total_params", "active_params"):
             print(f"  {key:14s} {result[key]:>14,}  ({result[key.replace('params', 'fraction')]:.3f} of the parent)")
         print(f"  target {result['budget_type']} {args.budget:.3f}, achieved {result['relative_cost']:.3f}")
+    return 0
+
+
+def _run_slice_arch(args: argparse.Namespace) -> int:
+    import json
+
+    from star_elastic.slicing import checkpoint_dir, read_archs, slice_checkpoint
+
+    if args.max_shard_gb <= 0:
+        raise ConfigError(f"--max-shard-gb {args.max_shard_gb}: must be positive")
+    ckpt = checkpoint_dir(args.run)
+    archs = read_archs(ckpt, args.arch, args.arch_file)
+    result = slice_checkpoint(ckpt, archs, args.out, int(args.max_shard_gb * 2**30))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for name, r in (result.items() if args.arch_file else [("", result)]):
+            print(f"sliced {name or 'arch'} ({r['bytes']:,} bytes) → {args.out}/{name}", file=sys.stderr)
     return 0
 
 
