@@ -194,23 +194,47 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="budget-controlled generation: a small model thinks, a larger one answers")
-    p.add_argument("run", help="elastic run folder")
+    p.add_argument("run", metavar="RUN_OR_CKPT", help="elastic run folder, or a sorted checkpoint with --arch-file")
     p.add_argument("prompt", help="user message")
     p.add_argument("--think-budget", type=float, default=1.0)
     p.add_argument("--answer-budget", type=float, default=1.0)
+    _add_variant_flags(p)
     p.add_argument("--max-think-tokens", type=int, default=256, help="cap; </think> is forced when reached")
     p.add_argument("--max-answer-tokens", type=int, default=64)
     p.set_defaults(func=_run_generate)
 
 
+def _add_variant_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch-file", help='explicit architectures instead of the router: JSON {"12b": {"hidden": 1536, '
+                                       '...}, ...} (as for slice); "full" is always available')
+    p.add_argument("--think-variant", help="variant of --arch-file that writes the <think> trace (default full)")
+    p.add_argument("--answer-variant", help="variant of --arch-file that writes the answer (default full)")
+
+
+def _server_and_phases(args: argparse.Namespace):
+    """(ElasticServer, think key, answer key): router budgets, or variant names with --arch-file."""
+    from star_elastic.infer.budget import ElasticServer
+    from star_elastic.slicing import checkpoint_dir, read_archs
+
+    if args.arch_file is None:
+        if args.think_variant or args.answer_variant:
+            raise ConfigError("--think-variant / --answer-variant name variants of --arch-file; give --arch-file")
+        from star_elastic.elastic.run import load_elastic
+
+        return ElasticServer.from_elastic(load_elastic(args.run)), args.think_budget, args.answer_budget
+    ckpt = checkpoint_dir(args.run)
+    server = ElasticServer.from_checkpoint(ckpt, read_archs(ckpt, None, args.arch_file))
+    think, answer = args.think_variant or "full", args.answer_variant or "full"
+    for key in (think, answer):
+        server.architecture(key)  # an unknown name is an error before any work
+    return server, think, answer
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     from star_elastic.data.tokenizer import format_prompt
-    from star_elastic.elastic.run import load_elastic
-    from star_elastic.infer.budget import ElasticServer
 
-    elastic = load_elastic(args.run)
-    server = ElasticServer.from_elastic(elastic)
-    tok = elastic.model.tokenizer
+    server, think, answer = _server_and_phases(args)
+    tok = server.parent.tokenizer
     prompt = tok.encode(format_prompt(tok, args.prompt), add_special_tokens=False)
     sys.stdout.write("<think>")
 
@@ -218,25 +242,29 @@ def _run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(tok.decode([token], skip_special_tokens=False))
         sys.stdout.flush()
 
-    run = server.generate([prompt], args.think_budget, args.answer_budget, args.max_think_tokens,
-                          args.max_answer_tokens, on_token=stream)
+    run = server.generate([prompt], think, answer, args.max_think_tokens, args.max_answer_tokens, on_token=stream)
     res = run.results[0]
     print()
     forced = " (</think> forced at the cap)" if res.forced_end_of_think else ""
-    print(f"think  budget {args.think_budget:g}: {len(res.think_tokens)} tokens in {run.think_seconds:.3f} s{forced}",
+    print(f"think  {_phase_name(think)}: {len(res.think_tokens)} tokens in {run.think_seconds:.3f} s{forced}",
           file=sys.stderr)
-    print(f"answer budget {args.answer_budget:g}: {len(res.answer_tokens)} tokens in {run.answer_seconds:.3f} s",
+    print(f"answer {_phase_name(answer)}: {len(res.answer_tokens)} tokens in {run.answer_seconds:.3f} s",
           file=sys.stderr)
     return 0
 
 
+def _phase_name(key: float | str) -> str:
+    return f"variant {key}" if isinstance(key, str) else f"budget {key:g}"
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy and latency of budgets and budget-control configurations (JSON)")
-    p.add_argument("run", help="elastic run folder")
+    p.add_argument("run", metavar="RUN_OR_CKPT", help="elastic run folder, or a sorted checkpoint with --arch-file")
     p.add_argument("--data", help="jsonl of {prompt, answer} records (default: the built-in test split)")
     p.add_argument("--n-test", type=int, default=300)
     p.add_argument("--think-budget", type=float, help="one configuration (default: every budget alone)")
     p.add_argument("--answer-budget", type=float)
+    _add_variant_flags(p)
     p.add_argument("--max-think-tokens", type=int, default=96)
     p.add_argument("--sweep", type=lambda t: [int(x) for x in t.split(",")], metavar="CAPS",
                    help="budget-control sweep over these think caps, e.g. 96,32,20")
@@ -248,16 +276,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     import json
 
-    from star_elastic.elastic.run import load_elastic
-    from star_elastic.infer.budget import ElasticServer
     from star_elastic.infer.evaluate import BudgetConfig, evaluate_config, headline, load_eval_examples, plot_front, sweep
 
-    server = ElasticServer.from_elastic(load_elastic(args.run))
+    think_given = args.think_budget is not None or args.think_variant is not None
+    answer_given = args.answer_budget is not None or args.answer_variant is not None
+    server, think, answer = _server_and_phases(args)
     examples = load_eval_examples(args.data, args.n_test)
-    budgets = server.elastic.ecfg.budgets
+    variants = server.variants
     if args.sweep:
         points = sweep(server, examples, sorted(args.sweep, reverse=True), args.batch_size)
-        parent = next(p for p in points if p["think_budget"] == p["answer_budget"] == budgets[0]
+        parent = next(p for p in points if p["think_budget"] == p["answer_budget"] == variants[0]
                       and p["max_think_tokens"] == max(args.sweep))
         if args.plot:
             from pathlib import Path
@@ -265,10 +293,10 @@ def _run_eval(args: argparse.Namespace) -> int:
             plot_front(points, parent, Path(args.plot))
         print(json.dumps({"points": points, "headline": headline(points, parent)}, indent=2))
         return 0
-    if args.think_budget is not None:
-        configs = [BudgetConfig(args.think_budget, args.answer_budget or args.think_budget, args.max_think_tokens)]
+    if think_given:
+        configs = [BudgetConfig(think, answer if answer_given else think, args.max_think_tokens)]
     else:
-        configs = [BudgetConfig(b, b, args.max_think_tokens) for b in budgets]
+        configs = [BudgetConfig(b, b, args.max_think_tokens) for b in variants]
     print(json.dumps([evaluate_config(server, examples, c, args.batch_size) for c in configs], indent=2))
     return 0
 

@@ -145,3 +145,58 @@ def test_bad_arch_inputs(parent, tmp_path, capsys):
     with pytest.raises(ConfigError, match="variant 'a'"):
         (tmp_path / "bad.json").write_text(json.dumps({"a": {"hidden": 0}}))
         load_arch_file(tmp_path / "bad.json", model.config)
+
+
+@pytest.fixture(scope="module")
+def parent_with_tokenizer(tmp_path_factory):
+    from star_elastic.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    model = randomize(HybridLM(tiny_config(**ELASTIC_TINY, vocab_size=len(tok))), seed=5, scale=0.2).eval()
+    model.tokenizer = tok
+    path = tmp_path_factory.mktemp("tok_ckpt")
+    save_model(model, path)
+    return model, path
+
+
+def two_phase_on_slices(think_dir, answer_dir, prompt, cap, answer_cap):
+    """Budget control written out by hand on two independently sliced checkpoints."""
+    from star_elastic.infer.generate import GenerationConfig, generate
+
+    thinker, answerer = load_model(think_dir), load_model(answer_dir)
+    tok = thinker.tokenizer
+    think_end, eos = tok.convert_tokens_to_ids("</think>"), tok.eos_token_id
+    trace = generate(thinker, [prompt], GenerationConfig(max_new_tokens=cap, stop_token_ids=(think_end, eos)))[0]
+    if not trace or trace[-1] not in (think_end, eos):
+        trace = trace + [think_end]
+    answer = generate(answerer, [prompt + trace], GenerationConfig(max_new_tokens=answer_cap, stop_token_ids=(eos,)))[0]
+    return trace, answer
+
+
+def test_generate_with_explicit_variants_equals_sliced_checkpoints(parent_with_tokenizer, tmp_path, capsys):
+    from star_elastic.data.tokenizer import format_prompt
+    from star_elastic.infer.budget import ElasticServer
+
+    model, path = parent_with_tokenizer
+    variants = {"small": {"hidden": 32, "mamba_heads": 2, "experts": 4, "layers": [0, 1, 2, 4, 5, 7]},
+                "mid": "hidden=48,expert_inter=16"}
+    (tmp_path / "v.json").write_text(json.dumps(variants))
+    assert main(["slice", str(path), "--arch-file", str(tmp_path / "v.json"), "--out", str(tmp_path / "sl")]) == 0
+    tok = model.tokenizer
+    text = "12+7="
+    prompt = tok.encode(format_prompt(tok, text), add_special_tokens=False)
+    for think, answer in (("small", "mid"), ("mid", "full")):
+        capsys.readouterr()
+        assert main(["generate", str(path), text, "--arch-file", str(tmp_path / "v.json"), "--think-variant", think,
+                     "--answer-variant", answer, "--max-think-tokens", "10", "--max-answer-tokens", "6"]) == 0
+        out = capsys.readouterr().out
+        answer_dir = path if answer == "full" else tmp_path / "sl" / answer
+        trace, ans = two_phase_on_slices(tmp_path / "sl" / think, answer_dir, prompt, 10, 6)
+        assert out == "<think>" + "".join(tok.decode([t], skip_special_tokens=False) for t in trace + ans) + "\n"
+    server = ElasticServer.from_checkpoint(path, load_arch_file(tmp_path / "v.json", model.config))
+    assert server.variants == ["full", "small", "mid"]
+    res = server.generate([prompt], "small", "mid", 10, 6).results[0]
+    assert (res.think_tokens, res.answer_tokens) == two_phase_on_slices(tmp_path / "sl" / "small", tmp_path / "sl" / "mid",
+                                                                        prompt, 10, 6)
+    assert main(["generate", str(path), text, "--arch-file", str(tmp_path / "v.json"), "--think-variant", "tiny"]) == 2
+    assert "unknown variant 'tiny'; known: full, small, mid" in capsys.readouterr().err
