@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from star_elastic.config import ConfigError
+from star_elastic.config import ConfigError, check_out_dir
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +50,7 @@ def _run_train_parent(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "width_scale", "seed", "n_test",
                                                  "time_limit_s", "threads")}
     cfg = load_parent_config(args.config, overrides)
+    check_out_dir(args.out)
     _, report = train_parent(cfg, args.out)
     summary = {k: report[k] for k in ("params", "steps", "train_seconds", "final_loss")}
     summary["test_accuracy"] = report["test"]["accuracy"]
@@ -94,6 +95,7 @@ def _run_elastify(args: argparse.Namespace) -> int:
     for key in ("model", "out"):
         if not getattr(cfg, key):
             raise ConfigError(f"elastify needs --{key} (or '{key}:' in the YAML config)")
+    check_out_dir(cfg.out)
     summary = train(cfg)
     if summary["rank"] == 0:
         print(json.dumps(summary["architectures"], indent=2, default=str))
@@ -187,6 +189,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         raise ConfigError("quantize needs --format fp8|nvfp4 (or 'quant: {format: ...}' in the YAML config)")
     if not data.get("out"):
         raise ConfigError("quantize needs --out QRUN (or 'out:' in the YAML config)")
+    check_out_dir(str(data["out"]))
     summary = quantize_run(from_dict(QuantizeConfig, data, source=args.config or "quantize flags"))
     print(json.dumps(summary, indent=2))
     return 0
@@ -311,6 +314,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from star_elastic.demo import run_demo
 
+    check_out_dir(args.out)
     report = run_demo(args.out, quick=args.quick)
     print(f"report: {args.out}/report.md ({report['wall_seconds']} s)")
     return 0
@@ -335,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, ValueError, OSError) as err:  # bad input or a file system refusal: one line, no traceback
         print(f"star-elastic {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -164,11 +165,14 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
         tensors, input_scales = dequantize_tensors(tensors, quant, path, dtype or torch.float32)
     state = _assemble(cfg, tensors, path)
     dtype = dtype or state["backbone.embeddings.weight"].dtype
-    tied_head = state.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
+    tied_head = state.get("lm_head.weight") if cfg.tie_word_embeddings else None
     if tied_head is not None and not torch.equal(tied_head, state["backbone.embeddings.weight"]):
-        raise CheckpointError(
-            f"{path}: tie_word_embeddings is true but lm_head.weight differs from backbone.embeddings.weight"
-        )
+        # transformers 5.x ties nothing in nemotron_h: it loads the stored head as it is
+        warnings.warn(f"{path}: tie_word_embeddings is true but lm_head.weight differs from the embeddings; "
+                      "loading the stored head untied, as transformers does", stacklevel=2)
+        cfg = cfg.replace(tie_word_embeddings=False)
+    elif tied_head is not None:
+        state.pop("lm_head.weight")
     for key, t in state.items():
         state[key] = t.to(device=device, dtype=torch.float32 if keeps_fp32(key) else dtype)
     model = HybridLM.from_state_dict(cfg, state, _load_tokenizer(path))

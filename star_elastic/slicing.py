@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from star_elastic.config import ConfigError, ModelConfig, QuantConfig
+from star_elastic.config import ConfigError, ModelConfig, QuantConfig, check_out_dir
 from star_elastic.elastic.arch import Architecture, slice_state
 from star_elastic.model.hybrid import HybridLM
 
@@ -43,7 +43,7 @@ def slice_run(run, budget: float, out) -> dict:
     from star_elastic.hf import save_model
     from star_elastic.quant.export import read_quant_config, slice_packed, write_quantized
 
-    check_out_dir(out)
+    check_out_dir(out, empty=True)
     elastic = load_elastic(run)
     info = elastic.describe(budget)
     arch = elastic.architecture(budget)
@@ -64,19 +64,6 @@ DEFAULT_SHARD_BYTES = 2 << 30
 # files copied unchanged into every slice (tokenizer, chat template, generation defaults)
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
            "generation_config.json", "added_tokens.json")
-
-
-def check_out_dir(out, flag: str = "--out") -> Path:
-    """An output folder we may create: absent, or an empty directory (nothing existing is overwritten)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{flag} {out}: exists and is a file; name a new folder")
-    if out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"{flag} {out}: folder exists and is not empty; name a new folder or remove it")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise ConfigError(f"{flag} {out}: {parent} is a file, not a folder")
-    return out
 
 
 def checkpoint_dir(path) -> Path:
@@ -109,7 +96,7 @@ def slice_checkpoint(src, archs: dict[str, Architecture] | Architecture, out,
     from star_elastic.hf import checkpoint_keys
     from star_elastic.quant.export import read_quant_config
 
-    src, out = checkpoint_dir(src), check_out_dir(out)
+    src, out = checkpoint_dir(src), check_out_dir(out, empty=True)
     cfg = ModelConfig.from_json(src / "config.json")
     named = {None: archs} if isinstance(archs, Architecture) else dict(archs)
     for arch in named.values():
