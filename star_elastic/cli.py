@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from star_elastic.config import ConfigError
+from star_elastic.config import ConfigError, check_out_dir
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +50,7 @@ def _run_train_parent(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "width_scale", "seed", "n_test",
                                                  "time_limit_s", "threads")}
     cfg = load_parent_config(args.config, overrides)
+    check_out_dir(args.out)
     _, report = train_parent(cfg, args.out)
     summary = {k: report[k] for k in ("params", "steps", "train_seconds", "final_loss")}
     summary["test_accuracy"] = report["test"]["accuracy"]
@@ -94,6 +95,7 @@ def _run_elastify(args: argparse.Namespace) -> int:
     for key in ("model", "out"):
         if not getattr(cfg, key):
             raise ConfigError(f"elastify needs --{key} (or '{key}:' in the YAML config)")
+    check_out_dir(cfg.out)
     summary = train(cfg)
     if summary["rank"] == 0:
         print(json.dumps(summary["architectures"], indent=2, default=str))
@@ -101,10 +103,22 @@ def _run_elastify(args: argparse.Namespace) -> int:
 
 
 def _add_slice(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("slice", help="cut one budget out of an elastic run as a standalone checkpoint")
-    p.add_argument("run", help="elastic run folder")
-    p.add_argument("--budget", type=float, required=True)
-    p.add_argument("--out", required=True, help="output model directory")
+    p = sub.add_parser(
+        "slice", help="cut a submodel out of an elastic run (--budget) or of any sorted checkpoint (--arch)",
+        description="RUN --budget B: the router's pick for budget B. CKPT --arch / --arch-file: explicit sizes "
+                    "cut from any nemotron_h checkpoint folder (BF16, FP8 or NVFP4), streamed one tensor at a "
+                    "time. The checkpoint must already be sorted by importance (every variant a prefix), as "
+                    "NVIDIA's Elastic checkpoints and our runs are.")
+    p.add_argument("run", metavar="RUN_OR_CKPT", help="elastic run folder, or a nemotron_h checkpoint folder")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--budget", type=float, help="budget of the run's router")
+    how.add_argument("--arch", help="per-axis sizes, e.g. hidden=2048,mamba_heads=6,experts=96,layers=0-23+26; "
+                                    "axes: hidden, attn_heads (per KV group), mamba_heads (per SSM group), experts, "
+                                    "expert_inter, shared_inter, mlp_inter, layers; unnamed axes stay full")
+    how.add_argument("--arch-file", help='JSON {"23b": {"hidden": 2048, ...}, "12b": "hidden=1536,..."}: '
+                                         "one folder per name under --out")
+    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size for --arch (default 2)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=_run_slice)
 
@@ -114,6 +128,8 @@ def _run_slice(args: argparse.Namespace) -> int:
 
     from star_elastic.slicing import slice_run
 
+    if args.budget is None:
+        return _run_slice_arch(args)
     result = slice_run(args.run, args.budget, args.out)
     if args.json:
         print(json.dumps(result))
@@ -122,6 +138,24 @@ def _run_slice(args: argparse.Namespace) -> int:
         for key in ("total_params", "active_params"):
             print(f"  {key:14s} {result[key]:>14,}  ({result[key.replace('params', 'fraction')]:.3f} of the parent)")
         print(f"  target {result['budget_type']} {args.budget:.3f}, achieved {result['relative_cost']:.3f}")
+    return 0
+
+
+def _run_slice_arch(args: argparse.Namespace) -> int:
+    import json
+
+    from star_elastic.slicing import checkpoint_dir, read_archs, slice_checkpoint
+
+    if args.max_shard_gb <= 0:
+        raise ConfigError(f"--max-shard-gb {args.max_shard_gb}: must be positive")
+    ckpt = checkpoint_dir(args.run)
+    archs = read_archs(ckpt, args.arch, args.arch_file)
+    result = slice_checkpoint(ckpt, archs, args.out, int(args.max_shard_gb * 2**30))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for name, r in (result.items() if args.arch_file else [("", result)]):
+            print(f"sliced {name or 'arch'} ({r['bytes']:,} bytes) → {args.out}/{name}", file=sys.stderr)
     return 0
 
 
@@ -155,6 +189,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         raise ConfigError("quantize needs --format fp8|nvfp4 (or 'quant: {format: ...}' in the YAML config)")
     if not data.get("out"):
         raise ConfigError("quantize needs --out QRUN (or 'out:' in the YAML config)")
+    check_out_dir(str(data["out"]))
     summary = quantize_run(from_dict(QuantizeConfig, data, source=args.config or "quantize flags"))
     print(json.dumps(summary, indent=2))
     return 0
@@ -162,23 +197,47 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="budget-controlled generation: a small model thinks, a larger one answers")
-    p.add_argument("run", help="elastic run folder")
+    p.add_argument("run", metavar="RUN_OR_CKPT", help="elastic run folder, or a sorted checkpoint with --arch-file")
     p.add_argument("prompt", help="user message")
     p.add_argument("--think-budget", type=float, default=1.0)
     p.add_argument("--answer-budget", type=float, default=1.0)
+    _add_variant_flags(p)
     p.add_argument("--max-think-tokens", type=int, default=256, help="cap; </think> is forced when reached")
     p.add_argument("--max-answer-tokens", type=int, default=64)
     p.set_defaults(func=_run_generate)
 
 
+def _add_variant_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch-file", help='explicit architectures instead of the router: JSON {"12b": {"hidden": 1536, '
+                                       '...}, ...} (as for slice); "full" is always available')
+    p.add_argument("--think-variant", help="variant of --arch-file that writes the <think> trace (default full)")
+    p.add_argument("--answer-variant", help="variant of --arch-file that writes the answer (default full)")
+
+
+def _server_and_phases(args: argparse.Namespace):
+    """(ElasticServer, think key, answer key): router budgets, or variant names with --arch-file."""
+    from star_elastic.infer.budget import ElasticServer
+    from star_elastic.slicing import checkpoint_dir, read_archs
+
+    if args.arch_file is None:
+        if args.think_variant or args.answer_variant:
+            raise ConfigError("--think-variant / --answer-variant name variants of --arch-file; give --arch-file")
+        from star_elastic.elastic.run import load_elastic
+
+        return ElasticServer.from_elastic(load_elastic(args.run)), args.think_budget, args.answer_budget
+    ckpt = checkpoint_dir(args.run)
+    server = ElasticServer.from_checkpoint(ckpt, read_archs(ckpt, None, args.arch_file))
+    think, answer = args.think_variant or "full", args.answer_variant or "full"
+    for key in (think, answer):
+        server.architecture(key)  # an unknown name is an error before any work
+    return server, think, answer
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     from star_elastic.data.tokenizer import format_prompt
-    from star_elastic.elastic.run import load_elastic
-    from star_elastic.infer.budget import ElasticServer
 
-    elastic = load_elastic(args.run)
-    server = ElasticServer.from_elastic(elastic)
-    tok = elastic.model.tokenizer
+    server, think, answer = _server_and_phases(args)
+    tok = server.parent.tokenizer
     prompt = tok.encode(format_prompt(tok, args.prompt), add_special_tokens=False)
     sys.stdout.write("<think>")
 
@@ -186,25 +245,29 @@ def _run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(tok.decode([token], skip_special_tokens=False))
         sys.stdout.flush()
 
-    run = server.generate([prompt], args.think_budget, args.answer_budget, args.max_think_tokens,
-                          args.max_answer_tokens, on_token=stream)
+    run = server.generate([prompt], think, answer, args.max_think_tokens, args.max_answer_tokens, on_token=stream)
     res = run.results[0]
     print()
     forced = " (</think> forced at the cap)" if res.forced_end_of_think else ""
-    print(f"think  budget {args.think_budget:g}: {len(res.think_tokens)} tokens in {run.think_seconds:.3f} s{forced}",
+    print(f"think  {_phase_name(think)}: {len(res.think_tokens)} tokens in {run.think_seconds:.3f} s{forced}",
           file=sys.stderr)
-    print(f"answer budget {args.answer_budget:g}: {len(res.answer_tokens)} tokens in {run.answer_seconds:.3f} s",
+    print(f"answer {_phase_name(answer)}: {len(res.answer_tokens)} tokens in {run.answer_seconds:.3f} s",
           file=sys.stderr)
     return 0
 
 
+def _phase_name(key: float | str) -> str:
+    return f"variant {key}" if isinstance(key, str) else f"budget {key:g}"
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy and latency of budgets and budget-control configurations (JSON)")
-    p.add_argument("run", help="elastic run folder")
+    p.add_argument("run", metavar="RUN_OR_CKPT", help="elastic run folder, or a sorted checkpoint with --arch-file")
     p.add_argument("--data", help="jsonl of {prompt, answer} records (default: the built-in test split)")
     p.add_argument("--n-test", type=int, default=300)
     p.add_argument("--think-budget", type=float, help="one configuration (default: every budget alone)")
     p.add_argument("--answer-budget", type=float)
+    _add_variant_flags(p)
     p.add_argument("--max-think-tokens", type=int, default=96)
     p.add_argument("--sweep", type=lambda t: [int(x) for x in t.split(",")], metavar="CAPS",
                    help="budget-control sweep over these think caps, e.g. 96,32,20")
@@ -216,16 +279,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     import json
 
-    from star_elastic.elastic.run import load_elastic
-    from star_elastic.infer.budget import ElasticServer
     from star_elastic.infer.evaluate import BudgetConfig, evaluate_config, headline, load_eval_examples, plot_front, sweep
 
-    server = ElasticServer.from_elastic(load_elastic(args.run))
+    think_given = args.think_budget is not None or args.think_variant is not None
+    answer_given = args.answer_budget is not None or args.answer_variant is not None
+    server, think, answer = _server_and_phases(args)
     examples = load_eval_examples(args.data, args.n_test)
-    budgets = server.elastic.ecfg.budgets
+    variants = server.variants
     if args.sweep:
         points = sweep(server, examples, sorted(args.sweep, reverse=True), args.batch_size)
-        parent = next(p for p in points if p["think_budget"] == p["answer_budget"] == budgets[0]
+        parent = next(p for p in points if p["think_budget"] == p["answer_budget"] == variants[0]
                       and p["max_think_tokens"] == max(args.sweep))
         if args.plot:
             from pathlib import Path
@@ -233,10 +296,10 @@ def _run_eval(args: argparse.Namespace) -> int:
             plot_front(points, parent, Path(args.plot))
         print(json.dumps({"points": points, "headline": headline(points, parent)}, indent=2))
         return 0
-    if args.think_budget is not None:
-        configs = [BudgetConfig(args.think_budget, args.answer_budget or args.think_budget, args.max_think_tokens)]
+    if think_given:
+        configs = [BudgetConfig(think, answer if answer_given else think, args.max_think_tokens)]
     else:
-        configs = [BudgetConfig(b, b, args.max_think_tokens) for b in budgets]
+        configs = [BudgetConfig(b, b, args.max_think_tokens) for b in variants]
     print(json.dumps([evaluate_config(server, examples, c, args.batch_size) for c in configs], indent=2))
     return 0
 
@@ -251,6 +314,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from star_elastic.demo import run_demo
 
+    check_out_dir(args.out)
     report = run_demo(args.out, quick=args.quick)
     print(f"report: {args.out}/report.md ({report['wall_seconds']} s)")
     return 0
@@ -275,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, ValueError, OSError) as err:  # bad input or a file system refusal: one line, no traceback
         print(f"star-elastic {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,20 @@ class ConfigError(ValueError):
     """Bad configuration value or key; the message names the key and the source."""
 
 
+def check_out_dir(out, flag: str = "--out", empty: bool = False) -> Path:
+    """An output folder we may write: not a file, under no file; with `empty`, absent or empty
+    (so that nothing existing is overwritten)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out}: exists and is a file; name a folder")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"{flag} {out}: {parent} is a file, not a folder")
+    if empty and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{flag} {out}: folder exists and is not empty; name a new folder or remove it")
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
     """Build dataclass `cls` from `data`, rejecting keys the dataclass does not define."""
     if not isinstance(data, dict):

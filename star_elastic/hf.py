@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -96,6 +97,29 @@ def _read_tensors(path: Path) -> dict[str, tuple[torch.Tensor, str]]:
     return tensors
 
 
+def checkpoint_keys(path: Path) -> dict[str, str]:
+    """Every on-disk key (as stored) → its file name; reads headers only."""
+    keys = {}
+    for name in _weight_files(path):
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                keys.update({key: name for key in f.keys()})
+        except SafetensorError as err:
+            raise CheckpointError(f"{path / name}: unreadable safetensors file, truncated or corrupt ({err})") from None
+    return keys
+
+
+def iter_tensors(path: Path):
+    """Yield (normalised key, tensor, file name) one tensor at a time, file by file (streaming)."""
+    for name in _weight_files(path):
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                for key in f.keys():
+                    yield _normalise_key(key), f.get_tensor(key), name
+        except SafetensorError as err:
+            raise CheckpointError(f"{path / name}: unreadable safetensors file, truncated or corrupt ({err})") from None
+
+
 def _assemble(cfg: ModelConfig, tensors: dict[str, tuple[torch.Tensor, str]], path: Path) -> dict[str, torch.Tensor]:
     """Map on-disk tensors to the model's state dict, checking every key and shape."""
     expected = expected_disk_shapes(cfg)
@@ -141,11 +165,14 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
         tensors, input_scales = dequantize_tensors(tensors, quant, path, dtype or torch.float32)
     state = _assemble(cfg, tensors, path)
     dtype = dtype or state["backbone.embeddings.weight"].dtype
-    tied_head = state.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
+    tied_head = state.get("lm_head.weight") if cfg.tie_word_embeddings else None
     if tied_head is not None and not torch.equal(tied_head, state["backbone.embeddings.weight"]):
-        raise CheckpointError(
-            f"{path}: tie_word_embeddings is true but lm_head.weight differs from backbone.embeddings.weight"
-        )
+        # transformers 5.x ties nothing in nemotron_h: it loads the stored head as it is
+        warnings.warn(f"{path}: tie_word_embeddings is true but lm_head.weight differs from the embeddings; "
+                      "loading the stored head untied, as transformers does", stacklevel=2)
+        cfg = cfg.replace(tie_word_embeddings=False)
+    elif tied_head is not None:
+        state.pop("lm_head.weight")
     for key, t in state.items():
         state[key] = t.to(device=device, dtype=torch.float32 if keeps_fp32(key) else dtype)
     model = HybridLM.from_state_dict(cfg, state, _load_tokenizer(path))
@@ -219,6 +246,53 @@ def save_model(model: HybridLM, path: str | os.PathLike, max_shard_bytes: int | 
     _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path))
+
+
+class ShardWriter:
+    """Writes tensors as they come into safetensors shards of at most `max_bytes` (one held at a time).
+
+    `close()` names the shards `model-0000i-of-0000n.safetensors` and writes the index, or a single
+    `model.safetensors` when everything fit in one shard.
+    """
+
+    def __init__(self, path: Path, max_bytes: int):
+        self.path, self.max_bytes = path, max_bytes
+        self.shard: dict[str, torch.Tensor] = {}
+        self.shard_bytes, self.total_bytes = 0, 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.written_keys: list[str] = []
+        self.peak_bytes = 0  # most tensor bytes held at once (the streaming bound the tests pin)
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.shard and self.shard_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.shard[key] = t.detach().cpu().contiguous()
+        self.written_keys.append(key)
+        self.shard_bytes += nbytes
+        self.total_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.shard_bytes)
+
+    def flush(self) -> None:
+        if not self.shard:
+            return
+        target = self.path / f"part-{len(self.files):05d}.safetensors"
+        _atomic_save(self.shard, target)
+        self.files.append((target, list(self.shard)))
+        self.shard, self.shard_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        if len(self.files) == 1:
+            os.replace(self.files[0][0], self.path / WEIGHTS)
+            return
+        weight_map = {}
+        for i, (part, keys) in enumerate(self.files):
+            name = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
+            os.replace(part, self.path / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        _atomic_write_text(self.path / INDEX, json.dumps(index, indent=2))
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:

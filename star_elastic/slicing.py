@@ -3,10 +3,23 @@
 Every tensor of the result is a leading slice of the full model's (per group for grouped heads):
 `star_elastic.elastic.arch.slice_state` gathers it with the same index sets the elastic forward
 uses for its masks.
+
+`slice_checkpoint` cuts explicit architectures out of any sorted `nemotron_h` checkpoint directory
+(BF16 / FP32, or FP8 / NVFP4 in the ModelOpt layout) with no run folder, streaming: one input
+tensor and one output shard in memory at a time.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from star_elastic.config import ConfigError, ModelConfig, QuantConfig, check_out_dir
 from star_elastic.elastic.arch import Architecture, slice_state
 from star_elastic.model.hybrid import HybridLM
 
@@ -31,6 +44,7 @@ def slice_run(run, budget: float, out) -> dict:
     from star_elastic.hf import save_model
     from star_elastic.quant.export import quant_metadata, read_quant_config, slice_packed, write_quantized
 
+    check_out_dir(out, empty=True)
     elastic = load_elastic(run)
     info = elastic.describe(budget)
     arch = elastic.architecture(budget)
@@ -46,3 +60,114 @@ def slice_run(run, budget: float, out) -> dict:
     write_quantized(Path(out), small, slice_packed(tensors, cfg, arch, fmt), quant_metadata(qcfg, small),
                     elastic.model.tokenizer)
     return info | {"quantization": fmt}
+
+
+DEFAULT_SHARD_BYTES = 2 << 30
+# files copied unchanged into every slice (tokenizer, chat template, generation defaults)
+_COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+           "generation_config.json", "added_tokens.json")
+
+
+def checkpoint_dir(path) -> Path:
+    """A checkpoint folder, or an elastic run folder (its shared weights in RUN/model)."""
+    path = Path(path)
+    if (path / "run.json").is_file():
+        return path / "model"
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: not a checkpoint folder (no config.json) nor an elastic run (no run.json)")
+    return path
+
+
+def read_archs(ckpt: Path, arch: str | None, arch_file: str | None) -> dict[str, Architecture] | Architecture:
+    """--arch TEXT (one Architecture) or --arch-file JSON (name → Architecture) against the checkpoint's config."""
+    from star_elastic.elastic.arch import load_arch_file, parse_arch
+
+    cfg = ModelConfig.from_json(ckpt / "config.json")
+    return parse_arch(arch, cfg) if arch is not None else load_arch_file(arch_file, cfg)
+
+
+def slice_checkpoint(src, archs: dict[str, Architecture] | Architecture, out,
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Cut explicit architectures out of a sorted checkpoint directory, streaming.
+
+    `archs`: one Architecture (written to `out`) or name → Architecture (written to `out/name`).
+    The checkpoint must already be sorted by importance: every kept component is a prefix.
+    Everything is written into a staging folder next to `out` and moved in place at the end, so a
+    failure leaves nothing behind.
+    """
+    from star_elastic.hf import checkpoint_keys
+    from star_elastic.quant.export import read_quant_config
+
+    src, out = checkpoint_dir(src), check_out_dir(out, empty=True)
+    cfg = ModelConfig.from_json(src / "config.json")
+    named = {None: archs} if isinstance(archs, Architecture) else dict(archs)
+    for arch in named.values():
+        arch.validate(cfg)
+    quant = read_quant_config(src)
+    keys = checkpoint_keys(src)
+    stage = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        result = {name: _write_slice(src, cfg, arch, keys, quant, stage / name if name else stage, max_shard_bytes)
+                  for name, arch in named.items()}
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return result[None] if None in result else result
+
+
+def _write_slice(src: Path, cfg: ModelConfig, arch: Architecture, keys: dict[str, str], quant: dict | None,
+                 dest: Path, max_shard_bytes: int) -> dict:
+    from star_elastic.hf import CheckpointError, ShardWriter, _normalise_key, iter_tensors, write_config
+    from star_elastic.quant.export import TensorSlicer
+
+    fmt = None if quant is None else ("nvfp4" if quant["quantization"]["quant_algo"] == "NVFP4" else "fp8")
+    small = arch.model_config(cfg)
+    slicer = TensorSlicer(cfg, arch, [_normalise_key(k) for k in keys], fmt)
+    dest.mkdir(parents=True)
+    writer = ShardWriter(dest, max_shard_bytes)
+    dtype = torch.bfloat16
+    for key, t, fname in tqdm(iter_tensors(src), total=len(keys), desc=f"slice {dest.name.removeprefix('.').removesuffix('.partial')}", unit="tensor",
+                              leave=False):
+        try:
+            sliced = slicer(key, t)
+        except KeyError:
+            raise CheckpointError(f"{src / fname}: tensor {key!r} has no slicing rule (pattern {cfg.pattern})") from None
+        except (IndexError, RuntimeError) as err:
+            raise CheckpointError(f"{src / fname}: tensor {key!r} {tuple(t.shape)} does not fit config.json ({err})") from None
+        if key == "backbone.embeddings.weight":
+            dtype = t.dtype
+        if sliced is not None:
+            writer.add(*sliced)
+        del t, sliced
+    writer.close()
+    if quant is None:
+        write_config(small, dest, dtype)
+    else:
+        _write_quant_meta(dest, small, quant, fmt, writer.written_keys)
+    for name in _COPIED:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+    return {"architecture": arch.to_dict(), "bytes": writer.total_bytes, "peak_tensor_bytes": writer.peak_bytes,
+            "quantization": fmt}
+
+
+def _write_quant_meta(dest: Path, small: ModelConfig, quant: dict, fmt: str, keys: list[str]) -> None:
+    """hf_quant_config.json for the sliced config: the project's exclusion builder run on it,
+    with the quantized set read from the slice's own tensors (linears that carry a weight_scale)."""
+    from star_elastic.model.hybrid import HybridLM
+    from star_elastic.quant.export import _EXPERT_KEY, quant_metadata, write_quant_configs
+
+    quantized = set()
+    for key in keys:
+        if key.endswith(".weight_scale"):
+            module = key.removesuffix(".weight_scale")
+            expert = _EXPERT_KEY.match(module)
+            quantized.add(expert.group(1) if expert else module)
+    with torch.device("meta"):
+        model = HybridLM(small)
+    fresh = quant_metadata(QuantConfig(format=fmt, include=tuple(sorted(quantized)) or ("-",)), model)
+    meta = quant | {"quantization": quant["quantization"] | {"exclude_modules": fresh["quantization"]["exclude_modules"]}}
+    write_quant_configs(dest, small, meta)

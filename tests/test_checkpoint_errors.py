@@ -85,8 +85,14 @@ def test_layer_count_mismatch(ckpt):
         load_model(ckpt)
 
 
-def test_tied_head_that_differs_is_an_error(tmp_path):
+def test_tied_head_that_differs_loads_untied_as_transformers_does(tmp_path):
+    import transformers
+
     HybridLM(tiny_config(tie_word_embeddings=True)).init_weights(1).save_pretrained(tmp_path)
     rewrite(tmp_path, lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}))
-    with pytest.raises(CheckpointError, match="lm_head.weight differs"):
-        load_model(tmp_path)
+    with pytest.warns(UserWarning, match="lm_head.weight differs from the embeddings; loading the stored head untied"):
+        model = load_model(tmp_path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-4, rtol=0)

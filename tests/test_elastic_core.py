@@ -124,7 +124,7 @@ def test_bad_elastic_configs_name_the_problem():
         ElasticConfig(budget_type="flops")
     with pytest.raises(ConfigError, match="unknown elastic axis 'width'"):
         ElasticConfig(axes=("width",))
-    with pytest.raises(ConfigError, match="choice 40 for 'hidden' keeps runs of 40 input channels, not a multiple of 16"):
+    with pytest.raises(ConfigError, match="choice 40 for 'hidden' keeps runs of 40 input channels, not a multiple of elastic.multiple=16"):
         ChoiceSpace.build(cfg, ElasticConfig(choices={"hidden": [64, 40]}))
     with pytest.raises(ConfigError, match="must include the full size 64"):
         ChoiceSpace.build(cfg, ElasticConfig(choices={"hidden": [48, 32]}))

@@ -43,14 +43,22 @@ def _records_parquet(path: Path) -> list[dict]:
         raise ConfigError(f"{path}: cannot read parquet ({err})") from None
 
 
-def _encode_record(rec: dict, tokenizer, where: str) -> tuple[list[int], list[int]]:
+def _needs_tokenizer(tokenizer, kind: str, where: str) -> None:
+    if tokenizer is None:
+        raise ConfigError(f"{where}: {kind} records need a tokenizer (tokenizer.json next to the model weights); "
+                          "pre-tokenized 'input_ids' records do not")
+
+
+def _encode_record(rec: dict, tokenizer, where: str, vocab_size: int) -> tuple[list[int], list[int]]:
     if "input_ids" in rec:
         ids = rec["input_ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise ConfigError(f"{where}: 'input_ids' must be a list of integers")
-        if ids and (min(ids) < 0 or max(ids) >= len(tokenizer)):
-            raise ConfigError(f"{where}: 'input_ids' has ids outside the vocabulary (size {len(tokenizer)})")
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+            raise ConfigError(f"{where}: 'input_ids' has ids outside the vocabulary (size {vocab_size})")
         return list(ids), [1] * len(ids)
+    if "messages" in rec or "text" in rec:
+        _needs_tokenizer(tokenizer, "'messages' / 'text'", where)
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
@@ -69,9 +77,15 @@ def _encode_record(rec: dict, tokenizer, where: str) -> tuple[list[int], list[in
     raise ConfigError(f"{where}: a record needs 'input_ids', 'messages' or 'text' (found keys {sorted(rec)})")
 
 
-def load_sequences(data: str, tokenizer, n_synthetic: int = 20000, seed: int = 0) -> list[tuple[list[int], list[int]]]:
-    """DATA (a .jsonl / .parquet path, or "synthetic") → list of (ids, loss_mask)."""
+def load_sequences(data: str, tokenizer, n_synthetic: int = 20000, seed: int = 0,
+                   vocab_size: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """DATA (a .jsonl / .parquet path, or "synthetic") → list of (ids, loss_mask).
+
+    `tokenizer` may be None when every record is pre-tokenized `input_ids`; those are checked
+    against `vocab_size` (default: the tokenizer's size).
+    """
     if data == BUILTIN:
+        _needs_tokenizer(tokenizer, "the built-in synthetic", f"data {data!r}")
         from star_elastic.data import synthetic
         from star_elastic.data.tokenizer import encode_example
 
@@ -87,7 +101,8 @@ def load_sequences(data: str, tokenizer, n_synthetic: int = 20000, seed: int = 0
         raise ConfigError(f"{path}: unsupported data format {path.suffix!r}; use .jsonl or .parquet")
     if not records:
         raise ConfigError(f"{path}: no records")
-    seqs = [_encode_record(rec, tokenizer, f"{path}:{i + 1}") for i, rec in enumerate(records)]
+    vocab_size = vocab_size or len(tokenizer or [])
+    seqs = [_encode_record(rec, tokenizer, f"{path}:{i + 1}", vocab_size) for i, rec in enumerate(records)]
     return [s for s in seqs if len(s[0]) >= 2]
 
 

@@ -88,6 +88,91 @@ class Architecture:
         return cls(**{**d, "layers": tuple(d["layers"])})
 
 
+# --- explicit architectures (`slice CKPT --arch`, `generate --arch-file`) ----------------------
+ARCH_NAMES = ("hidden", "attn_heads", "mamba_heads", "experts", "expert_inter", "shared_inter", "mlp_inter", "layers")
+
+
+def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
+    """`0-11+14+20-25` (inclusive ranges joined by '+') → kept layer indices, ascending."""
+    kept: set[int] = set()
+    for part in text.split("+"):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            kept.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ConfigError(f"architecture layers={text!r}: expected ranges like 0-11+14 (indices < {num_layers})") from None
+    return tuple(sorted(kept))
+
+
+def make_arch(sizes: dict, cfg: ModelConfig, source: str = "architecture") -> Architecture:
+    """Per-axis sizes (any subset of ARCH_NAMES; the rest stay full) → a validated Architecture.
+
+    Head counts are per group: `attn_heads` per KV group, `mamba_heads` per SSM group. `layers` is
+    a list of kept layer indices (or the text form of `parse_layers`).
+    """
+    unknown = sorted(set(sizes) - set(ARCH_NAMES))
+    if unknown:
+        raise ConfigError(f"{source}: unknown axis {unknown[0]!r}; use {', '.join(ARCH_NAMES)}")
+    sizes = dict(sizes)
+    if isinstance(sizes.get("layers"), str):
+        sizes["layers"] = parse_layers(sizes["layers"], cfg.num_layers)
+    if "layers" in sizes:
+        if not isinstance(sizes["layers"], (list, tuple)) or not all(type(i) is int for i in sizes["layers"]):
+            raise ConfigError(f"{source}: layers must be a list of layer indices, got {sizes['layers']!r}")
+        sizes["layers"] = tuple(sizes["layers"])
+    arch = dataclasses.replace(Architecture.full(cfg), **sizes)
+    try:
+        arch.validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return arch
+
+
+def parse_arch(text: str, cfg: ModelConfig) -> Architecture:
+    """`hidden=2048,mamba_heads=6,experts=96,layers=0-23` → Architecture (unnamed axes stay full)."""
+    sizes: dict = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq:
+            raise ConfigError(f"--arch {text!r}: expected name=value items, got {item!r}")
+        if name == "layers":
+            sizes[name] = value
+            continue
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"--arch {text!r}: {name}={value!r} is not an integer") from None
+    return make_arch(sizes, cfg, f"--arch {text!r}")
+
+
+def load_arch_file(path, cfg: ModelConfig) -> dict[str, Architecture]:
+    """variants.json: `{"23b": {"hidden": 2048, ...}, "12b": "hidden=1536,..."}` → name → Architecture."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the architecture file ({err})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: expected a JSON object of variant name → sizes, e.g. {{\"12b\": {{\"hidden\": 1536}}}}")
+    out = {}
+    for name, sizes in data.items():
+        if not name or "/" in name or name.startswith("."):
+            raise ConfigError(f"{path}: variant name {name!r} cannot be a folder name")
+        if isinstance(sizes, str):
+            out[name] = parse_arch(sizes, cfg)
+        elif isinstance(sizes, dict):
+            out[name] = make_arch(sizes, cfg, f"{path}: variant {name!r}")
+        else:
+            raise ConfigError(f"{path}: variant {name!r} must be an object of sizes or a 'hidden=...,...' string")
+    return out
+
+
 def _grouped_prefix(groups: int, per_group: int, keep: int) -> torch.Tensor:
     """First `keep` members of each of `groups` consecutive groups of size `per_group`."""
     return (torch.arange(groups)[:, None] * per_group + torch.arange(keep)[None, :]).reshape(-1)

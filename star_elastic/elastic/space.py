@@ -34,6 +34,9 @@ def _from_fraction(axis: str, full: int, unit: int, f: float, multiple: int, cfg
         return max(multiple, int(round(full * f / multiple)) * multiple) if full >= multiple else full
     if axis == "experts":
         return max(cfg.num_experts_per_tok, int(round(full * f)))
+    if unit:  # heads: the nearest count whose kept run of k * head_dim channels fills whole blocks
+        feasible = [k for k in range(1, full) if (k * unit) % multiple == 0] + [full]
+        return min(feasible, key=lambda k: (abs(k - full * f), -k))
     return max(1, int(round(full * f)))
 
 
@@ -109,6 +112,7 @@ def _check(axis: str, values: list[int], full: int, unit: int, multiple: int, cf
         off = [v for v in values if (v * unit) % multiple and v != full]
         if off:
             raise ConfigError(
-                f"choice {off[0]} for {axis!r} keeps runs of {off[0] * unit} input channels, not a multiple of {multiple} "
-                f"(NVFP4 blocks of 16 must stay whole); pick sizes whose channels divide by {multiple}"
+                f"choice {off[0]} for {axis!r} keeps runs of {off[0] * unit} input channels, not a multiple of "
+                f"elastic.multiple={multiple} (so that NVFP4 blocks of 16 stay whole); pick sizes whose channels "
+                f"divide by {multiple}, or lower elastic.multiple if you will not quantize to NVFP4"
             )

@@ -7,6 +7,10 @@ Phase 2: the `answer_budget` submodel prefills prompt + trace in one pass and de
 early, so its cache is not the trace's).
 Every submodel is a view of the one set of elastic weights (`star_elastic.infer.views`), built
 once per budget and cached.
+
+A submodel is named by a router budget (float, elastic run folders) or by a variant name (str):
+`ElasticServer.from_checkpoint(path, {"23b": Architecture, ...})` serves explicit architectures
+of any sorted checkpoint that has no router (e.g. NVIDIA's Elastic checkpoints).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from star_elastic.config import ConfigError
+from star_elastic.elastic.arch import Architecture
 from star_elastic.infer.generate import GenerationConfig, decode, prefill
 from star_elastic.infer.views import view_model
 from star_elastic.model.hybrid import HybridLM
@@ -40,38 +45,61 @@ class BudgetRun:
 
 
 class ElasticServer:
-    """Submodels of an ElasticLM by budget, all sharing the elastic weights."""
+    """Submodels by budget (router) or by variant name (explicit architectures), all views of one parent."""
 
-    def __init__(self, elastic, think_end_id: int, eos_id: int):
+    def __init__(self, elastic, think_end_id: int, eos_id: int, archs: dict[str, Architecture] | None = None,
+                 parent: HybridLM | None = None):
         self.elastic, self.think_end_id, self.eos_id = elastic, think_end_id, eos_id
-        self._models: dict[float, HybridLM] = {}
+        self.parent = parent if parent is not None else elastic.model
+        self.archs = dict(archs or {})
+        self._models: dict[float | str, HybridLM] = {}
 
     @classmethod
     def from_elastic(cls, elastic) -> ElasticServer:
-        tok = elastic.model.tokenizer
-        if tok is None:
-            raise ConfigError("budget control needs the run's tokenizer (for </think> and eos)")
-        think_end = tok.convert_tokens_to_ids("</think>")
-        if think_end is None or think_end == tok.unk_token_id:
-            raise ConfigError("the tokenizer has no '</think>' token")
-        return cls(elastic, think_end, tok.eos_token_id)
+        return cls(elastic, *_think_and_eos(elastic.model.tokenizer))
 
-    def model(self, budget: float) -> HybridLM:
-        if budget not in self._models:
-            self._models[budget] = view_model(self.elastic.model, self.elastic.architecture(budget))
-        return self._models[budget]
+    @classmethod
+    def from_checkpoint(cls, path, archs: dict[str, Architecture], device="cpu") -> ElasticServer:
+        """A sorted checkpoint without a router: submodels named by `archs` (plus "full")."""
+        from star_elastic.hf import load_model
+
+        parent = load_model(path, device=device)
+        for arch in archs.values():
+            arch.validate(parent.config)
+        named = {"full": Architecture.full(parent.config)} | dict(archs)
+        return cls(None, *_think_and_eos(parent.tokenizer), archs=named, parent=parent)
+
+    @property
+    def variants(self) -> list[float | str]:
+        """What `model()` accepts: the trained budgets, or the architecture names ("full" first)."""
+        return list(self.archs) if self.elastic is None else list(self.elastic.ecfg.budgets)
+
+    def architecture(self, key: float | str) -> Architecture:
+        if isinstance(key, str):
+            if key not in self.archs:
+                raise ConfigError(f"unknown variant {key!r}; known: {', '.join(self.archs) or 'none (give --arch-file)'}")
+            return self.archs[key]
+        if self.elastic is None:
+            raise ConfigError(f"budget {key:g} needs a router (an elastic run); this checkpoint has variants "
+                              f"{', '.join(self.archs)}")
+        return self.elastic.architecture(key)
+
+    def model(self, key: float | str) -> HybridLM:
+        if key not in self._models:
+            self._models[key] = view_model(self.parent, self.architecture(key))
+        return self._models[key]
 
     @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
-        think_budget: float,
-        answer_budget: float,
+        think_budget: float | str,
+        answer_budget: float | str,
         max_think_tokens: int = 256,
         max_answer_tokens: int = 32,
         on_token: Callable[[str, int, int], None] | None = None,
     ) -> BudgetRun:
-        """prompts end inside the assistant turn, right after `<think>`."""
+        """prompts end inside the assistant turn, right after `<think>`; budgets are budgets or variant names."""
         thinker, answerer = self.model(think_budget), self.model(answer_budget)
         t0 = time.perf_counter()
         cache, logits = prefill(thinker, prompts)
@@ -94,3 +122,12 @@ class ElasticServer:
         t2 = time.perf_counter()
         results = [PhaseResult(t, a, f) for t, a, f in zip(traces, answers, forced)]
         return BudgetRun(results, t1 - t0, t2 - t1)
+
+
+def _think_and_eos(tok) -> tuple[int, int]:
+    if tok is None:
+        raise ConfigError("budget control needs the model's tokenizer (for </think> and eos)")
+    think_end = tok.convert_tokens_to_ids("</think>")
+    if think_end is None or think_end == tok.unk_token_id:
+        raise ConfigError("the tokenizer has no '</think>' token")
+    return think_end, tok.eos_token_id

@@ -26,13 +26,14 @@ from star_elastic.infer.generate import GenerationConfig, generate
 
 @dataclasses.dataclass(frozen=True)
 class BudgetConfig:
-    think_budget: float
-    answer_budget: float
+    think_budget: float | str
+    """A router budget, or a variant name of explicit architectures."""
+    answer_budget: float | str
     max_think_tokens: int
 
     @property
     def label(self) -> str:
-        return f"{self.think_budget:g}→{self.answer_budget:g} cap {self.max_think_tokens}"
+        return _label(dataclasses.asdict(self))
 
 
 def load_eval_examples(path: str | None, n_test: int = 400, seed: int = 0) -> list[dict]:
@@ -53,7 +54,7 @@ def load_eval_examples(path: str | None, n_test: int = 400, seed: int = 0) -> li
 def evaluate_config(server: ElasticServer, examples: list[dict], cfg: BudgetConfig, batch_size: int = 100,
                     max_answer_tokens: int = 24) -> dict:
     """Accuracy, latency and token counts of one budget configuration."""
-    tok = server.elastic.model.tokenizer
+    tok = server.parent.tokenizer
     correct, latencies, think_tokens, answer_tokens, think_s, answer_s = [], [], 0, 0, 0.0, 0.0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -110,7 +111,11 @@ def headline(points: list[dict], parent: dict) -> dict:
 
 
 def _label(p: dict) -> str:
-    return f"{p['think_budget']:g}→{p['answer_budget']:g} cap {p['max_think_tokens']}"
+    return f"{_name(p['think_budget'])}→{_name(p['answer_budget'])} cap {p['max_think_tokens']}"
+
+
+def _name(budget: float | str) -> str:
+    return budget if isinstance(budget, str) else f"{budget:g}"
 
 
 @torch.inference_mode()
@@ -136,7 +141,7 @@ def sweep(server: ElasticServer, examples: list[dict], caps: list[int], batch_si
     Latency is the median over `timing_rounds` passes that visit the configurations in turn, so
     that slow spells of the machine do not land on one configuration only.
     """
-    budgets = server.elastic.ecfg.budgets
+    budgets = server.variants
     full_cap = max(caps)
     configs = [BudgetConfig(b, b, c) for b in budgets for c in caps]
     configs += [BudgetConfig(t, a, full_cap) for t in budgets for a in budgets if t != a]
@@ -173,7 +178,7 @@ def plot_front(points: list[dict], parent: dict, path: Path, title: str = "Accur
     front = sorted((p for p in points if p["on_front"]), key=lambda p: p["latency_s"])
     ax.plot([p["latency_s"] for p in front], [p["accuracy"] for p in front], c="tab:red", lw=2, label="Pareto front")
     for p in points:
-        ax.annotate(f"{p['think_budget']:g}→{p['answer_budget']:g}/{p['max_think_tokens']}",
+        ax.annotate(f"{_name(p['think_budget'])}→{_name(p['answer_budget'])}/{p['max_think_tokens']}",
                     (p["latency_s"], p["accuracy"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.scatter([parent["latency_s"]], [parent["accuracy"]], marker="*", s=220, c="gold", edgecolors="k",
                zorder=5, label="parent default")

@@ -120,19 +120,26 @@ def quant_metadata(qcfg: QuantConfig, cfg: ModelConfig) -> dict:
 
 def write_quantized(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], meta: dict, tokenizer=None) -> None:
     """config.json (with quantization_config), hf_quant_config.json, model.safetensors, tokenizer."""
-    from star_elastic.hf import WEIGHTS, _atomic_save, write_config
+    from star_elastic.hf import WEIGHTS, _atomic_save
 
     path.mkdir(parents=True, exist_ok=True)
     _atomic_save(tensors, path / WEIGHTS)
+    write_quant_configs(path, cfg, meta)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+
+
+def write_quant_configs(path: Path, cfg: ModelConfig, meta: dict) -> None:
+    """config.json with its `quantization_config` block, and hf_quant_config.json."""
+    from star_elastic.hf import write_config
+
     q = meta["quantization"]
     write_config(cfg, path, torch.bfloat16, extra={"quantization_config": {
-        "quant_method": "modelopt", "quant_algo": q["quant_algo"], "kv_cache_quant_algo": q["kv_cache_quant_algo"],
-        "group_size": q["group_size"], "exclude_modules": q["exclude_modules"],
+        "quant_method": "modelopt", "quant_algo": q["quant_algo"], "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
+        "group_size": q.get("group_size"), "exclude_modules": q["exclude_modules"],
         "ignore": q["exclude_modules"],  # vLLM reads `ignore` when it takes config.json's block
     }})
     (path / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
 
 
 # --- slicing packed tensors ---------------------------------------------------------------------
@@ -146,48 +153,50 @@ def _to_units(idx: torch.Tensor, factor: int, what: str) -> torch.Tensor:
     return groups[:, 0] // factor
 
 
-def _model_key(disk_module: str) -> tuple[str, int | None]:
-    """On-disk module name → (model state-dict key of its weight, expert index)."""
-    m = _EXPERT_KEY.match(disk_module)
-    if m:
-        return f"{m.group(1)}.{m.group(3)}", int(m.group(2))
-    return f"{disk_module}.weight", None
+class TensorSlicer:
+    """Slices on-disk tensors one at a time: BF16 / FP32, or packed FP8 / NVFP4 (never dequantized).
+
+    `keys` are every on-disk key of the checkpoint (it tells which linears are packed: those with a
+    `weight_scale`). A packed weight and its scales follow its weight's `IndexSets.rule`; the input
+    dim is mapped to bytes (NVFP4, 2 per byte) and scale blocks (16 per FP8 scale); scalar scales
+    are the full tensor's and are kept as they are.
+    """
+
+    SCALES = ("weight_scale", "weight_scale_2", "input_scale")
+
+    def __init__(self, cfg: ModelConfig, arch: Architecture, keys, fmt: str | None):
+        self.sets, self.keys, self.fmt = IndexSets.prefix(cfg, arch), set(keys), fmt
+        self.new_layer = {old: new for new, old in enumerate(arch.layers)}
+        self.kept_experts = {int(e): new for new, e in enumerate(self.sets.experts.tolist())}
+
+    def __call__(self, key: str, t: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """(sliced key, sliced tensor), or None for a dropped expert or layer."""
+        module, leaf = key.rsplit(".", 1)
+        packed = leaf in self.SCALES or (leaf == "weight" and f"{module}.weight_scale" in self.keys)
+        expert = _EXPERT_KEY.match(module)
+        if expert:  # one expert's 2D tensor: the stacked (E, out, in) rule without its expert dim
+            e = int(expert.group(2))
+            if e not in self.kept_experts:
+                return None
+            rule = {d - 1: idx for d, idx in self.sets.rule(f"{expert.group(1)}.{expert.group(3)}").items() if d > 0}
+            module = f"{expert.group(1)}.{self.kept_experts[e]}.{expert.group(3)}"
+        else:
+            rule = self.sets.rule(f"{module}.weight" if packed else key)
+        new_module = renumber_layer(module, self.new_layer)
+        if new_module is None:
+            return None
+        if t.dim() == 0:
+            return f"{new_module}.{leaf}", t
+        if packed and 1 in rule and (leaf == "weight_scale" or (leaf == "weight" and self.fmt == "nvfp4")):
+            factor = formats.BLOCK if leaf == "weight_scale" else 2
+            rule = rule | {1: _to_units(rule[1], factor, f"{key} (input dim)")}
+        return f"{new_module}.{leaf}", _gather_any(t, rule)
 
 
 def slice_packed(tensors: dict[str, torch.Tensor], cfg: ModelConfig, arch: Architecture, fmt: str) -> dict[str, torch.Tensor]:
     """Slice a quantized checkpoint's tensors to `arch` without dequantizing."""
-    sets = IndexSets.prefix(cfg, arch)
-    new_layer = {old: new for new, old in enumerate(arch.layers)}
-    kept_experts = {int(e): new for new, e in enumerate(sets.experts.tolist())}
-    out = {}
-    for key, t in tensors.items():
-        module, leaf = key.rsplit(".", 1)
-        if leaf in ("weight_scale", "weight_scale_2", "input_scale") or (leaf == "weight" and key.replace(".weight", ".weight_scale") in tensors):
-            model_key, expert = _model_key(module)
-            rule = sets.rule(model_key)
-            if expert is not None:  # 3D rule (E, out, in) → this expert's 2D rule
-                if expert not in kept_experts:
-                    continue
-                rule = {d - 1: idx for d, idx in rule.items() if d > 0}
-                module = re.sub(r"\.experts\.\d+\.", f".experts.{kept_experts[expert]}.", module)
-            new_module = renumber_layer(module, new_layer)
-            if new_module is None:
-                continue
-            if t.dim() == 0:
-                out[f"{new_module}.{leaf}"] = t
-                continue
-            rule = dict(rule)
-            if 1 in rule and (leaf == "weight_scale" or (leaf == "weight" and fmt == "nvfp4")):
-                factor = formats.BLOCK if leaf == "weight_scale" else 2
-                rule[1] = _to_units(rule[1], factor, f"{key} (input dim)")
-            out[f"{new_module}.{leaf}"] = _gather_any(t, rule)
-        else:
-            new_key = renumber_layer(key, new_layer)
-            if new_key is None:
-                continue
-            model_key, expert = (key, None)
-            out[new_key] = _gather_any(t, sets.rule(model_key))
-    return out
+    slicer = TensorSlicer(cfg, arch, tensors, fmt)
+    return dict(filter(None, (slicer(key, t) for key, t in tensors.items())))
 
 
 def _gather_any(t: torch.Tensor, rule: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -262,5 +271,6 @@ def install_input_quant(model: HybridLM, input_scales: dict[str, torch.Tensor], 
         module.act_quant = lambda x, e, which, q=q: q(x, 2 * e + (which == "down"))
 
 
-__all__ = ["FP_MAX", "quantized_state", "quant_metadata", "write_quantized", "slice_packed", "read_quant_config",
+__all__ = ["FP_MAX", "quantized_state", "quant_metadata", "write_quantized", "write_quant_configs", "slice_packed",
+           "TensorSlicer", "read_quant_config",
            "dequantize_tensors", "install_input_quant"]

@@ -93,7 +93,7 @@ def quantize_run(cfg: QuantizeConfig, log=None) -> dict:
     teacher = elastic.model
     student = copy.deepcopy(teacher)
     quantizers = apply_fake_quant(student, qcfg)
-    seqs = load_sequences(cfg.data, teacher.tokenizer, cfg.n_synthetic, cfg.seed)
+    seqs = load_sequences(cfg.data, teacher.tokenizer, cfg.n_synthetic, cfg.seed, teacher.config.vocab_size)
     pad = teacher.config.pad_token_id
     held_out = [batch_for_step(seqs, -100 - i, 0, cfg.batch_size, cfg.seq_len, pad, cfg.seed) for i in range(2)]
 

@@ -57,8 +57,8 @@ class ElastifyConfig:
     """Share of steps in stage 1 (short context, uniform budgets)."""
     stage1_seq_len: int = 64
     stage2_seq_len: int = 128
-    stage2_probs: tuple[float, ...] = (0.5, 0.3, 0.2)
-    """Stage-2 budget probabilities, largest budget first (paper: 0.5 / 0.3 / 0.2)."""
+    stage2_probs: tuple[float, ...] = ()
+    """Stage-2 budget probabilities, largest budget first; empty: `default_stage2_probs` (paper: 0.5 / 0.3 / 0.2)."""
     batch_size: int = 16
     """Sequences per step per process."""
     lr: float = 1e-3
@@ -88,7 +88,8 @@ class ElastifyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.stage2_probs = tuple(float(p) for p in self.stage2_probs)
+        self.stage2_probs = tuple(float(p) for p in self.stage2_probs) or default_stage2_probs(
+            len(from_dict(ElasticConfig, dict(self.elastic), source="elastic").budgets))
         self.tau = tuple(float(t) for t in self.tau)
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0 (0: importance, sorting and the cost-fitted router only), got {self.steps}")
@@ -112,6 +113,15 @@ class ElastifyConfig:
                 f"stage2_probs has {len(self.stage2_probs)} entries for {len(ecfg.budgets)} budgets {list(ecfg.budgets)}"
             )
         return ecfg
+
+
+def default_stage2_probs(n: int) -> tuple[float, ...]:
+    """Skewed towards the full model as the paper's 0.5 / 0.3 / 0.2: budget k ≥ 2 (largest first)
+    weighs n − k + 2 (…, 3, 2), the full model the sum of the others (at least 1.5x the next one:
+    0.6 / 0.4 for two budgets)."""
+    rest = [n - k + 2 for k in range(2, n + 1)]
+    full = max(sum(rest), 1.5 * rest[0]) if rest else 1.0
+    return tuple(w / (full + sum(rest)) for w in [full, *rest])
 
 
 # --- distributed -------------------------------------------------------------------------------
@@ -167,9 +177,7 @@ def prepare(cfg: ElastifyConfig, log=print):
     out = Path(cfg.out)
     ecfg = cfg.elastic_config()
     parent = load_model(cfg.model)
-    if parent.tokenizer is None:
-        raise ConfigError(f"{cfg.model}: no tokenizer.json next to the weights; elastify needs one to read DATA")
-    seqs = load_sequences(cfg.data, parent.tokenizer, cfg.n_synthetic, cfg.seed)
+    seqs = load_sequences(cfg.data, parent.tokenizer, cfg.n_synthetic, cfg.seed, parent.config.vocab_size)
     scores_path = out / "importance.safetensors"
     if scores_path.is_file():
         scores = importance.load_scores(scores_path)
