@@ -14,8 +14,9 @@ from star_elastic.accounting import count_params, memory_bytes
 from star_elastic.config import ConfigError, ElasticConfig
 from star_elastic.elastic.arch import Architecture, IndexSets
 from star_elastic.elastic.router import (
-    BudgetRouter, CostModel, closest_achievable, encode_budget, fit_router_to_cost, one_hot_picks,
+    BudgetRouter, CostModel, encode_budget, fit_router_to_cost, one_hot_picks,
 )
+from star_elastic.elastic.projection import closest_achievable
 from star_elastic.elastic.space import ChoiceSpace
 from star_elastic.slicing import slice_model
 

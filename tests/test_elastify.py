@@ -118,7 +118,7 @@ def test_bad_inputs(parent_dir, tmp_path, capsys):
 def test_zero_steps_gives_a_cost_fitted_run_within_5_percent(parent_dir, tmp_path):
     summary = train(config(parent_dir, tmp_path, steps=0), log=lambda m: None)
     assert summary["finished"]
-    from star_elastic.elastic.router import closest_achievable
+    from star_elastic.elastic.projection import closest_achievable
 
     elastic = load_elastic(tmp_path)
     for b in elastic.ecfg.budgets:
