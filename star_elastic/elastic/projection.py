@@ -9,10 +9,13 @@ relative cost lies in the budget's window:
     band     target·(1 − tol) ≤ cost ≤ target·(1 + tol)          (default, tol = 0.02)
     ceiling  target·(1 − 2·tol) ≤ cost ≤ target                   (never above the target)
 
-The search is exact: every architecture of the grid is costed in batched chunks. With `nested`,
-the budgets' architectures form a chain (a smaller budget keeps a prefix of a larger one's
-components on every axis: a larger choice index on every axis), chosen jointly to maximise the
-summed router score. `router.settle_router` then teaches the router these picks, so the router's
+The search is exact: every architecture of the grid is costed in batched chunks. Where the grid
+has nothing in a window, the closest architecture is taken (never above the target in ceiling
+mode) and reported as not held. With `nested`, the budgets' architectures form a chain (a smaller
+budget keeps a prefix of a larger one's components on every axis: a larger choice index on every
+axis), chosen jointly: fewest and smallest misses first, then the summed router score (a chain
+search over each budget's MAX_CANDIDATES best architectures). `router.settle_router` then teaches
+the router these picks, so the router's
 argmax — the one thing `ElasticLM.picks`, run.json, describe, slicing, views and the server read —
 is the projected architecture.
 """
@@ -94,43 +97,38 @@ def closest_achievable(cost_model, budget: float) -> float:
 class _Candidates:
     idx: torch.Tensor  # (K, n_axes) choice indices
     rel: torch.Tensor  # (K,) relative cost
-    value: torch.Tensor  # (K,) router score (+ a capacity tie-break)
-    held: bool
+    miss: torch.Tensor  # (K,) distance of cost / target − 1 outside the window (0 inside)
+    value: torch.Tensor  # (K,) router score + a capacity tie-break − MISS_PENALTY · miss
+
+
+MISS_PENALTY = 1e6
+"""Any miss of the window outweighs any router score: in-window first, then the smallest miss."""
 
 
 def _candidates(cost_model, budget: float, log_probs: dict[str, torch.Tensor]) -> _Candidates:
-    """In-window architectures of one budget (best scored first), or the closest fallback."""
+    """The best-valued architectures of one budget: in-window ones first (by router score), then the
+    closest misses. In ceiling mode nothing above the target is ever a candidate."""
     ecfg, space = cost_model.ecfg, cost_model.space
     lo, hi = window(ecfg.budget_mode, ecfg.budget_tolerance)
-    keep = _Candidates(torch.empty(0, len(space.axes), dtype=torch.long), torch.empty(0, dtype=torch.float64),
-                       torch.empty(0, dtype=torch.float64), held=True)
-    fallback = None  # (badness, idx row, rel)
+    keep = _Candidates(torch.empty(0, len(space.axes), dtype=torch.long), *torch.empty(3, 0, dtype=torch.float64))
     for idx in grid_chunks(space):
         rel, cap = grid_costs(cost_model, idx)
-        value = sum(log_probs[a].double()[idx[:, j]] for j, a in enumerate(space.axes)) + 1e-6 * cap
         dev = rel / budget - 1
-        inside = (dev >= lo - 1e-9) & (dev <= hi + 1e-9)
-        keep = _top(keep, idx[inside], rel[inside], value[inside])
-        # outside the window: band → the closest cost; ceiling → the largest cost not above the target
-        bad = dev.abs() - 1e-6 * cap if ecfg.budget_mode == "band" else torch.where(dev <= 1e-9, -dev, math.inf)
-        j = int(bad.argmin())
-        if float(bad[j]) < math.inf and (fallback is None or float(bad[j]) < fallback[0]):
-            fallback = (float(bad[j]), idx[j], float(rel[j]))
-    if len(keep.rel):
-        return keep
-    name = f"{ecfg.budget_type} budget {budget:g}"
-    if fallback is None:
-        raise ConfigError(f"{name}: no architecture in the choice grid costs ≤ the target in ceiling mode; "
-                          f"add smaller choices (elastic.fractions / elastic.choices)")
-    _, row, rel = fallback
-    return _Candidates(row[None], torch.tensor([rel], dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
-                       held=False)
+        miss = (lo - dev).clamp_min(0) + (dev - hi).clamp_min(0)
+        miss = miss.where(miss > 1e-9, torch.zeros_like(miss))
+        value = sum(log_probs[a].double()[idx[:, j]] for j, a in enumerate(space.axes)) + 1e-6 * cap - MISS_PENALTY * miss
+        allowed = dev <= 1e-9 if ecfg.budget_mode == "ceiling" else torch.ones_like(dev, dtype=torch.bool)
+        keep = _top(keep, _Candidates(idx[allowed], rel[allowed], miss[allowed], value[allowed]))
+    if not len(keep.rel):
+        raise ConfigError(f"{ecfg.budget_type} budget {budget:g}: no architecture in the choice grid costs ≤ the target "
+                          f"(ceiling mode); add smaller choices (elastic.fractions / elastic.choices)")
+    return keep
 
 
-def _top(c: _Candidates, idx, rel, value) -> _Candidates:
-    idx, rel, value = torch.cat([c.idx, idx]), torch.cat([c.rel, rel]), torch.cat([c.value, value])
-    order = value.argsort(descending=True, stable=True)[:MAX_CANDIDATES]
-    return _Candidates(idx[order], rel[order], value[order], c.held)
+def _top(a: _Candidates, b: _Candidates) -> _Candidates:
+    merged = [torch.cat([x, y]) for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b))]
+    order = merged[3].argsort(descending=True, stable=True)[:MAX_CANDIDATES]
+    return _Candidates(*(t[order] for t in merged))
 
 
 def choose_architectures(cost_model, budgets: tuple[float, ...],
@@ -147,7 +145,8 @@ def choose_architectures(cost_model, budgets: tuple[float, ...],
     out = {b: full for b in budgets if b >= 1.0}
     for b, c in cands.items():
         i = chosen[b]
-        out[b] = Outcome({a: int(c.idx[i, j]) for j, a in enumerate(space.axes)}, b, float(c.rel[i]), c.held)
+        out[b] = Outcome({a: int(c.idx[i, j]) for j, a in enumerate(space.axes)}, b, float(c.rel[i]),
+                         held=float(c.miss[i]) == 0)
     return out
 
 
@@ -168,10 +167,10 @@ def _chain(cands: dict[float, _Candidates], space) -> dict[float, int]:
             reach = torch.where(contained, best[:, None], -math.inf)
             best_prev, back[b] = reach.max(0)
             best = c.value + best_prev
-            if not torch.isfinite(best).any():
+            if not torch.isfinite(best).any():  # only when MAX_CANDIDATES cut every chain
                 raise ConfigError(
-                    f"nested budgets: no architecture for budget {b:g} in its window is contained in one for budget "
-                    f"{prev:g}; widen elastic.budget_tolerance, add choices, or train without --nested-budgets")
+                    f"nested budgets: none of the {len(c.rel)} best architectures for budget {b:g} is contained in one "
+                    f"for budget {prev:g}; add choices or train without --nested-budgets")
         prev = b
     chosen = {order[-1]: int(best.argmax())}
     for k in range(len(order) - 1, 0, -1):
