@@ -69,13 +69,20 @@ class Router:
     """Request schema → Spec, with every budget / model check in one place."""
 
     def __init__(self, cfg: ServeConfig, budgets: list[float]):
+        """An empty `budgets` means a proxy: its backends fix the budgets, requests may not choose."""
         self.cfg, self.budgets = cfg, sorted(budgets, reverse=True)
+        if not self.budgets:
+            self.default_think = self.default_answer = 1.0  # placeholders: the backends decide
+            return
         self.default_think = self._budget(cfg.think_budget, "--think-budget") if cfg.think_budget is not None \
             else self.budgets[0]
         self.default_answer = self._budget(cfg.answer_budget, "--answer-budget") if cfg.answer_budget is not None \
             else self.budgets[0]
 
     def _budget(self, value: float, param: str) -> float:
+        if not self.budgets:
+            raise RequestError(f"{param}: this proxy's budgets are fixed by --think-backend/--answer-backend; "
+                               "drop the field", param=param, code="budget_out_of_range")
         for b in self.budgets:
             if abs(b - value) < 1e-9:
                 return b
@@ -208,7 +215,7 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        engine.close()
+        await engine.aclose()
 
     app = FastAPI(title="star-elastic", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_exception_handler(RequestError, errors.on_request_error)
@@ -315,3 +322,13 @@ class BackgroundServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+def make_proxy_app(think_backend: str, answer_backend: str, tokenizer, cfg: ServeConfig,
+                   backend_api_key: str | None = None) -> FastAPI:
+    """The same API, budget control run over two OpenAI-compatible backends (see serve/proxy.py)."""
+    from star_elastic.serve.proxy import Backend, ProxyEngine
+
+    engine = ProxyEngine(Backend.parse(think_backend, "--think-backend"),
+                         Backend.parse(answer_backend, "--answer-backend"), tokenizer, backend_api_key)
+    return build_app(engine, cfg, [])

@@ -56,6 +56,9 @@ class LocalEngine:
     def close(self) -> None:
         self.scheduler.close()
 
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
