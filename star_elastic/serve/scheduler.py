@@ -56,6 +56,7 @@ class Scheduler:
         self._jobs: dict[int, Job] = {}  # id(row) -> job, for rows in a batch or about to join
         self._active: set[Job] = set()
         self._stopping = False
+        self.peak_rows = 0  # most rows decoding at once over all budgets (a measure of batching)
         self._thread = threading.Thread(target=self._run, name="star-elastic-scheduler", daemon=True)
         self._thread.start()
 
@@ -125,6 +126,7 @@ class Scheduler:
                 batch = self._batches[budget] = DecodeBatch(model, tokenizer=model.tokenizer)
             self._guarded(budget, lambda: batch.join(rows), rows)
             self._finished([r for r in rows if r.finish is not None])
+        self.peak_rows = max(self.peak_rows, sum(len(b.rows) for b in self._batches.values()))
 
     def _finished(self, rows: list[Row]) -> None:
         for row in rows:
