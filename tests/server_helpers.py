@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from conftest import tiny_elastic
 
 from star_elastic.data.tokenizer import build_tokenizer
@@ -12,9 +14,11 @@ NAME = "tiny"
 CONTEXT = 160
 
 
+@functools.cache
 def tiny_budget_server(seed: int = 3) -> ElasticServer:
+    """Built once per test session (read-only: the server never writes weights)."""
     tok = build_tokenizer()
-    elastic = tiny_elastic(seed=seed, vocab_size=len(tok))  # every id decodes to text and back
+    elastic = tiny_elastic(seed=seed, vocab_size=len(tok), fit_steps=15)  # 3 distinct architectures  # every id decodes to text and back
     elastic.model.tokenizer = tok
     return ElasticServer.from_elastic(elastic)
 

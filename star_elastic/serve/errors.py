@@ -35,12 +35,18 @@ async def on_request_error(request: Request, err: RequestError) -> JSONResponse:
 async def on_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
     """pydantic's first complaint as one line naming the field (malformed JSON included)."""
     first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(p)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return error_response(f"the body is not valid JSON ({first.get('msg')})", 400, None, "invalid_json")
     where = f"{param}: " if param else ""
     return error_response(f"{where}{first.get('msg')}", 400, param, first.get("type"))
+
+
+def _union_tag(part) -> bool:
+    """pydantic names the union member tried in `loc` ('float', 'list[str]', 'constrained-int'): not a field."""
+    return isinstance(part, str) and (part in {"float", "int", "str", "bool", "list", "dict", "none"}
+                                      or "[" in part or "-" in part)
 
 
 async def on_http_error(request: Request, err: HTTPException) -> JSONResponse:
