@@ -328,8 +328,66 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request think/answer budgets")
+    p.add_argument("run", nargs="?", help="elastic run folder (with the backend flags: only its tokenizer is read)")
+    p.add_argument("--config", help="YAML with ServeConfig keys (flags override it)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--name", help="model id (default: the run folder's name)")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes")
+    p.add_argument("--think-budget", type=float, help="default think budget (default: the largest)")
+    p.add_argument("--answer-budget", type=float, help="default answer budget (default: the largest)")
+    p.add_argument("--max-think-tokens", type=int, help="default trace cap (</think> forced there), 256")
+    p.add_argument("--max-tokens", type=int, help="default answer cap, 64")
+    p.add_argument("--max-batch", type=int, help="requests decoding at once over all budgets, 32")
+    p.add_argument("--think-backend", metavar="URL[#model]", help="proxy: run the think phase on this server")
+    p.add_argument("--answer-backend", metavar="URL[#model]", help="proxy: run the answer phase on this server")
+    p.add_argument("--backend-api-key", help="Bearer key sent to the backends")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from star_elastic.config import from_dict, merge_config
+    from star_elastic.serve.app import ServeConfig, make_local_app, make_proxy_app
+
+    keys = ("host", "port", "name", "api_key", "think_budget", "answer_budget", "max_think_tokens", "max_tokens",
+            "max_batch")
+    data = merge_config(args.config, {k: getattr(args, k) for k in keys})
+    if args.run and "name" not in data:
+        data["name"] = Path(args.run).resolve().name
+    cfg = from_dict(ServeConfig, data, source=args.config or "serve flags")
+    proxy = args.think_backend or args.answer_backend
+    if proxy:
+        if not (args.think_backend and args.answer_backend and args.run):
+            raise ConfigError("serve: a proxy needs --think-backend, --answer-backend and RUN (for its tokenizer)")
+        from transformers import AutoTokenizer
+
+        model_dir = Path(args.run) / "model"
+        if not (model_dir / "tokenizer.json").is_file():
+            raise ConfigError(f"serve: {model_dir} has no tokenizer.json (the proxy formats prompts with it)")
+        app = make_proxy_app(args.think_backend, args.answer_backend, AutoTokenizer.from_pretrained(str(model_dir)),
+                             cfg, args.backend_api_key)
+    else:
+        if not args.run:
+            raise ConfigError("serve: give an elastic run folder (or --think-backend and --answer-backend)")
+        from star_elastic.elastic.run import load_elastic
+        from star_elastic.infer.budget import ElasticServer
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        app = make_local_app(ElasticServer.from_elastic(load_elastic(args.run, device=device)), cfg)
+    print(f"serving {cfg.name} on http://{cfg.host}:{cfg.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    return 0
+
+
 SUBCOMMANDS = [_add_info, _add_train_parent, _add_elastify, _add_slice, _add_generate, _add_eval, _add_quantize,
-               _add_demo]
+               _add_demo, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
