@@ -74,7 +74,19 @@ def _add_elastify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-after", type=int, help="stop after this many steps (checkpointed); resume with --resume")
     p.add_argument("--config", help="YAML with the same keys (flags override it)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from RUN/checkpoints/latest")
+    _add_engine_flags(p)
     p.set_defaults(func=_run_elastify)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Parallelism and memory flags (star_elastic.distributed); the same names as the YAML keys."""
+    p.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"],
+                   help="auto (default): fsdp when torchrun starts more than one process")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: bf16 compute, fp32 master weights (fsdp)")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None)
+    p.add_argument("--optimizer-offload", action="store_true", default=None,
+                   help="sharded params, grads and optimizer states in CPU memory (fsdp)")
+    p.add_argument("--gpu-memory-gb", type=float, help="per-GPU memory for the plan check (default: the device's)")
 
 
 def _run_elastify(args: argparse.Namespace) -> int:
@@ -86,6 +98,8 @@ def _run_elastify(args: argparse.Namespace) -> int:
         "model": args.model, "data": args.data, "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every, "stop_after": args.stop_after,
         "resume": args.resume, "elastic.budgets": args.budgets, "elastic.budget_type": args.budget_type,
+        "parallel": args.parallel, "dtype": args.dtype, "activation_checkpointing": args.activation_checkpointing,
+        "optimizer_offload": args.optimizer_offload, "gpu_memory_gb": args.gpu_memory_gb,
     }
     if args.seq_len:
         overrides["stage2_seq_len"] = args.seq_len
@@ -94,7 +108,12 @@ def _run_elastify(args: argparse.Namespace) -> int:
     for key in ("model", "out"):
         if not getattr(cfg, key):
             raise ConfigError(f"elastify needs --{key} (or '{key}:' in the YAML config)")
-    summary = train(cfg)
+    from star_elastic.distributed import shutdown
+
+    try:
+        summary = train(cfg)
+    finally:
+        shutdown()
     if summary["rank"] == 0:
         print(json.dumps(summary["architectures"], indent=2, default=str))
     return 0
