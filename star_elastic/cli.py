@@ -25,6 +25,30 @@ def _run_info(args: argparse.Namespace) -> int:
     return info_command(args.path, as_json=args.json)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory of elastifying MODEL, by part, and whether it fits")
+    p.add_argument("model", help="model directory (config.json is enough; weights are not read)")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory-gb", type=float, help="GB per GPU (e.g. 80 for an H100); decides 'fits'")
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--optimizer-offload", action="store_true")
+    p.add_argument("--kd-chunk-tokens", type=int, default=1024)
+    p.add_argument("--json", action="store_true", help="print one JSON object on standard output")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from star_elastic.plan import PlanConfig, plan_command
+
+    pc = PlanConfig(gpus=args.gpus, seq_len=args.seq_len, micro_batch=args.micro_batch, dtype=args.dtype,
+                    activation_checkpointing=args.activation_checkpointing, optimizer_offload=args.optimizer_offload,
+                    kd_chunk_tokens=args.kd_chunk_tokens, gpu_memory_gb=args.gpu_memory_gb)
+    return plan_command(args.model, pc, as_json=args.json)
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -275,7 +299,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_info, _add_train_parent, _add_elastify, _add_slice, _add_generate, _add_eval, _add_quantize,
+SUBCOMMANDS = [_add_info, _add_plan, _add_train_parent, _add_elastify, _add_slice, _add_generate, _add_eval, _add_quantize,
                _add_demo]
 
 

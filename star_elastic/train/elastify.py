@@ -31,9 +31,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from star_elastic.config import ConfigError, ElasticConfig, from_dict, merge_config
+from star_elastic import accounting
+from star_elastic.config import ConfigError, ElasticConfig, ModelConfig, from_dict, merge_config
 from star_elastic.data.loading import batch_for_step, load_sequences
 from star_elastic.distributed import barrier, full_state_dict, global_sum, init_process_group, parallelize
+from star_elastic.distributed.parallel import device_for_rank
 from star_elastic.elastic import importance
 from star_elastic.elastic.model import ElasticLM
 from star_elastic.elastic.router import fit_router_to_cost, profile_latency, router_loss
@@ -42,6 +44,7 @@ from star_elastic.elastic.sort import sort_model
 from star_elastic.elastic.space import ChoiceSpace
 from star_elastic.hf import load_model
 from star_elastic.model.hybrid import HybridLM
+from star_elastic.plan import PlanConfig, format_plan, plan
 from star_elastic.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from star_elastic.train.distill import DistillStep
 
@@ -191,6 +194,24 @@ def prepare(cfg: ElastifyConfig, rank: int = 0, log=print):
     return elastic, parent.eval().requires_grad_(False), seqs
 
 
+def check_plan(cfg: ElastifyConfig, world: int, log) -> dict:
+    """Print the memory plan of this run; refuse (with the plan) when it cannot fit the GPU memory,
+    given as gpu_memory_gb or read from the CUDA device (unknown on CPU: printed only)."""
+    memory = cfg.gpu_memory_gb
+    if memory is None and torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(device_for_rank()).total_memory / 1e9
+    pc = PlanConfig(gpus=world, seq_len=cfg.stage2_seq_len, micro_batch=max(1, cfg.batch_size // world),
+                    dtype=cfg.dtype, activation_checkpointing=cfg.activation_checkpointing,
+                    optimizer_offload=cfg.optimizer_offload, kd_chunk_tokens=cfg.kd_chunk_tokens, gpu_memory_gb=memory)
+    result = plan(ModelConfig.from_json(accounting._config_path(cfg.model)), pc)
+    log(format_plan(result))
+    if result["fits"] is False:
+        raise ConfigError(f"{cfg.model}: elastifying needs more memory per GPU than there is:\n{format_plan(result)}\n"
+                          "use more GPUs, --activation-checkpointing, --optimizer-offload, --dtype bf16 or a "
+                          "shorter --seq-len")
+    return result
+
+
 def make_optimizer(cfg: ElastifyConfig, elastic: ElasticLM) -> torch.optim.Optimizer:
     """Two groups, model then router (its own learning rate, no weight decay)."""
     groups = [
@@ -216,6 +237,7 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
     log = log or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
+    check_plan(cfg, world, log)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     elastic, teacher, seqs = prepare(cfg, rank, log)
