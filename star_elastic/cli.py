@@ -25,6 +25,30 @@ def _run_info(args: argparse.Namespace) -> int:
     return info_command(args.path, as_json=args.json)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory of elastifying MODEL, by part, and whether it fits")
+    p.add_argument("model", help="model directory (config.json is enough; weights are not read)")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory-gb", type=float, help="GB per GPU (e.g. 80 for an H100); decides 'fits'")
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--optimizer-offload", action="store_true")
+    p.add_argument("--kd-chunk-tokens", type=int, default=1024)
+    p.add_argument("--json", action="store_true", help="print one JSON object on standard output")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from star_elastic.plan import PlanConfig, plan_command
+
+    pc = PlanConfig(gpus=args.gpus, seq_len=args.seq_len, micro_batch=args.micro_batch, dtype=args.dtype,
+                    activation_checkpointing=args.activation_checkpointing, optimizer_offload=args.optimizer_offload,
+                    kd_chunk_tokens=args.kd_chunk_tokens, gpu_memory_gb=args.gpu_memory_gb)
+    return plan_command(args.model, pc, as_json=args.json)
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -80,7 +104,19 @@ def _add_elastify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-after", type=int, help="stop after this many steps (checkpointed); resume with --resume")
     p.add_argument("--config", help="YAML with the same keys (flags override it)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from RUN/checkpoints/latest")
+    _add_engine_flags(p)
     p.set_defaults(func=_run_elastify)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Parallelism and memory flags (star_elastic.distributed); the same names as the YAML keys."""
+    p.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"],
+                   help="auto (default): fsdp when torchrun starts more than one process")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: bf16 compute, fp32 master weights (fsdp)")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None)
+    p.add_argument("--optimizer-offload", action="store_true", default=None,
+                   help="sharded params, grads and optimizer states in CPU memory (fsdp)")
+    p.add_argument("--gpu-memory-gb", type=float, help="per-GPU memory for the plan check (default: the device's)")
 
 
 def _run_elastify(args: argparse.Namespace) -> int:
@@ -94,6 +130,8 @@ def _run_elastify(args: argparse.Namespace) -> int:
         "resume": args.resume, "elastic.budgets": args.budgets, "elastic.budget_type": args.budget_type,
         "elastic.budget_mode": args.budget_mode, "elastic.budget_tolerance": args.budget_tolerance,
         "elastic.nested": args.nested_budgets,
+        "parallel": args.parallel, "dtype": args.dtype, "activation_checkpointing": args.activation_checkpointing,
+        "optimizer_offload": args.optimizer_offload, "gpu_memory_gb": args.gpu_memory_gb,
     }
     if args.seq_len:
         overrides["stage2_seq_len"] = args.seq_len
@@ -103,7 +141,12 @@ def _run_elastify(args: argparse.Namespace) -> int:
         if not getattr(cfg, key):
             raise ConfigError(f"elastify needs --{key} (or '{key}:' in the YAML config)")
     check_out_dir(cfg.out)
-    summary = train(cfg)
+    from star_elastic.distributed import shutdown
+
+    try:
+        summary = train(cfg)
+    finally:
+        shutdown()
     if summary["rank"] == 0:
         print(json.dumps(summary["architectures"], indent=2, default=str))
     return 0
@@ -386,8 +429,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_info, _add_train_parent, _add_elastify, _add_slice, _add_generate, _add_eval, _add_quantize,
-               _add_demo, _add_serve]
+SUBCOMMANDS = [_add_info, _add_plan, _add_train_parent, _add_elastify, _add_slice, _add_generate, _add_eval,
+               _add_quantize, _add_demo, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
