@@ -119,8 +119,9 @@ def quant_metadata(qcfg: QuantConfig, cfg: ModelConfig) -> dict:
 
 
 def write_quantized(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], meta: dict, tokenizer=None) -> None:
-    """config.json (with quantization_config), hf_quant_config.json, model.safetensors, tokenizer."""
-    from star_elastic.hf import WEIGHTS, _atomic_save, write_config
+    """config.json (with quantization_config), hf_quant_config.json, model.safetensors,
+    generation_config.json, tokenizer."""
+    from star_elastic.hf import WEIGHTS, _atomic_save, write_config, write_generation_config
 
     path.mkdir(parents=True, exist_ok=True)
     _atomic_save(tensors, path / WEIGHTS)
@@ -131,6 +132,7 @@ def write_quantized(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tenso
         "ignore": q["exclude_modules"],  # vLLM reads `ignore` when it takes config.json's block
     }})
     (path / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    write_generation_config(cfg, path)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
 
