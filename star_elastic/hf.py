@@ -212,14 +212,16 @@ def write_config(cfg: ModelConfig, path: Path, dtype: torch.dtype, extra: dict |
     _atomic_write_text(path / "config.json", json.dumps(d, indent=2) + "\n")
 
 
-GENERATION_MAX_NEW_TOKENS = 256
-"""generation_config.json's `max_new_tokens`: room for a demo trace (the parent evaluates with 160,
-budget control caps traces at 256) so a bare transformers `generate()` reaches `</think>`."""
+GENERATION_MAX_LENGTH = 512
+"""generation_config.json's `max_length` (prompt + new tokens): room for a demo prompt, trace and
+answer, so a bare transformers `generate()` reaches `</think>` (its built-in default is 20). Not
+`max_new_tokens`: transformers lets a stored max_new_tokens override a caller's `max_length`, which
+is how lm-eval passes its `max_gen_toks`; a stored max_length yields to both."""
 
 
 def write_generation_config(cfg: ModelConfig, path: Path) -> None:
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-           "max_new_tokens": GENERATION_MAX_NEW_TOKENS}
+           "max_length": GENERATION_MAX_LENGTH}
     _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
 
 

@@ -42,17 +42,18 @@ def test_padding_length_and_generation_defaults_as_transformers_reads_them(saved
     batch = tok(["1+2=", "12+34+5="], padding=True, add_special_tokens=False)
     assert batch["input_ids"][0][:4] == [tok.pad_token_id] * 4  # left padded
     gen = GenerationConfig.from_pretrained(saved_slice)
-    # a bare generate() must have room for a whole demo trace, answer and eos (transformers' default is 20)
-    longest = max(len(tok.encode(ex["think"] + "</think>" + ex["answer"] + "</s>", add_special_tokens=False))
-                  for ex in synthetic.generate(500, seed=0))
-    assert gen.max_new_tokens >= longest > 20
+    # a bare generate() must have room for a demo prompt, whole trace, answer and eos (transformers' default is 20)
+    longest = max(len(tok.encode(format_example(tok, ex), add_special_tokens=False)) for ex in synthetic.generate(500, seed=0))
+    assert gen.max_length >= longest > 20
     model = transformers.AutoModelForCausalLM.from_pretrained(saved_slice).eval()
-    assert model.generation_config.max_new_tokens == gen.max_new_tokens
-    ids = torch.tensor(batch["input_ids"])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.tensor(batch["attention_mask"]), do_sample=False,
-                             eos_token_id=None)  # no stop: the default length alone decides
-    assert out.shape[1] == ids.shape[1] + gen.max_new_tokens
+    ids, mask = torch.tensor(batch["input_ids"]), torch.tensor(batch["attention_mask"])
+    with torch.no_grad():  # eos_token_id=None: no stop, the length settings alone decide
+        bare = model.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=None)
+        capped = model.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=None, max_length=ids.shape[1] + 7)
+        new = model.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=None, max_new_tokens=5)
+    assert bare.shape[1] == gen.max_length
+    assert capped.shape[1] == ids.shape[1] + 7  # a caller's max_length (lm-eval's max_gen_toks) wins
+    assert new.shape[1] == ids.shape[1] + 5
 
 
 def test_chat_template_keeps_a_system_message_and_rejects_unknown_roles():
