@@ -63,7 +63,7 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
 
 
 def _typed(where: str, value: Any, hint: Any) -> Any:
-    """`value` checked against a field's annotation (int, float, bool, str, X | None, tuple[X, ...]);
+    """`value` checked against a field's annotation (int, float, bool, str, dict, X | None, tuple[X, ...]);
     ints are accepted where floats are expected. Other annotations are left to the dataclass."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -79,9 +79,11 @@ def _typed(where: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{where} must have {len(elems)} entries, got {value!r}")
         return tuple(_typed(f"{where}[{i}]", v, h) for i, (v, h) in enumerate(zip(value, elems)))
     ok = {bool: lambda v: isinstance(v, bool), int: lambda v: type(v) is int,
-          float: lambda v: type(v) in (int, float), str: lambda v: isinstance(v, str)}.get(hint)
+          float: lambda v: type(v) in (int, float), str: lambda v: isinstance(v, str),
+          dict: lambda v: isinstance(v, dict)}.get(hint)
     if ok is not None and not ok(value):
-        raise ConfigError(f"{where} must be {'a number' if hint is float else hint.__name__}, got {value!r}")
+        kind = {float: "a number", dict: "a mapping"}.get(hint, hint.__name__)
+        raise ConfigError(f"{where} must be {kind}, got {value!r}")
     return float(value) if hint is float else value
 
 

@@ -14,7 +14,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from star_elastic.config import from_dict
 from star_elastic.data.tokenizer import build_tokenizer
 from star_elastic.train.elastify import ElastifyConfig, train
 
-N_CASES, TIME_LIMIT_S = 80, 25
+N_CASES = 60
 PARENT = dict(hidden_size=32, pattern="M*E-", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               intermediate_size=32, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2, chunk_size=16,
               n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32)
@@ -93,9 +92,9 @@ def bad_data(rng: random.Random, path: Path) -> Path:
     if kind < 0.1:
         path = path.with_suffix(rng.choice([".txt", ".csv", ""]))
         path.write_text('{"text": "hello world"}\n')
-    elif kind < 0.2:
-        path = path.with_suffix(".parquet")
-        path.write_bytes(bytes(rng.getrandbits(8) for _ in range(64)))
+    elif kind < 0.2:  # a folder where a file should be
+        path = path.with_suffix(".jsonl.d")
+        path.mkdir()
     elif kind < 0.25:
         path.write_text("\n\n")
     else:
@@ -107,7 +106,7 @@ def bad_data(rng: random.Random, path: Path) -> Path:
 
 def bad_yaml(rng: random.Random) -> str:
     return rng.choice([
-        "- 1\n- 2\n", "steps: -5\n", "stepz: 3\n", "elastic: 5\n", "elastic: {budgets: [2]}\n", "lr: abc\n",
+        "- 1\n- 2\n", "checkpoint_every: 0\n", "stepz: 3\n", "elastic: 5\n", "elastic: {budgets: [2]}\n", "lr: abc\n",
         ": : :\n", "batch_size: 0\n", "stage2_probs: [1, 2]\n", "tau: [0, 1]\n", "elastic: {axes: [width]}\n",
         "elastic: {budget_type: flops}\n", "min_lr_ratio: 7\n", "\x00\x01", "seq: [unclosed\n",
         "elastic: {choices: {hidden: [32, 17]}}\n", "stage2_probs: [0.2, 0.3, 0.5, 0.0]\n",
@@ -220,16 +219,13 @@ def check(argv: list[str], code: int, err: str) -> None:
 def test_fuzz_cli_in_process(world, tmp_path, capsys):
     rng = random.Random(1234)
     keep, victim = digest(world / "keep"), (world / "a_file").read_text()
-    start, done, kinds = time.monotonic(), 0, set()
+    kinds = set()
     for _ in range(N_CASES):
         argv = make_case(rng, world, tmp_path)
         code, err = run_in_process(argv, capsys)
         check(argv, code, err)
         kinds.add(argv[0])
-        done += 1
-        if time.monotonic() - start > TIME_LIMIT_S:
-            break
-    assert done >= 40 and kinds >= {"info", "slice", "elastify", "generate", "eval", "quantize"}
+    assert kinds >= {"info", "slice", "elastify", "generate", "eval", "quantize"}
     assert digest(world / "keep") == keep and (world / "a_file").read_text() == victim
     assert not any(p.name.endswith(".partial") for p in world.rglob("*"))
 
