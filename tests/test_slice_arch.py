@@ -200,3 +200,22 @@ def test_generate_with_explicit_variants_equals_sliced_checkpoints(parent_with_t
                                                                         prompt, 10, 6)
     assert main(["generate", str(path), text, "--arch-file", str(tmp_path / "v.json"), "--think-variant", "tiny"]) == 2
     assert "unknown variant 'tiny'; known: full, small, mid" in capsys.readouterr().err
+
+
+def test_checkpoint_that_disagrees_with_its_config_is_refused(parent, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model, path = parent
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((path / "config.json").read_text())
+    tensors = all_tensors(path)
+    tensors["backbone.layers.4.mixer.up_proj.weight"] = torch.zeros(80, 64)  # config says (64, 64)
+    save_file(tensors, str(broken / "model.safetensors"))
+    assert main(["slice", str(broken), "--arch", "hidden=32", "--out", str(tmp_path / "a")]) == 2
+    assert "'backbone.layers.4.mixer.up_proj.weight' has shape (80, 64), expected (64, 64)" in capsys.readouterr().err
+    del tensors["backbone.layers.4.mixer.up_proj.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    assert main(["slice", str(broken), "--arch", "hidden=32", "--out", str(tmp_path / "b")]) == 2
+    assert "missing tensor 'backbone.layers.4.mixer.up_proj.weight'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not list(tmp_path.glob(".*partial"))
