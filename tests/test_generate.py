@@ -102,3 +102,24 @@ def test_bad_generation_config_messages():
         GenerationConfig(temperature=-1)
     with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
         generate(model(), [[1, 2]], GenerationConfig(stop_strings=("x",)))
+
+
+def test_rows_joining_and_leaving_a_running_batch_decode_as_if_alone():
+    """Continuous batching: prompts join at different steps (caches stacked, left-padded in time)
+    and finished rows leave (cache rows selected, dead padding trimmed); each row == generate alone."""
+    from star_elastic.infer.generate import DecodeBatch, Row
+
+    m = model(seed=1, chunk_size=4)
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [12, 13], [20, 21, 22, 23, 24], [30], [40, 41, 42]]
+    caps = [14, 3, 9, 12, 6]
+    rows = [Row(p, GenerationConfig(max_new_tokens=n)) for p, n in zip(prompts, caps)]
+    batch = DecodeBatch(m)
+    joins = {0: rows[:2], 2: rows[2:4], 5: rows[4:]}  # step -> rows joining before it
+    for step in range(20):
+        if step in joins:
+            batch.join(joins[step])
+        if batch.rows:
+            batch.step()
+    for p, n, r in zip(prompts, caps, rows):
+        assert r.tokens == greedy_uncached(m, p, n)
+        assert r.finish == "length"

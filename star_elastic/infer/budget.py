@@ -3,8 +3,11 @@
 Phase 1: the `think_budget` submodel decodes the trace until it emits `</think>` (or eos), or
 until `max_think_tokens`, where `</think>` is forced (the parent's default budget control).
 Phase 2: the `answer_budget` submodel prefills prompt + trace in one pass and decodes the answer
-(also when both budgets are the same: a batched phase 1 has fed padding to rows that finished
-early, so its cache is not the trace's).
+(also when both budgets are the same: the trace's cache belongs to the think model, and keeping
+phase 1 state would tie the answer to the thinker's batch).
+The phases are built per request (`think_row`, `close_trace`, `answer_row`) so that `generate`
+here and the HTTP server's scheduler (`star_elastic.serve`) run the same protocol on the same
+`DecodeBatch` step.
 Every submodel is a view of the one set of elastic weights (`star_elastic.infer.views`), built
 once per budget and cached.
 
@@ -16,6 +19,7 @@ of any sorted checkpoint that has no router (e.g. NVIDIA's Elastic checkpoints).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -23,7 +27,7 @@ import torch
 
 from star_elastic.config import ConfigError
 from star_elastic.elastic.arch import Architecture
-from star_elastic.infer.generate import GenerationConfig, decode, prefill
+from star_elastic.infer.generate import DecodeBatch, GenerationConfig, Row, decode_to_end
 from star_elastic.infer.views import view_model
 from star_elastic.model.hybrid import HybridLM
 
@@ -89,6 +93,32 @@ class ElasticServer:
             self._models[key] = view_model(self.parent, self.architecture(key))
         return self._models[key]
 
+    def think_row(self, prompt: Sequence[int], max_think_tokens: int, sampling: GenerationConfig | None = None,
+                  generator: torch.Generator | None = None, on_token=None) -> Row:
+        """Phase 1 of one request: decode the trace until </think> or eos, at most `max_think_tokens`.
+
+        `sampling` gives temperature / top_p (its stop strings apply to the answer only)."""
+        base = sampling or GenerationConfig()
+        cfg = dataclasses.replace(base, max_new_tokens=max_think_tokens, stop_token_ids=(self.think_end_id, self.eos_id),
+                                  stop_strings=())
+        return Row(list(prompt), cfg, generator, on_token)
+
+    def close_trace(self, think: Row) -> bool:
+        """Force </think> onto a trace that hit the cap; True when forced."""
+        if think.tokens and think.tokens[-1] in (self.think_end_id, self.eos_id):
+            return False
+        think.tokens.append(self.think_end_id)
+        if think.on_token is not None:
+            think.on_token(self.think_end_id)
+        return True
+
+    def answer_row(self, think: Row, max_answer_tokens: int, sampling: GenerationConfig | None = None,
+                   on_token=None) -> Row:
+        """Phase 2: prompt + closed trace, re-prefilled by the answer model, decoded until eos."""
+        base = sampling or GenerationConfig()
+        cfg = dataclasses.replace(base, max_new_tokens=max_answer_tokens, stop_token_ids=(self.eos_id,))
+        return Row(think.prompt + think.tokens, cfg, think.generator, on_token)
+
     @torch.inference_mode()
     def generate(
         self,
@@ -100,27 +130,22 @@ class ElasticServer:
         on_token: Callable[[str, int, int], None] | None = None,
     ) -> BudgetRun:
         """prompts end inside the assistant turn, right after `<think>`; budgets are budgets or variant names."""
-        thinker, answerer = self.model(think_budget), self.model(answer_budget)
+        def tap(phase: str, i: int):
+            return None if on_token is None else functools.partial(on_token, phase, i)
+
         t0 = time.perf_counter()
-        cache, logits = prefill(thinker, prompts)
-        think_cfg = GenerationConfig(max_new_tokens=max_think_tokens, stop_token_ids=(self.think_end_id, self.eos_id))
-        traces = decode(thinker, cache, logits, think_cfg,
-                        on_token=None if on_token is None else lambda i, t: on_token("think", i, t))
-        forced = []
-        for trace in traces:
-            ended = bool(trace) and trace[-1] in (self.think_end_id, self.eos_id)
-            forced.append(not ended)
-            if not ended:  # budget exhausted: close the trace ourselves
-                trace.append(self.think_end_id)
-                if on_token is not None:
-                    on_token("think", len(forced) - 1, self.think_end_id)
+        thinks = [self.think_row(p, max_think_tokens, on_token=tap("think", i)) for i, p in enumerate(prompts)]
+        batch = DecodeBatch(self.model(think_budget))
+        batch.join(thinks)
+        decode_to_end(batch)
+        forced = [self.close_trace(t) for t in thinks]
         t1 = time.perf_counter()
-        answer_cfg = GenerationConfig(max_new_tokens=max_answer_tokens, stop_token_ids=(self.eos_id,))
-        cache, logits = prefill(answerer, [list(p) + t for p, t in zip(prompts, traces)])
-        answers = decode(answerer, cache, logits, answer_cfg,
-                         on_token=None if on_token is None else lambda i, t: on_token("answer", i, t))
+        answers = [self.answer_row(t, max_answer_tokens, on_token=tap("answer", i)) for i, t in enumerate(thinks)]
+        batch = DecodeBatch(self.model(answer_budget))
+        batch.join(answers)
+        decode_to_end(batch)
         t2 = time.perf_counter()
-        results = [PhaseResult(t, a, f) for t, a, f in zip(traces, answers, forced)]
+        results = [PhaseResult(t.tokens, a.tokens, f) for t, a, f in zip(thinks, answers, forced)]
         return BudgetRun(results, t1 - t0, t2 - t1)
 
 

@@ -110,8 +110,12 @@ class HybridLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         masks: Masks | None = None,
         last_only: bool = False,
+        head: bool = True,
     ) -> torch.Tensor:
         """input_ids (B, T) → fp32 logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
+
+        head=False returns the final-normed hidden states (B, T, C) instead, for losses that apply
+        `lm_head` in token chunks (train/distill.py) rather than hold the full logits.
 
         attention_mask (B, T): 1 for real tokens, 0 for (left) padding. `cache` is updated in place.
         """
@@ -129,7 +133,7 @@ class HybridLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.backbone.norm_f(x, masks.hidden)
-        return self.lm_head(x).float()
+        return self.lm_head(x).float() if head else x
 
     def _attention_masks(self, ids, cache, attention_mask):
         """Boolean (B, 1, T, S) attention mask, or None when plain causal attention is exact."""

@@ -91,9 +91,21 @@ class _Raw:
         return self._state
 
 
-def quant_metadata(qcfg: QuantConfig, model: HybridLM) -> dict:
-    names = set(quantized_module_names(model, qcfg))
-    excluded = sorted({n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in names})
+def quant_metadata(qcfg: QuantConfig, cfg: ModelConfig) -> dict:
+    """hf_quant_config.json for a checkpoint of `cfg` whose modules `qcfg` quantizes.
+
+    `exclude_modules` names every unquantized linear (and unquantized routed-expert block) one by
+    one, as ModelOpt's export does. vLLM matches exclusions on its own module names: q/k/v are fused
+    into `qkv_proj` and an exclusion counts only if each of `q_proj`, `k_proj`, `v_proj` is listed
+    exactly, so a layer-wildcard such as `backbone.layers.*.mixer.q_proj` never matches (the
+    fused module would be built FP8/NVFP4 and loaded from BF16 weights). Names follow `cfg`'s
+    layer numbering: call this with the config of the checkpoint being written (a depth slice's
+    renumbered config included).
+    """
+    with torch.device("meta"):  # module names only: no memory, no init
+        skeleton = HybridLM(cfg)
+    names = set(quantized_module_names(skeleton, qcfg))
+    excluded = sorted(n for n, m in skeleton.named_modules() if isinstance(m, (torch.nn.Linear, Experts)) and n not in names)
     algo = "NVFP4" if qcfg.format == "nvfp4" else "FP8"
     return {
         "producer": {"name": "star-elastic", "version": "0.1.0"},
@@ -101,14 +113,9 @@ def quant_metadata(qcfg: QuantConfig, model: HybridLM) -> dict:
             "quant_algo": algo,
             "kv_cache_quant_algo": None,
             "group_size": formats.BLOCK if algo == "NVFP4" else None,
-            "exclude_modules": _exclude_patterns(excluded),
+            "exclude_modules": excluded,
         },
     }
-
-
-def _exclude_patterns(names: list[str]) -> list[str]:
-    """Unquantized linears as patterns on the module name (layer index wildcarded)."""
-    return sorted({re.sub(r"^backbone\.layers\.\d+\.", "backbone.layers.*.", n) for n in names})
 
 
 def write_quantized(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], meta: dict, tokenizer=None) -> None:

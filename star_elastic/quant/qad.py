@@ -139,7 +139,7 @@ def write_qrun(run: Path, out: Path, elastic, student, qcfg: QuantConfig, quanti
     """QRUN: run.json (+ quantization block), router, importance, and model/ with packed weights."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = quantized_state(student, qcfg, quantizers)
-    write_quantized(out / "model", student.config, tensors, quant_metadata(qcfg, student), elastic.model.tokenizer)
+    write_quantized(out / "model", student.config, tensors, quant_metadata(qcfg, student.config), elastic.model.tokenizer)
     for name in ("router.safetensors", "importance.safetensors", "latency_table.json"):
         if (run / name).is_file():
             shutil.copy2(run / name, out / name)

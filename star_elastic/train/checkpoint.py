@@ -1,9 +1,12 @@
-"""Atomic training checkpoints in safetensors (no pickle): weights, optimizer state, counters.
+"""Atomic, sharded training checkpoints with torch.distributed.checkpoint (DCP; no pickle).
 
-Layout: RUN/checkpoints/step-000050/{weights,optimizer}.safetensors + state.json, and
-RUN/checkpoints/latest naming the newest complete one. A checkpoint is written under a temporary
-name and renamed only when complete, and `latest` is replaced atomically afterwards, so a crash
-mid-save leaves the previous checkpoint intact and `latest` pointing at it.
+Layout: RUN/checkpoints/step-000050/ (DCP shards of model + optimizer state, one file per rank,
+plus .metadata) and state.json, and RUN/checkpoints/latest naming the newest complete one. Every
+rank writes its shards into a temporary folder; rank 0 renames it only when all are done, then
+replaces `latest` atomically, so a crash mid-save leaves the previous checkpoint intact and
+`latest` pointing at it. DCP stores tensors by fully qualified name with their global shapes, so
+a checkpoint written by N processes loads into M (resharded on load); one process needs no
+process group.
 """
 
 from __future__ import annotations
@@ -11,45 +14,50 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from star_elastic.config import ConfigError
 
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = opt.state_dict()
-    tensors, scalars = {}, {"param_groups": state["param_groups"], "state": {}}
-    for pid, st in state["state"].items():
-        for name, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars["state"].setdefault(str(pid), {})[name] = value
-    return tensors, scalars
+# One process without a process group is a supported DCP mode, not a mistake to warn about.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                     extra: dict, keep: int = 2) -> Path:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """Collective: every rank calls it with its (sharded) model and optimizer."""
     name = f"step-{step:06d}"
-    tmp = ckpt_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-    opt_tensors, opt_scalars = _optimizer_tensors(opt)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_scalars, **extra}))
-    final = ckpt_dir / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = ckpt_dir / ".latest.tmp"
-    latest_tmp.write_text(name)
-    os.replace(latest_tmp, ckpt_dir / "latest")
-    for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp, final = ckpt_dir / f".{name}.tmp", ckpt_dir / name
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_state, opt_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=str(tmp))
+    if _is_rank0():
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = ckpt_dir / ".latest.tmp"
+        latest_tmp.write_text(name)
+        os.replace(latest_tmp, ckpt_dir / "latest")
+        for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
@@ -58,22 +66,19 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = ckpt_dir / pointer.read_text().strip()
-    if not (path / "state.json").is_file():
+    if not (path / "state.json").is_file() or not (path / ".metadata").is_file():
         raise ConfigError(f"{pointer}: names {path.name}, which is incomplete or missing")
     return path
 
 
-def load_checkpoint(path: Path, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights and state.json of a checkpoint; the optimizer state is loaded into `opt`."""
-    state = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "weights.safetensors"))
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    scalars = state["optimizer"]
-    opt_state: dict = {}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = value
-    for pid, st in scalars["state"].items():
-        opt_state.setdefault(int(pid), {}).update(st)
-    opt.load_state_dict({"state": opt_state, "param_groups": scalars["param_groups"]})
-    return weights, state
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Load model and optimizer state in place (collective, any world size); returns state.json."""
+    model_state, opt_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optimizer": opt_state}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: checkpoint does not match this model and optimizer ({first})") from None
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return json.loads((path / "state.json").read_text())

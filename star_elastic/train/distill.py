@@ -1,9 +1,18 @@
-"""Knowledge-distillation losses (paper, pipeline point 5): logit KL from the frozen parent."""
+"""Knowledge-distillation losses (paper, pipeline point 5): logit KL from the frozen parent.
+
+`kd_loss` / `lm_loss` take full logits (the reference, and QAD on small models). Elastification
+uses `chunked_distill_sums`: from the final hidden states through each model's LM head a chunk of
+tokens at a time, so no full (B, T, V) fp32 tensor exists (at 8K tokens x 131,072 vocabulary one
+is 4.3 GB). `DistillStep` is the student side of one step as one module, so that the parallel
+engine (star_elastic.distributed) can wrap it without the recipe knowing.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -25,3 +34,60 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torc
     losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
     m = mask[:, 1:].to(losses.dtype)
     return (losses * m).sum() / m.sum().clamp_min(1)
+
+
+def _chunk_sums(h_s, h_t, kd_mask, targets, lm_mask, head_s, head_t, temperature):
+    """One chunk of n tokens: h_s/h_t (n, C) → (Σ KL·T² over kd_mask, Σ next-token CE over lm_mask)."""
+    t = temperature
+    with torch.no_grad():
+        log_p_t = F.log_softmax(head_t(h_t).float() / t, dim=-1)  # (n, V)
+    logits = head_s(h_s).float()  # (n, V)
+    log_p_s = F.log_softmax(logits / t, dim=-1)
+    kl = ((log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * kd_mask).sum() * t * t
+    log_q = log_p_s if t == 1.0 else F.log_softmax(logits, dim=-1)
+    ce = -(log_q.gather(1, targets[:, None])[:, 0] * lm_mask).sum()
+    return kl, ce
+
+
+def chunked_distill_sums(h_s: torch.Tensor, h_t: torch.Tensor, head_s: nn.Module, head_t: nn.Module,
+                         kd_mask: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 1024,
+                         ids: torch.Tensor | None = None, lm_mask: torch.Tensor | None = None):
+    """(Σ KL(teacher ‖ student)·T² over kd_mask, Σ next-token CE over lm_mask's targets), fp32 scalars.
+
+    h_s/h_t (B, T, C) final hidden states, heads map C → V. Each chunk runs under activation
+    checkpointing: its (n, V) logits are recomputed in backward instead of kept, so the peak is a
+    few (chunk_tokens, V) fp32 tensors. Divide by the mask counts for the means `kd_loss` / `lm_loss`
+    give. Without `ids` the CE sum is 0.
+    """
+    B, T, C = h_s.shape
+    km = kd_mask.reshape(-1).float()
+    if ids is None:
+        targets = torch.zeros(B * T, dtype=torch.long, device=h_s.device)
+        cm = torch.zeros_like(km)
+    else:  # position i predicts token i+1; each row's last position has no target
+        targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)
+        cm = torch.cat([lm_mask[:, 1:], torch.zeros_like(lm_mask[:, :1])], dim=1).reshape(-1).float()
+    hs, ht = h_s.reshape(B * T, C), h_t.reshape(B * T, C)
+    kl = ce = torch.zeros((), dtype=torch.float32, device=h_s.device)
+    for s in range(0, B * T, chunk_tokens):
+        part = slice(s, s + chunk_tokens)
+        k, c = checkpoint(_chunk_sums, hs[part], ht[part], km[part], targets[part], cm[part], head_s, head_t,
+                          temperature, use_reentrant=False)
+        kl, ce = kl + k, ce + c
+    return kl, ce
+
+
+class DistillStep(nn.Module):
+    """Student side of one step: Gumbel-sampled forward of `elastic` → chunked KD (and LM) sums."""
+
+    def __init__(self, elastic: nn.Module, chunk_tokens: int = 1024):
+        super().__init__()
+        self.elastic, self.chunk_tokens = elastic, chunk_tokens
+
+    def forward(self, ids, budget: float, tau: float, generator, teacher_hidden, teacher_head, kd_mask,
+                temperature: float = 1.0, lm_mask=None):
+        """→ (KL sum, CE sum, picks); CE only when lm_mask is given."""
+        hidden, picks = self.elastic.forward_sampled(ids, budget, tau, generator, head=False)
+        kl, ce = chunked_distill_sums(hidden, teacher_hidden, self.elastic.model.lm_head, teacher_head, kd_mask,
+                                      temperature, self.chunk_tokens, None if lm_mask is None else ids, lm_mask)
+        return kl, ce, picks

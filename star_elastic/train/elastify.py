@@ -2,7 +2,13 @@
 
     star-elastic elastify --model DIR --data DATA --budgets 1.0,0.75,0.5 --out RUN \
         [--budget-type active_params] [--steps N] [--seq-len L] [--config FILE.yaml] [--resume]
-    torchrun --nproc-per-node 2 -m star_elastic.cli elastify ...      (DDP: gloo on CPU, NCCL on GPU)
+        [--parallel auto|none|ddp|fsdp] [--dtype fp32|bf16] [--activation-checkpointing] [--optimizer-offload]
+    torchrun --nproc-per-node 2 -m star_elastic.cli elastify ...      (FSDP2: gloo on CPU, NCCL on GPU)
+
+Parallelism (FSDP2 / DDP, mixed precision, activation checkpointing) is applied once before the
+loop by star_elastic.distributed; the step itself is the same for every engine. Each step's global
+batch (`batch_size` sequences) is split by rows over the processes and the losses are normalised
+by the global token count, so N processes compute the gradient of one process on the whole batch.
 
 Each step samples one budget (stage 1: uniform, short sequences; stage 2: favouring the full
 model, longer sequences — paper, pipeline point 6), lets the router pick an architecture with
@@ -13,7 +19,6 @@ uninterrupted one bit for bit on CPU.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -24,19 +29,24 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from star_elastic.config import ConfigError, ElasticConfig, from_dict, merge_config
+from star_elastic import accounting
+from star_elastic.config import ConfigError, ElasticConfig, ModelConfig, from_dict, merge_config
 from star_elastic.data.loading import batch_for_step, load_sequences
+from star_elastic.distributed import barrier, full_state_dict, global_sum, init_process_group, parallelize
+from star_elastic.distributed.parallel import device_for_rank
 from star_elastic.elastic import importance
-from star_elastic.elastic.router import fit_router_to_cost, profile_latency, router_loss
+from star_elastic.elastic.model import ElasticLM, cost_line
+from star_elastic.elastic.router import fit_router_to_cost, profile_latency, router_loss, settle_router
 from star_elastic.elastic.run import build_elastic, save_run
 from star_elastic.elastic.sort import sort_model
 from star_elastic.elastic.space import ChoiceSpace
 from star_elastic.hf import load_model
+from star_elastic.model.hybrid import HybridLM
+from star_elastic.plan import PlanConfig, format_plan, plan
 from star_elastic.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from star_elastic.train.distill import kd_loss, lm_loss
+from star_elastic.train.distill import DistillStep
 
 
 @dataclasses.dataclass
@@ -60,7 +70,9 @@ class ElastifyConfig:
     stage2_probs: tuple[float, ...] = ()
     """Stage-2 budget probabilities, largest budget first; empty: `default_stage2_probs` (paper: 0.5 / 0.3 / 0.2)."""
     batch_size: int = 16
-    """Sequences per step per process."""
+    """Sequences per step in all (the global batch), split evenly over the processes."""
+    optimizer: str = "adamw"
+    """adamw (betas 0.9 / 0.95) or sgd (plain; used to compare engines, where Adam amplifies rounding)."""
     lr: float = 1e-3
     router_lr: float = 1e-2
     weight_decay: float = 0.0
@@ -86,6 +98,18 @@ class ElastifyConfig:
     save_initial: bool = False
     """Also write the sorted, router-fitted, untrained state to RUN/initial (zero-shot baseline)."""
     seed: int = 0
+    parallel: str = "auto"
+    """auto (fsdp when launched with more than one process), none, ddp or fsdp."""
+    dtype: str = "fp32"
+    """fp32, or bf16: bf16 compute over fp32 master weights (needs parallel fsdp)."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward instead of keeping its activations."""
+    optimizer_offload: bool = False
+    """Keep sharded params, gradients and optimizer states in CPU memory (fsdp)."""
+    kd_chunk_tokens: int = 1024
+    """Tokens per chunk of the distillation loss (the LM heads' logits exist for one chunk at a time)."""
+    gpu_memory_gb: float | None = None
+    """Per-GPU memory the plan is checked against (default: the CUDA device's; none on CPU)."""
 
     def __post_init__(self) -> None:
         self.stage2_probs = tuple(float(p) for p in self.stage2_probs) or default_stage2_probs(
@@ -93,7 +117,9 @@ class ElastifyConfig:
         self.tau = tuple(float(t) for t in self.tau)
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0 (0: importance, sorting and the cost-fitted router only), got {self.steps}")
-        for name in ("batch_size", "stage1_seq_len", "stage2_seq_len", "checkpoint_every", "calibration_batches"):
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        for name in ("batch_size", "kd_chunk_tokens", "stage1_seq_len", "stage2_seq_len", "checkpoint_every", "calibration_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -124,32 +150,6 @@ def default_stage2_probs(n: int) -> tuple[float, ...]:
     return tuple(w / (full + sum(rest)) for w in [full, *rest])
 
 
-# --- distributed -------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
-
-
-def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """All-reduce gradients in one flat buffer (missing grads count as zero)."""
-    if world == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
-
-
 # --- the stages ---------------------------------------------------------------------------------
 def budget_for_step(cfg: ElastifyConfig, budgets: tuple[float, ...], step: int, stage: int) -> float:
     rng = random.Random(f"budget:{cfg.seed}:{step}")
@@ -172,22 +172,26 @@ def lr_scale(cfg: ElastifyConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def prepare(cfg: ElastifyConfig, log=print):
-    """Load the parent, rank and sort it, build the elastic model and fit its router to the cost."""
+def prepare(cfg: ElastifyConfig, rank: int = 0, log=print):
+    """Load the parent, rank and sort it, build the elastic model. Returns (elastic, parent, seqs):
+    the untouched parent is the frozen teacher (sorting makes a new model, so no extra copy)."""
     out = Path(cfg.out)
     ecfg = cfg.elastic_config()
     parent = load_model(cfg.model)
     seqs = load_sequences(cfg.data, parent.tokenizer, cfg.n_synthetic, cfg.seed, parent.config.vocab_size)
     scores_path = out / "importance.safetensors"
-    if scores_path.is_file():
+    reuse = scores_path.is_file()
+    barrier()  # every rank decides before rank 0 writes the file
+    if reuse:
         scores = importance.load_scores(scores_path)
         log(f"importance: reusing {scores_path}")
     else:
         calib = [batch_for_step(seqs, -1 - i, 0, cfg.batch_size, cfg.calibration_seq_len, parent.config.pad_token_id,
                                 cfg.seed)[0] for i in range(cfg.calibration_batches)]
         scores = importance.compute_scores(importance.collect_stats(parent, calib))
-        out.mkdir(parents=True, exist_ok=True)
-        importance.save_scores(scores, scores_path)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            importance.save_scores(scores, scores_path)
     sorted_model = sort_model(parent, scores)
     layer_order = torch.argsort(scores["depth"], descending=True, stable=True).tolist()
     table = None
@@ -195,103 +199,178 @@ def prepare(cfg: ElastifyConfig, log=print):
         space = ChoiceSpace.build(sorted_model.config, ecfg, layer_order)
         table = profile_latency(sorted_model, space)
     elastic = build_elastic(sorted_model, ecfg, None, layer_order, table)
-    return elastic, seqs
+    return elastic, parent.eval().requires_grad_(False), seqs
+
+
+def check_plan(cfg: ElastifyConfig, world: int, log) -> dict:
+    """Print the memory plan of this run; refuse (with the plan) when it cannot fit the GPU memory,
+    given as gpu_memory_gb or read from the CUDA device (unknown on CPU: printed only)."""
+    memory = cfg.gpu_memory_gb
+    if memory is None and torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(device_for_rank()).total_memory / 1e9
+    pc = PlanConfig(gpus=world, seq_len=cfg.stage2_seq_len, micro_batch=max(1, cfg.batch_size // world),
+                    dtype=cfg.dtype, activation_checkpointing=cfg.activation_checkpointing,
+                    optimizer_offload=cfg.optimizer_offload, kd_chunk_tokens=cfg.kd_chunk_tokens, gpu_memory_gb=memory)
+    result = plan(ModelConfig.from_json(accounting._config_path(cfg.model)), pc)
+    log(format_plan(result))
+    if result["fits"] is False:
+        raise ConfigError(f"{cfg.model}: elastifying needs more memory per GPU than there is:\n{format_plan(result)}\n"
+                          "use more GPUs, --activation-checkpointing, --optimizer-offload, --dtype bf16 or a "
+                          "shorter --seq-len")
+    return result
+
+
+def make_optimizer(cfg: ElastifyConfig, elastic: ElasticLM) -> torch.optim.Optimizer:
+    """Two groups, model then router (its own learning rate, no weight decay)."""
+    groups = [
+        {"params": [p for p in elastic.model.parameters() if p.requires_grad], "lr": cfg.lr,
+         "weight_decay": cfg.weight_decay},
+        {"params": list(elastic.router.parameters()), "lr": cfg.router_lr, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95))
+
+
+def rank_batch(cfg: ElastifyConfig, seqs, step: int, seq_len: int, pad: int, rank: int, world: int):
+    """This rank's rows of the step's global batch: (ids, loss mask), each (batch_size / world, T)."""
+    ids, mask = batch_for_step(seqs, step, 0, cfg.batch_size, seq_len, pad, cfg.seed)
+    rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    return ids[rows], mask[rows]
 
 
 def train(cfg: ElastifyConfig, log=None) -> dict:
     """Run the whole recipe; returns a summary. Rank 0 writes the run folder."""
-    rank, world = init_distributed()
+    mode, rank, world = init_process_group(cfg.parallel, cfg.dtype)
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
     log = log or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
+    check_plan(cfg, world, log)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    elastic, seqs = prepare(cfg, log)
+    elastic, teacher, seqs = prepare(cfg, rank, log)
     ecfg = elastic.ecfg
-    teacher = copy.deepcopy(elastic.model).eval().requires_grad_(False)
     pad = elastic.config.pad_token_id
-
-    model_params = [p for p in elastic.model.parameters() if p.requires_grad]
-    router_params = list(elastic.router.parameters())
-    opt = torch.optim.AdamW([
-        {"params": model_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": router_params, "lr": cfg.router_lr, "weight_decay": 0.0},
-    ], betas=(0.9, 0.95))
-    base_lrs = [g["lr"] for g in opt.param_groups]
-
-    start = 0
     ckpt_dir = out / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if cfg.resume else None
-    if latest is not None:
-        weights, state = load_checkpoint(latest, opt)
-        missing, unexpected = elastic.load_state_dict(weights, strict=False)
-        if unexpected or set(missing) - {"model.lm_head.weight"}:
-            raise ConfigError(f"{latest}: checkpoint does not match this model (missing {missing}, unexpected {unexpected})")
-        start = state["step"]
-        log(f"resuming from {latest} at step {start}")
-    else:
+    if latest is None:
         hist = fit_router_to_cost(elastic.router, elastic.cost, ecfg.budgets, steps=cfg.router_fit_steps, seed=cfg.seed)
-        log(f"router fitted to {ecfg.budget_type} in {len(hist)} steps: " + ", ".join(
-            f"{b}→{elastic.describe(b)['relative_cost']:.3f}" for b in ecfg.budgets))
+        log(f"router fitted to {ecfg.budget_type} in {len(hist)} steps")
+        log_settled(elastic, log)
         if rank == 0:
             save_run(elastic, out)
             if cfg.save_initial:
                 save_run(elastic, out / "initial")
 
+    engine = parallelize(DistillStep(elastic, cfg.kd_chunk_tokens), teacher, mode, rank, world, cfg.dtype,
+                         cfg.activation_checkpointing, cfg.optimizer_offload)
+    log(f"engine: {mode}, {world} process(es), {cfg.dtype}, device {engine.device}")
+    opt = make_optimizer(cfg, elastic)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    start = 0
+    if latest is not None:
+        start = load_checkpoint(latest, engine.state_module, opt)["step"]
+        log(f"resuming from {latest} at step {start}")
+
     stage1_steps = int(round(cfg.steps * cfg.stage1_fraction))
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(range(start, cfg.steps), desc="elastify", file=sys.stderr, disable=rank != 0, dynamic_ncols=True,
                initial=start, total=cfg.steps)
-    elastic.train()
+    engine.student.train()
+    model_params = opt.param_groups[0]["params"]
     t0 = time.perf_counter()
     for step in bar:
         stage = 1 if step < stage1_steps else 2
+        if step == stage1_steps > 0:  # stage 2 trains the architectures the budgets will end with
+            settle_router(elastic.router, elastic.cost, ecfg.budgets)
         seq_len = cfg.stage1_seq_len if stage == 1 else cfg.stage2_seq_len
         budget = budget_for_step(cfg, ecfg.budgets, step, stage)
         tau = tau_at(cfg, step)
-        ids, mask = batch_for_step(seqs, step, rank, cfg.batch_size, seq_len, pad, cfg.seed)
+        ids, mask = rank_batch(cfg, seqs, step, seq_len, pad, rank, world)
+        ids, mask = ids.to(engine.device), mask.to(engine.device)
+        attn = ((ids != pad) | (mask > 0)).float()
         with torch.no_grad():
-            teacher_logits = teacher(ids)
+            teacher_hidden = engine.teacher(ids, head=False)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # Gumbel noise of this step
-        logits, picks = elastic.forward_sampled(ids, budget, tau, gen)
-        attn = (ids != pad) | (mask > 0)
-        kd = kd_loss(logits, teacher_logits, attn, cfg.kd_temperature)
-        rl = router_loss(elastic.cost, picks, budget)
-        loss = kd + cfg.router_weight * rl.float()
-        lm = lm_loss(logits, ids, mask) if cfg.lm_weight > 0 else None
-        if lm is not None:
-            loss = loss + cfg.lm_weight * lm
+        kl, ce, picks = engine.student(ids, budget, tau, gen, teacher_hidden, engine.teacher.lm_head, attn,
+                                       cfg.kd_temperature, mask.float() if cfg.lm_weight > 0 else None)
+        # per-rank sums over global counts: the engines' gradient mean over ranks is the whole batch's
+        n_kd, n_lm = global_sum(attn.sum()), global_sum(mask[:, 1:].sum().float())
+        kd = kl * world / n_kd.clamp_min(1)
+        rl = router_loss(elastic.cost, {a: p.cpu() for a, p in picks.items()}, budget)
+        loss = kd + cfg.router_weight * rl.float().to(kd.device)
+        if cfg.lm_weight > 0:
+            loss = loss + cfg.lm_weight * ce * world / n_lm.clamp_min(1)
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = base * lr_scale(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(model_params + router_params, world)
         torch.nn.utils.clip_grad_norm_(model_params, cfg.grad_clip)
         opt.step()
-        arch = {a: elastic.space.choices[a][int(p.argmax())] for a, p in picks.items()}
-        record = {"step": step + 1, "stage": stage, "budget": budget, "tau": round(tau, 4), "loss": loss.item(),
-                  "kd": kd.item(), "router": rl.item(), "lm": None if lm is None else lm.item(),
-                  "relative_cost": float(elastic.cost.relative({a: p.detach() for a, p in picks.items()})),
-                  "arch": arch, "seconds": round(time.perf_counter() - t0, 2)}
+        done = step + 1
+        record = step_record(cfg, elastic, step, stage, budget, tau, picks, kl, ce, n_kd, n_lm, rl, t0)
         bar.set_postfix(loss=f"{record['loss']:.3f}", kd=f"{record['kd']:.3f}", rl=f"{record['router']:.4f}",
-                        budget=budget, cost=f"{record['relative_cost']:.2f}", arch="/".join(map(str, arch.values())))
+                        budget=budget, cost=f"{record['relative_cost']:.2f}", arch="/".join(map(str, record["arch"].values())))
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-        done = step + 1
-        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps or done == cfg.stop_after):
-            save_checkpoint(ckpt_dir, done, checkpoint_weights(elastic), opt, {"seed": cfg.seed})
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == cfg.stop_after:
+            save_checkpoint(ckpt_dir, done, engine.state_module, opt, {"seed": cfg.seed, "world": world})
         if cfg.stop_after is not None and done >= cfg.stop_after:
             break
     bar.close()
     if metrics is not None:
         metrics.close()
     finished = cfg.stop_after is None or cfg.stop_after >= cfg.steps
-    if rank == 0 and finished:
-        save_run(elastic, out)
-    if world > 1:
-        dist.barrier()
-    return {"rank": rank, "world": world, "steps": cfg.steps, "finished": finished,
-            "state_sha256": state_digest(elastic),
-            "architectures": {b: elastic.describe(b) for b in ecfg.budgets}}
+    final = gathered_elastic(elastic, engine, mode, rank)
+    if final is not None and finished:
+        if cfg.steps > 0:  # training moved the router: project its picks back into the windows
+            settle_router(final.router, final.cost, ecfg.budgets)
+            log_settled(final, log)
+        save_run(final, out)
+    barrier()
+    return {"rank": rank, "world": world, "steps": cfg.steps, "finished": finished, "parallel": mode,
+            "state_sha256": None if final is None else state_digest(final),
+            "architectures": None if final is None else {b: final.describe(b) for b in ecfg.budgets}}
+
+
+def step_record(cfg, elastic, step, stage, budget, tau, picks, kl, ce, n_kd, n_lm, rl, t0) -> dict:
+    """One metrics.jsonl line; the losses are the whole batch's (summed over ranks)."""
+    kd = float(global_sum(kl) / n_kd.clamp_min(1))
+    lm = float(global_sum(ce) / n_lm.clamp_min(1)) if cfg.lm_weight > 0 else None
+    arch = {a: elastic.space.choices[a][int(p.argmax())] for a, p in picks.items()}
+    loss = kd + cfg.router_weight * float(rl.detach()) + (cfg.lm_weight * lm if lm is not None else 0.0)
+    return {"step": step + 1, "stage": stage, "budget": budget, "tau": round(tau, 4), "loss": loss, "kd": kd,
+            "router": float(rl.detach()), "lm": lm,
+            "relative_cost": float(elastic.cost.relative({a: p.detach().cpu() for a, p in picks.items()})),
+            "arch": arch, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def gathered_elastic(elastic: ElasticLM, engine, mode: str, rank: int) -> ElasticLM | None:
+    """A plain (unsharded, CPU) ElasticLM with the trained weights: every rank for none/ddp, rank 0
+    only for fsdp (the shards are gathered there; other ranks get None)."""
+    if mode != "fsdp":
+        return elastic
+    state = full_state_dict(engine.state_module)  # collective
+    if rank != 0:
+        return None
+    model_state = {k.removeprefix("elastic.model."): v for k, v in state.items() if k.startswith("elastic.model.")}
+    router_state = {k.removeprefix("elastic.router."): v for k, v in state.items() if k.startswith("elastic.router.")}
+    model = HybridLM.from_state_dict(elastic.config, model_state, elastic.model.tokenizer)
+    plain = ElasticLM(model, elastic.ecfg, elastic.space, elastic.cost)
+    plain.router.load_state_dict(router_state)
+    return plain
+
+
+def log_settled(elastic, log) -> None:
+    """One line per trained budget: target vs achieved cost; a warning where the grid misses it."""
+    for b in elastic.ecfg.budgets:
+        info = elastic.describe(b)
+        if info["held"]:
+            log(f"budget {b:g}: {cost_line(info)}")
+        else:
+            log(f"warning: budget {b:g}: {cost_line(info)}: no architecture of the choice grid lies in the window, "
+                f"{info['achieved']:.3f} is the closest achievable; use finer choices (elastic.fractions / elastic.choices)")
 
 
 def state_digest(module: torch.nn.Module) -> str:
@@ -303,14 +382,6 @@ def state_digest(module: torch.nn.Module) -> str:
         h.update(key.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def checkpoint_weights(elastic) -> dict[str, torch.Tensor]:
-    """State dict without the tied LM head (it is the embedding matrix, restored by the tie)."""
-    state = elastic.state_dict()
-    if elastic.config.tie_word_embeddings:
-        state.pop("model.lm_head.weight", None)
-    return state
 
 
 def load_elastify_config(path: str | None, overrides: dict) -> ElastifyConfig:

@@ -1,0 +1,16 @@
+"""The one place that applies parallelism to models that know nothing of it (see parallel.py)."""
+
+from star_elastic.distributed.parallel import (
+    PARALLEL_MODES,
+    Engine,
+    barrier,
+    full_state_dict,
+    global_sum,
+    init_process_group,
+    parallelize,
+    resolve_mode,
+    shutdown,
+)
+
+__all__ = ["PARALLEL_MODES", "Engine", "barrier", "full_state_dict", "global_sum", "init_process_group", "parallelize",
+           "resolve_mode", "shutdown"]

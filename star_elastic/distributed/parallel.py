@@ -1,0 +1,175 @@
+"""Apply data parallelism to a training step whose model knows nothing of it.
+
+    torchrun --nproc-per-node G [--nnodes N --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT] \
+        -m star_elastic.cli elastify ...
+
+Modes (`--parallel`): "none" (one process), "ddp" (`DistributedDataParallel`, full replicas),
+"fsdp" (FSDP2 `fully_shard`: every block its own unit, the budget router its own fp32 unit, the
+rest — embeddings, final norm, LM head — in the root unit, which stays gathered from forward to
+the end of backward so the chunked loss can apply the LM head outside the blocks), "auto" (fsdp
+when launched with more than one process). The frozen teacher is sharded the same way
+(`reshard_after_forward` per block) and held in the compute dtype.
+
+`--dtype bf16` = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over fp32 sharded
+master weights (the MoE correction bias is a buffer and stays fp32). `--activation-checkpointing`
+recomputes each block in backward; `--optimizer-offload` keeps sharded params, grads and optimizer
+states in CPU memory (FSDP2 CPUOffloadPolicy). The recipe calls `init_process_group`,
+`parallelize` once before its loop, and `shutdown` at the end; nothing in the model or the step
+knows which engine runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import socket
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+from star_elastic.config import ConfigError
+
+# The budget router returns per-axis logits that are views of its Linear output; nothing edits them
+# in place, which is what FSDP2 warns about.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class Engine:
+    """What `parallelize` returns: call `student` and `teacher`, give `state_module` to checkpoints."""
+
+    mode: str
+    rank: int
+    world: int
+    device: torch.device
+    student: nn.Module
+    """The wrapped step module (call it as the step module)."""
+    state_module: nn.Module
+    """The step module itself (DDP unwrapped): for state dicts and DCP."""
+    teacher: nn.Module
+
+
+def resolve_mode(mode: str, world: int, dtype: str = "fp32") -> str:
+    if mode not in PARALLEL_MODES:
+        raise ConfigError(f"parallel must be one of {list(PARALLEL_MODES)}, got {mode!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    mode = ("fsdp" if world > 1 else "none") if mode == "auto" else mode
+    if dtype == "bf16" and mode != "fsdp":
+        raise ConfigError(f"dtype bf16 (fp32 master weights, bf16 compute) needs parallel fsdp, got {mode!r}: "
+                          "pass --parallel fsdp (also fine in one process)")
+    return mode
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_process_group(mode: str, dtype: str = "fp32") -> tuple[str, int, int]:
+    """(resolved mode, rank, world). Uses torchrun's env; fsdp/ddp in a plain process get a 1-rank group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mode = resolve_mode(mode, world, dtype)
+    if mode == "none":
+        if world > 1:
+            raise ConfigError(f"parallel 'none' with {world} processes would train {world} unrelated copies; "
+                              "use --parallel auto, ddp or fsdp under torchrun")
+        return mode, 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device_for_rank())
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    return mode, dist.get_rank(), dist.get_world_size()
+
+
+def shutdown() -> None:
+    """Leave the process group in step: every rank reaches the barrier before any rank destroys
+    its group, so no rank tears down gloo pairs a peer is still using."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over all ranks (a copy; `t` itself is untouched)."""
+    t = t.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _checkpoint_blocks(blocks: nn.ModuleList) -> None:
+    """Per-block activation checkpointing: the block's forward is recomputed in backward. The
+    module tree (and every state-dict key) is unchanged."""
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def _shard(blocks: nn.ModuleList, root: nn.Module, extra_units: list[nn.Module], **kw) -> None:
+    for block in blocks:
+        fully_shard(block, **kw)
+    for unit in extra_units:
+        fully_shard(unit, **(kw | {"mp_policy": MixedPrecisionPolicy(torch.float32, torch.float32)}))
+    fully_shard(root, **(kw | {"reshard_after_forward": False}))
+
+
+def parallelize(step: nn.Module, teacher: nn.Module, mode: str, rank: int, world: int, dtype: str = "fp32",
+                activation_checkpointing: bool = False, optimizer_offload: bool = False) -> Engine:
+    """Wrap the student step module (holding `step.elastic`) and the frozen teacher for `mode`."""
+    device = device_for_rank()
+    compute = DTYPES[dtype]
+    elastic = step.elastic
+    teacher = teacher.to(device=device, dtype=compute).eval().requires_grad_(False)
+    step.to(device)
+    if activation_checkpointing:
+        _checkpoint_blocks(elastic.model.backbone.layers)
+    if optimizer_offload and mode != "fsdp":
+        raise ConfigError(f"optimizer_offload needs parallel fsdp, got {mode!r}")
+    if mode == "none":
+        return Engine(mode, rank, world, device, step, step, teacher)
+    if mode == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        # budget 1.0 runs without the router: its parameters are then unused for that step
+        ddp = DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
+        return Engine(mode, rank, world, device, ddp, step, teacher)
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if optimizer_offload else OffloadPolicy()
+    _shard(elastic.model.backbone.layers, step, [elastic.router], mp_policy=mp, offload_policy=offload)
+    _shard(teacher.backbone.layers, teacher, [], reshard_after_forward=True)
+    return Engine(mode, rank, world, device, step, step, teacher)
+
+
+def full_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on CPU: on rank 0 only, or on every rank with `all_ranks`."""
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
+    state = get_model_state_dict(module, options=opts)
+    return {k: v.detach().cpu() for k, v in state.items()}

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving of elastic budget control (scheduler, schemas, app, proxy)."""

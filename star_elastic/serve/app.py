@@ -1,0 +1,334 @@
+"""The FastAPI app: OpenAI routes → request schema → `Spec` → engine → JSON or SSE response.
+
+Model ids: NAME (elastic: the server's default budgets) and NAME@B for every trained budget B
+(think and answer on B; a plain completion on B for /v1/completions). Per-request fields
+override: `think_budget`, `answer_budget`, `max_think_tokens` / `thinking_token_budget`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from star_elastic.config import ConfigError
+from star_elastic.infer.generate import GenerationConfig
+from star_elastic.serve import errors
+from star_elastic.serve.engine import Progress, Spec
+from star_elastic.serve.errors import RequestError
+from star_elastic.serve.schemas import BaseRequest, ChatRequest, CompletionRequest
+
+MAX_BODY_BYTES = 1 << 22
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """How `star-elastic serve` answers; budgets default to the largest trained one (the parent)."""
+
+    name: str = "star-elastic"
+    """Model id of the elastic model; budget entries are NAME@B."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    """When set, every /v1 request needs `Authorization: Bearer KEY`."""
+    think_budget: float | None = None
+    answer_budget: float | None = None
+    max_think_tokens: int = 256
+    """Default trace cap; </think> is forced when reached."""
+    max_tokens: int = 64
+    """Default answer cap (max_tokens of a request overrides it)."""
+    max_batch: int = 32
+    """Jobs decoding at once, over every budget; more wait in a queue."""
+
+    def __post_init__(self) -> None:
+        if self.max_think_tokens < 0 or self.max_tokens < 1 or self.max_batch < 1:
+            raise ConfigError(f"serve: need max_think_tokens >= 0, max_tokens >= 1, max_batch >= 1 (got "
+                              f"{self.max_think_tokens}, {self.max_tokens}, {self.max_batch})")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"serve: --port {self.port} is not a TCP port")
+        if self.api_key == "":
+            raise ConfigError("serve: --api-key is empty")
+
+
+def budget_id(name: str, budget: float) -> str:
+    return f"{name}@{budget:g}"
+
+
+class Router:
+    """Request schema → Spec, with every budget / model check in one place."""
+
+    def __init__(self, cfg: ServeConfig, budgets: list[float]):
+        """An empty `budgets` means a proxy: its backends fix the budgets, requests may not choose."""
+        self.cfg, self.budgets = cfg, sorted(budgets, reverse=True)
+        if not self.budgets:
+            self.default_think = self.default_answer = 1.0  # placeholders: the backends decide
+            return
+        self.default_think = self._budget(cfg.think_budget, "--think-budget") if cfg.think_budget is not None \
+            else self.budgets[0]
+        self.default_answer = self._budget(cfg.answer_budget, "--answer-budget") if cfg.answer_budget is not None \
+            else self.budgets[0]
+
+    def _budget(self, value: float, param: str) -> float:
+        if not self.budgets:
+            raise RequestError(f"{param}: this proxy's budgets are fixed by --think-backend/--answer-backend; "
+                               "drop the field", param=param, code="budget_out_of_range")
+        for b in self.budgets:
+            if abs(b - value) < 1e-9:
+                return b
+        choices = ", ".join(f"{b:g}" for b in self.budgets)
+        msg = f"{param} {value:g} is not a trained budget of this model; use one of {choices}"
+        if param.startswith("--"):
+            raise ConfigError(f"serve: {msg}")
+        raise RequestError(msg, param=param, code="budget_out_of_range")
+
+    def model_budget(self, model: str) -> float | None:
+        """None for the elastic id, the budget for NAME@B; 404 for anything else."""
+        if model == self.cfg.name:
+            return None
+        for b in self.budgets:
+            if model == budget_id(self.cfg.name, b):
+                return b
+        raise RequestError(f"model {model!r} does not exist; GET /v1/models lists "
+                           f"{self.cfg.name!r} and its budgets", param="model", code="model_not_found", status=404)
+
+    def spec(self, req: BaseRequest, prompt, chat: bool) -> Spec:
+        pinned = self.model_budget(req.model)
+        default_think = self.default_think if pinned is None else pinned
+        default_answer = self.default_answer if pinned is None else pinned
+        answer = default_answer if req.answer_budget is None else self._budget(req.answer_budget, "answer_budget")
+        two_phase = chat or pinned is None or req.think_budget is not None or req.think_cap() is not None
+        think = None
+        if two_phase:
+            think = default_think if req.think_budget is None else self._budget(req.think_budget, "think_budget")
+        cap = req.think_cap()
+        max_tokens = (req.answer_cap() if isinstance(req, ChatRequest) else req.max_tokens) or self.cfg.max_tokens
+        sampling = GenerationConfig(temperature=float(req.temperature), top_p=float(req.top_p), seed=req.seed,
+                                    stop_strings=req.stops())
+        return Spec(prompt, answer, think, self.cfg.max_think_tokens if cap is None else cap, max_tokens, sampling,
+                    req.skip_special_tokens)
+
+
+# --- responses -------------------------------------------------------------------------------
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
+    """Text up to the earliest stop string (excluded), and that stop string."""
+    hits = [(text.find(s), s) for s in stops if s in text]
+    if not hits:
+        return text, None
+    at, stop = min(hits)
+    return text[:at], stop
+
+
+def visible(prog: Progress, spec: Spec) -> tuple[str, str]:
+    """(reasoning, content) safe to send now: content cut at a stop string, and while decoding the
+    tail that could still grow into one is held back (so streamed text == non-streamed text)."""
+    content, stop = cut_at_stop(prog.content, spec.sampling.stop_strings)
+    if prog.finish is None and stop is None and spec.sampling.stop_strings:
+        hold = max(len(s) for s in spec.sampling.stop_strings) - 1
+        content = content[: max(0, len(content) - hold)]
+    return prog.reasoning, content
+
+
+def completion_text(prog: Progress, spec: Spec) -> str:
+    reasoning, content = visible(prog, spec)
+    if spec.think_budget is None:
+        return content
+    close = "" if spec.skip_special_tokens else "</think>"
+    return reasoning + (close if prog.finish is not None or content else "") + content
+
+
+def usage(progs: list[Progress]) -> dict:
+    prompt = sum(p.prompt_tokens for p in progs)
+    reasoning = sum(p.reasoning_tokens for p in progs)
+    completion = reasoning + sum(p.content_tokens for p in progs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+
+def finish_fields(prog: Progress, spec: Spec) -> dict:
+    _, stop = cut_at_stop(prog.content, spec.sampling.stop_strings)
+    return {"finish_reason": prog.finish, "stop_reason": stop,
+            "forced_end_of_think": prog.forced_end_of_think if spec.think_budget is not None else None}
+
+
+async def final(engine, spec: Spec) -> Progress:
+    async with contextlib.aclosing(engine.run(spec)) as it:
+        async for prog in it:
+            if prog.finish is not None:
+                return prog
+    raise RuntimeError("the engine ended without a result")
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def stream_events(engine, spec: Spec, head: dict, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """SSE chunks: deltas of reasoning/content (chat) or text (completions), then usage, [DONE]."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    sent_r = sent_c = sent_t = ""
+    if chat:
+        yield sse(head | {"object": kind, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                          "finish_reason": None}]})
+    try:
+        async with contextlib.aclosing(engine.run(spec)) as it:
+            async for prog in it:
+                reasoning, content = visible(prog, spec)
+                done = finish_fields(prog, spec) if prog.finish is not None else {"finish_reason": None}
+                if chat:
+                    delta = {}
+                    if len(reasoning) > len(sent_r):
+                        delta["reasoning_content"], sent_r = reasoning[len(sent_r):], reasoning
+                    if len(content) > len(sent_c):
+                        delta["content"], sent_c = content[len(sent_c):], content
+                    choice = {"index": 0, "delta": delta} | done
+                else:
+                    text = completion_text(prog, spec)
+                    choice = {"index": 0, "text": text[len(sent_t):]} | done
+                    sent_t = text
+                if len(choice.get("delta", choice.get("text", ""))) or prog.finish is not None:
+                    yield sse(head | {"object": kind, "choices": [choice]})
+                if prog.finish is not None and include_usage:
+                    yield sse(head | {"object": kind, "choices": [], "usage": usage([prog])})
+    except RequestError as err:
+        yield sse(errors.error_body(err.message, err.status, err.param, err.code))
+    except Exception as err:  # noqa: BLE001 - the stream is open: report in-band, keep serving
+        yield sse(errors.error_body(f"generation failed: {err}", 500))
+    yield "data: [DONE]\n\n"
+
+
+# --- the app -----------------------------------------------------------------------------------
+def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
+    """The HTTP API over `engine` (LocalEngine or ProxyEngine); budgets name the model entries."""
+    router = Router(cfg, budgets)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await engine.aclose()
+
+    app = FastAPI(title="star-elastic", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_exception_handler(RequestError, errors.on_request_error)
+    app.add_exception_handler(RequestValidationError, errors.on_validation_error)
+    app.add_exception_handler(HTTPException, errors.on_http_error)
+    app.add_exception_handler(Exception, errors.on_any_error)
+    app.state.engine, app.state.router = engine, router
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if cfg.api_key is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
+                return errors.error_response("missing or wrong API key (Authorization: Bearer KEY)", 401,
+                                             code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return errors.error_response(f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
+        return await call_next(request)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        now = int(time.time())
+        entries = [{"id": cfg.name, "object": "model", "created": now, "owned_by": "star-elastic",
+                    "think_budget": router.default_think, "answer_budget": router.default_answer}]
+        entries += [{"id": budget_id(cfg.name, b), "object": "model", "created": now, "owned_by": "star-elastic",
+                     "parent": cfg.name, "budget": b} for b in router.budgets]
+        return {"object": "list", "data": entries}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
+        specs = [router.spec(req, p, chat=False) for p in prompts]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        if req.stream:
+            if len(specs) > 1:
+                raise RequestError("stream one prompt per request", param="prompt")
+            engine.check(specs[0])  # a 4xx before the stream opens
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream_events(engine, specs[0], head, False, include),
+                                     media_type="text/event-stream")
+        progs = await asyncio.gather(*(final(engine, s) for s in specs))
+        choices = [{"index": i, "text": completion_text(p, s), "logprobs": None} | finish_fields(p, s)
+                   for i, (p, s) in enumerate(zip(progs, specs))]
+        return head | {"object": "text_completion", "choices": choices, "usage": usage(list(progs))}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        spec = router.spec(req, engine.chat_prompt(messages), chat=True)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        if req.stream:
+            engine.check(spec)
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream_events(engine, spec, head, True, include), media_type="text/event-stream")
+        prog = await final(engine, spec)
+        reasoning, content = visible(prog, spec)
+        message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+        return head | {"object": "chat.completion", "usage": usage([prog]),
+                       "choices": [{"index": 0, "message": message} | finish_fields(prog, spec)]}
+
+    return app
+
+
+def make_local_app(server, cfg: ServeConfig, budgets: list[float] | None = None,
+                   max_context: int | None = None) -> FastAPI:
+    """The app over an ElasticServer-like object; budgets default to its elastic config's."""
+    from star_elastic.serve.engine import LocalEngine
+
+    budgets = list(budgets if budgets is not None else server.elastic.ecfg.budgets)
+    context = max_context or server.model(budgets[0]).config.max_position_embeddings
+    return build_app(LocalEngine(server, budgets, cfg.max_batch, context), cfg, budgets)
+
+
+class BackgroundServer:
+    """uvicorn serving `app` from a thread on 127.0.0.1 (a free port by default); a context manager."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.app, self.url = app, f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def make_proxy_app(think_backend: str, answer_backend: str, tokenizer, cfg: ServeConfig,
+                   backend_api_key: str | None = None) -> FastAPI:
+    """The same API, budget control run over two OpenAI-compatible backends (see serve/proxy.py)."""
+    from star_elastic.serve.proxy import Backend, ProxyEngine
+
+    engine = ProxyEngine(Backend.parse(think_backend, "--think-backend"),
+                         Backend.parse(answer_backend, "--answer-backend"), tokenizer, backend_api_key)
+    return build_app(engine, cfg, [])

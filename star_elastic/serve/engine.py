@@ -1,0 +1,121 @@
+"""What the HTTP layer asks of a generation backend, and the in-process one over the scheduler.
+
+A `Spec` is one sequence to generate (already validated); `Engine.run(spec)` yields `Progress`
+snapshots as text grows and a last one with `finish` set. `LocalEngine` runs specs on the
+scheduler (one weight copy, every budget); `star_elastic.serve.proxy.ProxyEngine` runs them on
+two OpenAI-compatible backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+
+from star_elastic.infer.generate import GenerationConfig
+from star_elastic.serve.errors import RequestError
+from star_elastic.serve.scheduler import Job, Scheduler
+
+
+@dataclasses.dataclass
+class Spec:
+    """One sequence: a text or token-id prompt, its budgets, caps and sampling."""
+
+    prompt: str | list[int]
+    answer_budget: float
+    think_budget: float | None  # None: one phase (a plain completion on answer_budget)
+    max_think_tokens: int
+    max_tokens: int
+    sampling: GenerationConfig  # temperature, top_p, seed, stop strings
+    skip_special_tokens: bool = True
+
+
+@dataclasses.dataclass
+class Progress:
+    """Text so far; `reasoning` excludes the closing </think>, `content` excludes eos."""
+
+    reasoning: str = ""
+    content: str = ""
+    prompt_tokens: int = 0
+    reasoning_tokens: int = 0  # includes the </think> that closed the trace
+    content_tokens: int = 0
+    finish: str | None = None
+    forced_end_of_think: bool = False
+    stop_reason: str | None = None  # the stop string that ended the answer, if one did
+
+
+class LocalEngine:
+    """Specs → scheduler jobs on an ElasticServer-like object (`model(budget)`, `think_row`, ...)."""
+
+    def __init__(self, server, budgets: Sequence[float], max_batch: int, max_context: int):
+        self.server, self.budgets, self.max_context = server, list(budgets), max_context
+        self.tokenizer = server.model(self.budgets[0]).tokenizer
+        self.vocab_size = server.model(self.budgets[0]).config.vocab_size
+        self.scheduler = Scheduler(server, max_batch)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def check(self, spec: Spec) -> None:
+        """Raise the request's 4xx now (before a stream opens)."""
+        self.encode(spec)
+
+    def encode(self, spec: Spec) -> list[int]:
+        if isinstance(spec.prompt, str):
+            ids = self.tokenizer.encode(spec.prompt, add_special_tokens=False)
+        else:
+            ids = list(spec.prompt)
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        if not ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        need = len(ids) + (spec.max_think_tokens + 1 if spec.think_budget is not None else 0) + spec.max_tokens
+        if need > self.max_context:
+            raise RequestError(
+                f"this model's context is {self.max_context} tokens; the prompt ({len(ids)}) plus the think cap "
+                f"and max_tokens need {need}: shorten the prompt or lower the caps",
+                param="prompt", code="context_length_exceeded")
+        return ids
+
+    async def run(self, spec: Spec) -> AsyncIterator[Progress]:
+        ids = self.encode(spec)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(ids, spec.answer_budget, spec.max_tokens, spec.sampling,
+                  emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                  think_budget=spec.think_budget, max_think_tokens=spec.max_think_tokens)
+        self.scheduler.submit(job)
+        think: list[int] = []
+        answer: list[int] = []
+        prog = Progress(prompt_tokens=len(ids))
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "error":
+                    raise RuntimeError(value)
+                if kind == "think":
+                    think.append(value)
+                elif kind == "answer":
+                    answer.append(value)
+                else:
+                    prog.finish, prog.forced_end_of_think = value, job.forced_end_of_think
+                self._fill(prog, think, answer, spec.skip_special_tokens)
+                yield prog
+                if prog.finish is not None:
+                    return
+        finally:
+            job.cancel()  # a client gone mid-stream frees its slot at the next step boundary
+
+    def _fill(self, prog: Progress, think: list[int], answer: list[int], skip_special: bool) -> None:
+        closers = (self.server.think_end_id, self.server.eos_id)
+        trace = think[:-1] if think and think[-1] in closers else think
+        body = answer[:-1] if answer and answer[-1] == self.server.eos_id else answer
+        prog.reasoning = self.tokenizer.decode(trace, skip_special_tokens=skip_special)
+        prog.content = self.tokenizer.decode(body, skip_special_tokens=skip_special)
+        prog.reasoning_tokens, prog.content_tokens = len(think), len(answer)

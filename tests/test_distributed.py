@@ -1,0 +1,135 @@
+"""The parallel engines against one process, on CPU with gloo and two processes (torchrun).
+
+One torchrun launch runs every multi-process phase (FSDP2, DDP, DCP resume at the same and at a
+changed world size); the references run in this process. SGD, because AdamW divides by √v + eps
+and router gradients sit near eps, which turns ~1e-8 reduction-order differences into visible ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_elastify import TINY_PARENT
+
+from star_elastic import HybridLM, ModelConfig
+from star_elastic.config import from_dict
+from star_elastic.data.tokenizer import build_tokenizer
+from star_elastic.distributed import parallelize
+from star_elastic.elastic.run import load_elastic
+from star_elastic.train.distill import DistillStep
+from star_elastic.train.elastify import ElastifyConfig, prepare, state_digest, train
+
+BASE = dict(steps=4, batch_size=4, n_synthetic=100, calibration_batches=1, router_fit_steps=20, stage1_seq_len=24,
+            stage2_seq_len=32, checkpoint_every=2, optimizer="sgd", lr=0.5, router_lr=0.5, warmup_steps=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(parent, out, **changes) -> dict:
+    return BASE | {"model": str(parent), "out": str(out)} | changes
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run folder, keyed by name, plus each phase's per-rank summaries."""
+    root = tmp_path_factory.mktemp("dist")
+    tok = build_tokenizer()
+    model = HybridLM(ModelConfig(**TINY_PARENT, vocab_size=len(tok))).init_weights(0)
+    model.tokenizer = tok
+    model.save_pretrained(root / "parent")
+    p = root / "parent"
+    quiet = lambda msg: None  # noqa: E731
+    train(from_dict(ElastifyConfig, _cfg(p, root / "one", parallel="none", save_initial=True)), log=quiet)
+    train(from_dict(ElastifyConfig, _cfg(p, root / "one_stop", parallel="none", stop_after=2)), log=quiet)
+    phases = [
+        {"name": "fsdp", "cfg": _cfg(p, root / "fsdp", activation_checkpointing=True)},
+        {"name": "fsdp_stop", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, stop_after=2),
+         "copy_to": str(root / "two_to_one")},
+        {"name": "fsdp_resume", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, resume=True)},
+        {"name": "ddp", "cfg": _cfg(p, root / "ddp", parallel="ddp")},
+        {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    worker = Path(__file__).with_name("dist_worker.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(_free_port()), str(worker), json.dumps(phases), str(root)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(from_dict(ElastifyConfig, _cfg(p, root / "two_to_one", parallel="none", resume=True)), log=quiet)
+    return root
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    elastic = load_elastic(run)
+    return elastic.model.state_dict() | {f"router.{k}": v for k, v in elastic.router.state_dict().items()}
+
+
+def _max_diff(a, b) -> float:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+
+
+def _summary(runs, name, rank=0) -> dict:
+    return json.loads((runs / f"{name}-rank{rank}.json").read_text())
+
+
+def test_fsdp_two_processes_equal_one_process(runs):
+    assert _summary(runs, "fsdp")["parallel"] == "fsdp" and _summary(runs, "fsdp")["world"] == 2
+    assert _max_diff(runs / "one", runs / "one" / "initial") > 1e-3  # training moved the weights
+    assert _max_diff(runs / "fsdp", runs / "one") < 1e-6
+
+
+def test_ddp_ranks_identical_and_equal_one_process(runs):
+    assert _summary(runs, "ddp", 0)["state_sha256"] == _summary(runs, "ddp", 1)["state_sha256"]
+    assert _max_diff(runs / "ddp", runs / "one") < 1e-6
+
+
+def test_dcp_resume_at_same_world_size_is_bitwise(runs):
+    assert not _summary(runs, "fsdp_stop")["finished"]
+    assert _summary(runs, "fsdp_resume")["state_sha256"] == _summary(runs, "fsdp")["state_sha256"]
+    assert state_digest(load_elastic(runs / "fsdp_resumed")) == state_digest(load_elastic(runs / "fsdp"))
+    steps = [json.loads(line)["step"] for line in (runs / "fsdp_resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_dcp_resume_at_another_world_size(runs):
+    assert _summary(runs, "one_to_two")["world"] == 2
+    assert _max_diff(runs / "one_stop", runs / "one") < 1e-6  # written by 1 process, finished by 2
+    assert _max_diff(runs / "two_to_one", runs / "one") < 1e-6  # written by 2 processes, finished by 1
+
+
+def test_activation_checkpointing_gives_bitwise_equal_gradients(tmp_path):
+    tok = build_tokenizer()
+    model = HybridLM(ModelConfig(**TINY_PARENT, vocab_size=len(tok))).init_weights(0)
+    model.tokenizer = tok
+    model.save_pretrained(tmp_path / "parent")
+    grads = []
+    for ac in (False, True):
+        cfg = from_dict(ElastifyConfig, _cfg(tmp_path / "parent", tmp_path / "run"))
+        torch.manual_seed(0)  # the same router initialisation for both
+        elastic, teacher, _ = prepare(cfg, log=lambda m: None)
+        engine = parallelize(DistillStep(elastic, chunk_tokens=16), teacher, "none", 0, 1, activation_checkpointing=ac)
+        ids = torch.randint(3, len(tok), (2, 24), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            hidden = engine.teacher(ids, head=False)
+        kl, _, picks = engine.student(ids, 0.5, 1.0, torch.Generator().manual_seed(2), hidden + 0.1,
+                                      engine.teacher.lm_head, torch.ones(2, 24))
+        (kl + sum(p @ torch.arange(len(p), dtype=p.dtype) for p in picks.values())).backward()
+        grads.append({n: p.grad.clone() for n, p in elastic.named_parameters() if p.grad is not None})
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("router.") for k in grads[0])
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), k

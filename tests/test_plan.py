@@ -1,0 +1,66 @@
+"""The memory planner against hand-computed parts, and Nemotron-3-Nano's state bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from star_elastic.cli import main
+from star_elastic.config import ConfigError, ModelConfig
+from star_elastic.plan import PlanConfig, plan
+
+NANO3 = Path(__file__).parent / "data" / "nemotron3_nano_30b_a3b"
+
+
+def mlp_only():
+    """One dense MLP block: C=4, I=8, V=10 → embeddings 40 + head 40 + final norm 4 + block (norm 4 +
+    up 32 + down 32 = 68) = 152 parameters; root unit 84."""
+    return ModelConfig(vocab_size=10, hidden_size=4, pattern="-", intermediate_size=8, num_attention_heads=1,
+                       num_key_value_heads=1, head_dim=4, mamba_num_heads=1, mamba_head_dim=4, n_groups=1,
+                       ssm_state_size=4, n_routed_experts=1, num_experts_per_tok=1)
+
+
+def test_parts_by_hand_two_gpus_bf16():
+    r = plan(mlp_only(), PlanConfig(gpus=2, seq_len=8, micro_batch=2, dtype="bf16", gpu_memory_gb=4e-6))
+    assert r["params"] == 152
+    assert r["parts"] == {
+        "student_params": 4 * 152 // 2, "student_grads": 4 * 152 // 2, "optimizer_states": 8 * 152 // 2,
+        "teacher": 152 * 2 // 2 + 84 * 2 // 2,  # bf16 shard + the rest of the gathered root unit
+        "activations": 16 * (3 * 4 + 2 * 8 + 2 * 4) * 2,  # 16 tokens x (MLP block + 2 hidden states) x 2 B
+        "kd_chunk": 16 * 10 * 4 * 6,  # the whole 16 tokens in one chunk, 6 fp32 (n, V) tensors
+        "comm_buffers": 84 * 2 + 2 * 68 * 2 + 68 * 4,  # root + two blocks gathered, one block's fp32 grads
+    }
+    assert r["per_gpu_bytes"] == sum(r["parts"].values()) == 7156
+    assert r["fits"] is False and r["gpu_memory_bytes"] == 4000
+    assert plan(mlp_only(), PlanConfig(gpus=2, seq_len=8, micro_batch=2, gpu_memory_gb=7.2e-6))["fits"] is True
+
+
+def test_one_fp32_process_offload_and_checkpointing():
+    r = plan(mlp_only(), PlanConfig(gpus=1, seq_len=8, micro_batch=1, dtype="fp32", activation_checkpointing=True,
+                                    kd_chunk_tokens=4))
+    assert r["parts"]["comm_buffers"] == 0 and r["parts"]["teacher"] == 152 * 4  # unsharded: no FSDP buffers
+    assert r["parts"]["activations"] == 8 * (4 + 28 + 2 * 4) * 4  # one block input + one block recomputed
+    assert r["parts"]["kd_chunk"] == 4 * 10 * 4 * 6 and r["fits"] is None
+    off = plan(mlp_only(), PlanConfig(gpus=1, optimizer_offload=True))
+    assert off["parts"]["student_params"] == off["parts"]["optimizer_states"] == 0
+
+
+@pytest.mark.parametrize("gpus", [1, 8, 16])
+def test_nano3_state_bytes(gpus):
+    r = plan(ModelConfig.from_json(NANO3 / "config.json"), PlanConfig(gpus=gpus))
+    assert r["params"] == 31_577_937_344
+    assert r["state_bytes"] == 16 * 31_577_937_344 // gpus
+    assert sum(r["parts"][k] for k in ("student_params", "student_grads", "optimizer_states")) == r["state_bytes"]
+
+
+def test_plan_cli_json_and_bad_input(capsys):
+    assert main(["plan", str(NANO3), "--gpus", "16", "--gpu-memory-gb", "80", "--seq-len", "8192",
+                 "--micro-batch", "1", "--activation-checkpointing", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["fits"] is True and r["per_gpu_bytes"] == sum(r["parts"].values())
+    assert main(["plan", str(NANO3), "--gpus", "0"]) == 2
+    assert "gpus must be positive, got 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        PlanConfig(dtype="fp16")

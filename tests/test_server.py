@@ -1,0 +1,185 @@
+"""The HTTP server against in-process budget control: outputs, batching, streaming, the proxy.
+
+Every request here goes through the official `openai` client; references are `ElasticServer.generate`
+and `generate()` run in-process on the same weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+from server_helpers import NAME, scheduler_of, serve, tiny_budget_server
+
+from star_elastic.data.tokenizer import format_prompt
+from star_elastic.infer.generate import GenerationConfig, generate
+from star_elastic.serve.app import BackgroundServer, ServeConfig, make_proxy_app
+
+RAW = {"skip_special_tokens": False}  # exact text: every token id decodes to text and back
+CASES = [  # (user message, think budget, answer budget, think cap, answer cap)
+    ("1+2=?", 0.5, 1.0, 10, 6), ("abc", 1.0, 0.5, 4, 5), ("12*3=?", 0.75, 0.75, 0, 4), ("x", 0.5, 0.5, 12, 3),
+    ("what is 7-5?", 1.0, 1.0, 7, 7), ("9", 0.75, 0.5, 3, 8),
+]
+
+
+@pytest.fixture(scope="module")
+def budget_server():
+    return tiny_budget_server()
+
+
+@pytest.fixture(scope="module")
+def live(budget_server):
+    with serve(budget_server, max_batch=32) as bg:
+        yield bg
+
+
+def client(bg, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=bg.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def chat_kwargs(case, **extra):
+    msg, tb, ab, cap, n = case
+    body = {"think_budget": tb, "answer_budget": ab, "max_think_tokens": cap} | RAW
+    return dict(model=NAME, messages=[{"role": "user", "content": msg}], temperature=0, max_tokens=n,
+                extra_body=body, **extra)
+
+
+def reference(server, case) -> tuple[str, str, int, int]:
+    """In-process two-phase result: (reasoning text, answer text, reasoning tokens, completion tokens)."""
+    msg, tb, ab, cap, n = case
+    tok = server.elastic.model.tokenizer
+    prompt = tok.encode(format_prompt(tok, msg), add_special_tokens=False)
+    res = server.generate([prompt], tb, ab, max_think_tokens=cap, max_answer_tokens=n).results[0]
+    trace = res.think_tokens[:-1] if res.think_tokens[-1] in (server.think_end_id, server.eos_id) else res.think_tokens
+    answer = res.answer_tokens[:-1] if res.answer_tokens and res.answer_tokens[-1] == server.eos_id else res.answer_tokens
+    text = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    return text(trace), text(answer), len(res.think_tokens), len(res.think_tokens) + len(res.answer_tokens)
+
+
+def test_models_lists_the_elastic_model_and_every_budget(live, budget_server):
+    ids = [m.id for m in client(live).models.list().data]
+    assert ids == [NAME] + [f"{NAME}@{b:g}" for b in sorted(budget_server.elastic.ecfg.budgets, reverse=True)]
+
+
+def test_chat_equals_in_process_budget_control_for_mixed_budgets(live, budget_server):
+    c = client(live)
+    for case in CASES:
+        r = c.chat.completions.create(**chat_kwargs(case))
+        reasoning, answer, n_think, n_total = reference(budget_server, case)
+        assert r.choices[0].message.reasoning_content == reasoning
+        assert r.choices[0].message.content == answer
+        assert r.usage.completion_tokens_details.reasoning_tokens == n_think
+        assert r.usage.completion_tokens == n_total
+
+
+def test_completion_on_a_budget_equals_generate_on_its_slice(live, budget_server):
+    prompt = [9, 20, 30, 11, 12]
+    for b in budget_server.elastic.ecfg.budgets:
+        r = client(live).completions.create(model=f"{NAME}@{b:g}", prompt=prompt, max_tokens=9, temperature=0,
+                                            extra_body=RAW)
+        ids = generate(budget_server.model(b), [prompt], GenerationConfig(max_new_tokens=9,
+                                                                          stop_token_ids=(budget_server.eos_id,)))[0]
+        ids = ids[:-1] if ids[-1] == budget_server.eos_id else ids
+        assert r.choices[0].text == budget_server.elastic.model.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def test_sixteen_concurrent_clients_get_their_one_at_a_time_outputs(live, budget_server):
+    cases = [CASES[i % len(CASES)][:3] + (6 + i % 5, 3 + i % 4) for i in range(16)]
+    sched = scheduler_of(live)
+    sched.peak_rows = 0
+
+    async def all_at_once():
+        c = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
+        return await asyncio.gather(*(c.chat.completions.create(**chat_kwargs(case)) for case in cases))
+
+    t0 = time.perf_counter()
+    results = asyncio.run(all_at_once())
+    assert time.perf_counter() - t0 < 60
+    assert sched.peak_rows > 1  # requests really shared decode steps
+    for case, r in zip(cases, results):
+        reasoning, answer, n_think, _ = reference(budget_server, case)
+        assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (reasoning, answer)
+        assert r.usage.completion_tokens_details.reasoning_tokens == n_think
+
+
+def test_streaming_equals_non_streaming(live):
+    c = client(live)
+    for case in CASES[:3]:
+        whole = c.chat.completions.create(**chat_kwargs(case, stop=["a", "3"]))
+        chunks = list(c.chat.completions.create(**chat_kwargs(case, stop=["a", "3"], stream=True,
+                                                                stream_options={"include_usage": True})))
+        reasoning = "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks if ch.choices)
+        content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert (reasoning, content) == (whole.choices[0].message.reasoning_content, whole.choices[0].message.content)
+        assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    body = dict(model=NAME, prompt="12+3=", max_tokens=8, temperature=0, stop=["4"],
+                extra_body={"think_budget": 0.5, "max_think_tokens": 5} | RAW)
+    whole = c.completions.create(**body).choices[0].text
+    assert "".join(ch.choices[0].text for ch in c.completions.create(**body, stream=True)) == whole
+
+
+def test_stop_string_cuts_the_answer_like_generate(live, budget_server):
+    case = ("1+2=?", 0.5, 1.0, 10, 6)
+    _, answer, _, _ = reference(budget_server, case)
+    stop = answer[2:4]
+    r = client(live).chat.completions.create(**chat_kwargs(case, stop=[stop]))
+    assert r.choices[0].message.content == answer[: answer.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(live):
+    c = client(live)
+    kw = dict(model=f"{NAME}@0.5", prompt="7*8=", max_tokens=12, temperature=1.0, top_p=0.9, extra_body=RAW)
+    a, b = (c.completions.create(seed=11, **kw).choices[0].text for _ in range(2))
+    others = {c.completions.create(seed=s, **kw).choices[0].text for s in range(12, 16)}
+    assert a == b
+    assert len(others | {a}) > 1
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(live):
+    sched = scheduler_of(live)
+    with httpx.Client(timeout=30) as h:
+        body = {"model": f"{NAME}@1", "prompt": "1", "max_tokens": 150, "temperature": 0, "stream": True}
+        with h.stream("POST", live.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert sched.active_jobs() == 1
+    deadline = time.monotonic() + 10
+    while sched.active_jobs() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sched.active_jobs() == 0
+    r = client(live).completions.create(model=f"{NAME}@1", prompt="1", max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_api_key_is_required_when_set(budget_server):
+    with serve(budget_server, api_key="s3cret") as bg:
+        with pytest.raises(openai.AuthenticationError):
+            client(bg, api_key="wrong").models.list()
+        assert httpx.get(bg.url + "/v1/models").status_code == 401
+        assert [m.id for m in client(bg, api_key="s3cret").models.list().data][0] == NAME
+
+
+def test_proxy_over_two_servers_equals_in_process(budget_server):
+    """Think on one server's 0.5 slice, answer on another's 1.0: same as in-process 0.5 → 1.0."""
+    tok = budget_server.elastic.model.tokenizer
+    with serve(budget_server) as thinker, serve(budget_server) as answerer:
+        app = make_proxy_app(f"{thinker.url}#{NAME}@0.5", f"{answerer.url}/v1#{NAME}@1", tok,
+                             ServeConfig(name="proxy"))
+        with BackgroundServer(app) as proxy:
+            for msg, cap in (("1+2=?", 10), ("abc", 3), ("12*3=?", 0), ("x", 30)):
+                case = (msg, 0.5, 1.0, cap, 6)
+                r = client(proxy).chat.completions.create(
+                    model="proxy", messages=[{"role": "user", "content": msg}], temperature=0, max_tokens=6,
+                    extra_body={"max_think_tokens": cap} | RAW)
+                reasoning, answer, n_think, n_total = reference(budget_server, case)
+                assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (reasoning, answer)
+                assert r.usage.completion_tokens_details.reasoning_tokens == n_think
+                assert r.usage.completion_tokens == n_total
+            with pytest.raises(openai.BadRequestError, match="fixed by"):
+                client(proxy).chat.completions.create(model="proxy", messages=[{"role": "user", "content": "1"}],
+                                                      extra_body={"think_budget": 0.5})
