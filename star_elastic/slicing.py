@@ -175,7 +175,6 @@ def _stream(src: Path, cfg: ModelConfig, keys: dict[str, str], slicer, writer, l
 def _write_quant_meta(dest: Path, small: ModelConfig, quant: dict, fmt: str, keys: list[str]) -> None:
     """hf_quant_config.json for the sliced config: the project's exclusion builder run on it,
     with the quantized set read from the slice's own tensors (linears that carry a weight_scale)."""
-    from star_elastic.model.hybrid import HybridLM
     from star_elastic.quant.export import _EXPERT_KEY, quant_metadata, write_quant_configs
 
     quantized = set()
@@ -184,8 +183,6 @@ def _write_quant_meta(dest: Path, small: ModelConfig, quant: dict, fmt: str, key
             module = key.removesuffix(".weight_scale")
             expert = _EXPERT_KEY.match(module)
             quantized.add(expert.group(1) if expert else module)
-    with torch.device("meta"):
-        model = HybridLM(small)
-    fresh = quant_metadata(QuantConfig(format=fmt, include=tuple(sorted(quantized)) or ("-",)), model)
+    fresh = quant_metadata(QuantConfig(format=fmt, include=tuple(sorted(quantized)) or ("-",)), small)
     meta = quant | {"quantization": quant["quantization"] | {"exclude_modules": fresh["quantization"]["exclude_modules"]}}
     write_quant_configs(dest, small, meta)

@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 import star_elastic.slicing as slicing
 from star_elastic import HybridLM, load_model
 from star_elastic.cli import main
-from star_elastic.config import ConfigError
+from star_elastic.config import ConfigError, QuantConfig
 from star_elastic.elastic.arch import IndexSets, load_arch_file, parse_arch
 from star_elastic.hf import save_model
 from star_elastic.quant.export import quant_metadata, quantized_state, slice_packed, write_quantized
 from test_quant_nested import quantized_elastic
+from test_quant_vllm_exclusions import QCFGS, disagreements, export
 
 ARCH = "hidden=48,attn_heads=2,mamba_heads=3,experts=5,expert_inter=16,shared_inter=32,mlp_inter=48,layers=0-4+6"
 
@@ -74,7 +75,7 @@ def test_arch_file_writes_one_folder_per_variant(parent, tmp_path):
 def test_quantized_arch_slice_equals_masked_and_quantize_then_slice(tmp_path, fmt):
     elastic, fq, qcfg, quantizers = quantized_elastic(fmt, seed=2)
     full = quantized_state(fq, qcfg, quantizers)
-    write_quantized(tmp_path / "q", fq.config, full, quant_metadata(qcfg, fq))
+    write_quantized(tmp_path / "q", fq.config, full, quant_metadata(qcfg, fq.config))
     arch = parse_arch(ARCH, fq.config)
     assert main(["slice", str(tmp_path / "q"), "--arch", ARCH, "--out", str(tmp_path / "s")]) == 0
     on_disk = all_tensors(tmp_path / "s")
@@ -88,10 +89,20 @@ def test_quantized_arch_slice_equals_masked_and_quantize_then_slice(tmp_path, fm
         torch.testing.assert_close(load_model(tmp_path / "s")(ids),
                                    fq(ids, masks=IndexSets.prefix(fq.config, arch).masks()), atol=1e-4, rtol=0)
     # exclusions rebuilt for the sliced config (layers renumbered), not copied from the input
-    with torch.device("meta"):
-        small = HybridLM(arch.model_config(fq.config))
     meta = json.loads((tmp_path / "s" / "hf_quant_config.json").read_text())["quantization"]
-    assert meta["exclude_modules"] == quant_metadata(qcfg, small)["quantization"]["exclude_modules"]
+    assert meta["exclude_modules"] == quant_metadata(qcfg, arch.model_config(fq.config))["quantization"]["exclude_modules"]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("which", sorted(QCFGS))
+def test_quantized_arch_slice_exclusions_read_right_by_vllm_rule(tmp_path, fmt, which):
+    """Whatever the input quantized (not only our default set), the slice's exclusions match its tensors."""
+    qcfg = QuantConfig(format=fmt, **QCFGS[which])
+    _, fq, tensors = export(fmt, qcfg)
+    write_quantized(tmp_path / "q", fq.config, tensors, quant_metadata(qcfg, fq.config))
+    assert main(["slice", str(tmp_path / "q"), "--arch", ARCH, "--out", str(tmp_path / "s")]) == 0
+    meta = json.loads((tmp_path / "s" / "hf_quant_config.json").read_text())
+    assert disagreements(all_tensors(tmp_path / "s"), meta) == []
 
 
 def test_streaming_holds_one_input_tensor_and_one_output_shard(parent, tmp_path, monkeypatch):
