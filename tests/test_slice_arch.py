@@ -230,3 +230,23 @@ def test_checkpoint_that_disagrees_with_its_config_is_refused(parent, tmp_path, 
     assert main(["slice", str(broken), "--arch", "hidden=32", "--out", str(tmp_path / "b")]) == 2
     assert "missing tensor 'backbone.layers.4.mixer.up_proj.weight'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_eval_with_explicit_variants_counts_the_sliced_checkpoints_tokens(parent_with_tokenizer, tmp_path, capsys):
+    from star_elastic.data.tokenizer import format_prompt
+
+    model, path = parent_with_tokenizer
+    (tmp_path / "v.json").write_text(json.dumps({"small": "hidden=32,experts=4", "mid": {"mamba_heads": 2}}))
+    assert main(["slice", str(path), "--arch-file", str(tmp_path / "v.json"), "--out", str(tmp_path / "sl")]) == 0
+    rows = [{"prompt": "3+4=", "answer": "7"}, {"prompt": "9-2=", "answer": "7"}]
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["eval", str(path), "--arch-file", str(tmp_path / "v.json"), "--think-variant", "small",
+                 "--answer-variant", "mid", "--data", str(tmp_path / "e.jsonl"), "--max-think-tokens", "6"]) == 0
+    point = json.loads(capsys.readouterr().out)[0]
+    tok = model.tokenizer
+    runs = [two_phase_on_slices(tmp_path / "sl" / "small", tmp_path / "sl" / "mid",
+                                tok.encode(format_prompt(tok, r["prompt"]), add_special_tokens=False), 6, 24) for r in rows]
+    assert (point["think_budget"], point["answer_budget"], point["n"]) == ("small", "mid", 2)
+    assert point["think_tokens"] == sum(len(t) for t, _ in runs) / 2
+    assert point["answer_tokens"] == sum(len(a) for _, a in runs) / 2
