@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,12 +52,39 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
         raise ConfigError(
             f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {sorted(names)}"
         )
+    hints = typing.get_type_hints(cls)
+    data = {key: _typed(f"{source}: {key}", value, hints[key]) for key, value in data.items()}
     try:
         return cls(**data)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     except TypeError as err:
         raise ConfigError(f"{source}: {err}") from None
+
+
+def _typed(where: str, value: Any, hint: Any) -> Any:
+    """`value` checked against a field's annotation (int, float, bool, str, dict, X | None, tuple[X, ...]);
+    ints are accepted where floats are expected. Other annotations are left to the dataclass."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _typed(where, value, inner[0]) if len(inner) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        elems = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(elems) != len(value):
+            raise ConfigError(f"{where} must have {len(elems)} entries, got {value!r}")
+        return tuple(_typed(f"{where}[{i}]", v, h) for i, (v, h) in enumerate(zip(value, elems)))
+    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: type(v) is int,
+          float: lambda v: type(v) in (int, float), str: lambda v: isinstance(v, str),
+          dict: lambda v: isinstance(v, dict)}.get(hint)
+    if ok is not None and not ok(value):
+        kind = {float: "a number", dict: "a mapping"}.get(hint, hint.__name__)
+        raise ConfigError(f"{where} must be {kind}, got {value!r}")
+    return float(value) if hint is float else value
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:

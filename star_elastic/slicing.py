@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -95,7 +96,7 @@ def slice_checkpoint(src, archs: dict[str, Architecture] | Architecture, out,
     Everything is written into a staging folder next to `out` and moved in place at the end, so a
     failure leaves nothing behind.
     """
-    from star_elastic.hf import checkpoint_keys
+    from star_elastic.hf import _normalise_key, checkpoint_keys
     from star_elastic.quant.export import read_quant_config
 
     src, out = checkpoint_dir(src), check_out_dir(out, empty=True)
@@ -104,11 +105,12 @@ def slice_checkpoint(src, archs: dict[str, Architecture] | Architecture, out,
     for arch in named.values():
         arch.validate(cfg)
     quant = read_quant_config(src)
-    keys = checkpoint_keys(src)
+    keys = {key: _normalise_key(key) for key in checkpoint_keys(src)}  # as stored → backbone.* names
     stage = out.with_name(f".{out.name}.partial")
     shutil.rmtree(stage, ignore_errors=True)
     try:
-        result = {name: _write_slice(src, cfg, arch, keys, quant, stage / name if name else stage, max_shard_bytes)
+        result = {name: _write_slice(src, cfg, arch, keys, quant, stage / name if name else stage, max_shard_bytes,
+                                     name or out.name)
                   for name, arch in named.items()}
         if out.is_dir():
             out.rmdir()  # empty (checked above)
@@ -119,18 +121,42 @@ def slice_checkpoint(src, archs: dict[str, Architecture] | Architecture, out,
 
 
 def _write_slice(src: Path, cfg: ModelConfig, arch: Architecture, keys: dict[str, str], quant: dict | None,
-                 dest: Path, max_shard_bytes: int) -> dict:
-    from star_elastic.hf import CheckpointError, ShardWriter, _normalise_key, iter_tensors, write_config
+                 dest: Path, max_shard_bytes: int, label: str) -> dict:
+    from star_elastic.hf import ShardWriter, write_config
     from star_elastic.quant.export import TensorSlicer
 
     fmt = None if quant is None else ("nvfp4" if quant["quantization"]["quant_algo"] == "NVFP4" else "fp8")
     small = arch.model_config(cfg)
-    slicer = TensorSlicer(cfg, arch, [_normalise_key(k) for k in keys], fmt)
     dest.mkdir(parents=True)
     writer = ShardWriter(dest, max_shard_bytes)
+    dtype = _stream(src, cfg, keys, TensorSlicer(cfg, arch, keys.values(), fmt), writer, label)
+    if quant is None:
+        write_config(small, dest, dtype)
+    else:
+        _write_quant_meta(dest, small, quant, fmt, writer.written_keys)
+    for name in _COPIED:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+    return {"architecture": arch.to_dict(), "bytes": writer.total_bytes, "peak_tensor_bytes": writer.peak_bytes,
+            "quantization": fmt}
+
+
+def _stream(src: Path, cfg: ModelConfig, keys: dict[str, str], slicer, writer, label: str) -> torch.dtype:
+    """Every input tensor, one at a time, through `slicer` into `writer`; returns the embeddings' dtype.
+
+    Unquantized tensors must have config.json's shapes (a larger tensor would slice silently wrong)."""
+    from star_elastic.hf import CheckpointError, expected_disk_shapes, iter_tensors
+
+    expected = expected_disk_shapes(cfg)
+    missing = sorted(set(expected) - set(keys.values()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    if missing:
+        raise CheckpointError(f"{src}: missing tensor {missing[0]!r} for this config (pattern {cfg.pattern})")
     dtype = torch.bfloat16
-    for key, t, fname in tqdm(iter_tensors(src), total=len(keys), desc=f"slice {dest.name.removeprefix('.').removesuffix('.partial')}", unit="tensor",
-                              leave=False):
+    for key, t, fname in tqdm(iter_tensors(src), total=len(keys), desc=f"slice {label}", unit="tensor",
+                              leave=False, file=sys.stderr):
+        packed = f"{key.rsplit('.', 1)[0]}.weight_scale" in slicer.keys
+        if key in expected and not packed and tuple(t.shape) != expected[key][0]:
+            raise CheckpointError(f"{src / fname}: tensor {key!r} has shape {tuple(t.shape)}, expected {expected[key][0]}")
         try:
             sliced = slicer(key, t)
         except KeyError:
@@ -143,21 +169,12 @@ def _write_slice(src: Path, cfg: ModelConfig, arch: Architecture, keys: dict[str
             writer.add(*sliced)
         del t, sliced
     writer.close()
-    if quant is None:
-        write_config(small, dest, dtype)
-    else:
-        _write_quant_meta(dest, small, quant, fmt, writer.written_keys)
-    for name in _COPIED:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dest / name)
-    return {"architecture": arch.to_dict(), "bytes": writer.total_bytes, "peak_tensor_bytes": writer.peak_bytes,
-            "quantization": fmt}
+    return dtype
 
 
 def _write_quant_meta(dest: Path, small: ModelConfig, quant: dict, fmt: str, keys: list[str]) -> None:
     """hf_quant_config.json for the sliced config: the project's exclusion builder run on it,
     with the quantized set read from the slice's own tensors (linears that carry a weight_scale)."""
-    from star_elastic.model.hybrid import HybridLM
     from star_elastic.quant.export import _EXPERT_KEY, quant_metadata, write_quant_configs
 
     quantized = set()
@@ -166,8 +183,6 @@ def _write_quant_meta(dest: Path, small: ModelConfig, quant: dict, fmt: str, key
             module = key.removesuffix(".weight_scale")
             expert = _EXPERT_KEY.match(module)
             quantized.add(expert.group(1) if expert else module)
-    with torch.device("meta"):
-        model = HybridLM(small)
-    fresh = quant_metadata(QuantConfig(format=fmt, include=tuple(sorted(quantized)) or ("-",)), model)
+    fresh = quant_metadata(QuantConfig(format=fmt, include=tuple(sorted(quantized)) or ("-",)), small)
     meta = quant | {"quantization": quant["quantization"] | {"exclude_modules": fresh["quantization"]["exclude_modules"]}}
     write_quant_configs(dest, small, meta)

@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 import star_elastic.slicing as slicing
 from star_elastic import HybridLM, load_model
 from star_elastic.cli import main
-from star_elastic.config import ConfigError
+from star_elastic.config import ConfigError, QuantConfig
 from star_elastic.elastic.arch import IndexSets, load_arch_file, parse_arch
 from star_elastic.hf import save_model
 from star_elastic.quant.export import quant_metadata, quantized_state, slice_packed, write_quantized
 from test_quant_nested import quantized_elastic
+from test_quant_vllm_exclusions import QCFGS, disagreements, export
 
 ARCH = "hidden=48,attn_heads=2,mamba_heads=3,experts=5,expert_inter=16,shared_inter=32,mlp_inter=48,layers=0-4+6"
 
@@ -74,7 +75,7 @@ def test_arch_file_writes_one_folder_per_variant(parent, tmp_path):
 def test_quantized_arch_slice_equals_masked_and_quantize_then_slice(tmp_path, fmt):
     elastic, fq, qcfg, quantizers = quantized_elastic(fmt, seed=2)
     full = quantized_state(fq, qcfg, quantizers)
-    write_quantized(tmp_path / "q", fq.config, full, quant_metadata(qcfg, fq))
+    write_quantized(tmp_path / "q", fq.config, full, quant_metadata(qcfg, fq.config))
     arch = parse_arch(ARCH, fq.config)
     assert main(["slice", str(tmp_path / "q"), "--arch", ARCH, "--out", str(tmp_path / "s")]) == 0
     on_disk = all_tensors(tmp_path / "s")
@@ -88,10 +89,20 @@ def test_quantized_arch_slice_equals_masked_and_quantize_then_slice(tmp_path, fm
         torch.testing.assert_close(load_model(tmp_path / "s")(ids),
                                    fq(ids, masks=IndexSets.prefix(fq.config, arch).masks()), atol=1e-4, rtol=0)
     # exclusions rebuilt for the sliced config (layers renumbered), not copied from the input
-    with torch.device("meta"):
-        small = HybridLM(arch.model_config(fq.config))
     meta = json.loads((tmp_path / "s" / "hf_quant_config.json").read_text())["quantization"]
-    assert meta["exclude_modules"] == quant_metadata(qcfg, small)["quantization"]["exclude_modules"]
+    assert meta["exclude_modules"] == quant_metadata(qcfg, arch.model_config(fq.config))["quantization"]["exclude_modules"]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("which", sorted(QCFGS))
+def test_quantized_arch_slice_exclusions_read_right_by_vllm_rule(tmp_path, fmt, which):
+    """Whatever the input quantized (not only our default set), the slice's exclusions match its tensors."""
+    qcfg = QuantConfig(format=fmt, **QCFGS[which])
+    _, fq, tensors = export(fmt, qcfg)
+    write_quantized(tmp_path / "q", fq.config, tensors, quant_metadata(qcfg, fq.config))
+    assert main(["slice", str(tmp_path / "q"), "--arch", ARCH, "--out", str(tmp_path / "s")]) == 0
+    meta = json.loads((tmp_path / "s" / "hf_quant_config.json").read_text())
+    assert disagreements(all_tensors(tmp_path / "s"), meta) == []
 
 
 def test_streaming_holds_one_input_tensor_and_one_output_shard(parent, tmp_path, monkeypatch):
@@ -200,3 +211,42 @@ def test_generate_with_explicit_variants_equals_sliced_checkpoints(parent_with_t
                                                                         prompt, 10, 6)
     assert main(["generate", str(path), text, "--arch-file", str(tmp_path / "v.json"), "--think-variant", "tiny"]) == 2
     assert "unknown variant 'tiny'; known: full, small, mid" in capsys.readouterr().err
+
+
+def test_checkpoint_that_disagrees_with_its_config_is_refused(parent, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model, path = parent
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((path / "config.json").read_text())
+    tensors = all_tensors(path)
+    tensors["backbone.layers.4.mixer.up_proj.weight"] = torch.zeros(80, 64)  # config says (64, 64)
+    save_file(tensors, str(broken / "model.safetensors"))
+    assert main(["slice", str(broken), "--arch", "hidden=32", "--out", str(tmp_path / "a")]) == 2
+    assert "'backbone.layers.4.mixer.up_proj.weight' has shape (80, 64), expected (64, 64)" in capsys.readouterr().err
+    del tensors["backbone.layers.4.mixer.up_proj.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    assert main(["slice", str(broken), "--arch", "hidden=32", "--out", str(tmp_path / "b")]) == 2
+    assert "missing tensor 'backbone.layers.4.mixer.up_proj.weight'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_eval_with_explicit_variants_counts_the_sliced_checkpoints_tokens(parent_with_tokenizer, tmp_path, capsys):
+    from star_elastic.data.tokenizer import format_prompt
+
+    model, path = parent_with_tokenizer
+    (tmp_path / "v.json").write_text(json.dumps({"small": "hidden=32,experts=4", "mid": {"mamba_heads": 2}}))
+    assert main(["slice", str(path), "--arch-file", str(tmp_path / "v.json"), "--out", str(tmp_path / "sl")]) == 0
+    rows = [{"prompt": "3+4=", "answer": "7"}, {"prompt": "9-2=", "answer": "7"}]
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["eval", str(path), "--arch-file", str(tmp_path / "v.json"), "--think-variant", "small",
+                 "--answer-variant", "mid", "--data", str(tmp_path / "e.jsonl"), "--max-think-tokens", "6"]) == 0
+    point = json.loads(capsys.readouterr().out)[0]
+    tok = model.tokenizer
+    runs = [two_phase_on_slices(tmp_path / "sl" / "small", tmp_path / "sl" / "mid",
+                                tok.encode(format_prompt(tok, r["prompt"]), add_special_tokens=False), 6, 24) for r in rows]
+    assert (point["think_budget"], point["answer_budget"], point["n"]) == ("small", "mid", 2)
+    assert point["think_tokens"] == sum(len(t) for t, _ in runs) / 2
+    assert point["answer_tokens"] == sum(len(a) for _, a in runs) / 2

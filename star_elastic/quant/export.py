@@ -164,7 +164,7 @@ class TensorSlicer:
     are the full tensor's and are kept as they are.
     """
 
-    SCALES = ("weight_scale", "weight_scale_2", "input_scale")
+    SCALES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")  # k/v: ModelOpt FP8 KV cache
 
     def __init__(self, cfg: ModelConfig, arch: Architecture, keys, fmt: str | None):
         self.sets, self.keys, self.fmt = IndexSets.prefix(cfg, arch), set(keys), fmt
