@@ -1,7 +1,7 @@
 """The parallel engines against one process, on CPU with gloo and two processes (torchrun).
 
-One torchrun launch runs every multi-process phase (FSDP2, DDP, DCP resume at the same and at a
-changed world size); the references run in this process. SGD, because AdamW divides by √v + eps
+Two torchrun "nodes" (one process each, c10d rendezvous on 127.0.0.1) run every multi-process phase
+(FSDP2, DDP, DCP resume at the same and at a changed world size); the references run in this process. SGD, because AdamW divides by √v + eps
 and router gradients sit near eps, which turns ~1e-8 reduction-order differences into visible ones.
 """
 
@@ -41,6 +41,25 @@ def _cfg(parent, out, **changes) -> dict:
     return BASE | {"model": str(parent), "out": str(out)} | changes
 
 
+def _two_nodes(phases: list[dict], root: Path) -> None:
+    """Two torchrun "nodes" of one process each on 127.0.0.1, joined by c10d rendezvous (the
+    multi-node path: `--nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT`)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    worker = Path(__file__).with_name("dist_worker.py")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(r), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                               "--rdzv-id", "star-elastic-test", str(worker), json.dumps(phases), str(root)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        logs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, log in zip(nodes, logs):
+        assert node.returncode == 0, log[-3000:]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every run folder, keyed by name, plus each phase's per-rank summaries."""
@@ -61,12 +80,7 @@ def runs(tmp_path_factory):
         {"name": "ddp", "cfg": _cfg(p, root / "ddp", parallel="ddp")},
         {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    worker = Path(__file__).with_name("dist_worker.py")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                           "127.0.0.1", "--master-port", str(_free_port()), str(worker), json.dumps(phases), str(root)],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _two_nodes(phases, root)
     train(from_dict(ElastifyConfig, _cfg(p, root / "two_to_one", parallel="none", resume=True)), log=quiet)
     return root
 
