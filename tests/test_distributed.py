@@ -23,11 +23,12 @@ from star_elastic import HybridLM, ModelConfig
 from star_elastic.config import from_dict
 from star_elastic.data.tokenizer import build_tokenizer
 from star_elastic.distributed import parallelize
+from star_elastic.elastic import importance
 from star_elastic.elastic.run import load_elastic
 from star_elastic.train.distill import DistillStep
 from star_elastic.train.elastify import ElastifyConfig, prepare, state_digest, train
 
-BASE = dict(steps=4, batch_size=4, n_synthetic=100, calibration_batches=1, router_fit_steps=20, stage1_seq_len=24,
+BASE = dict(steps=4, batch_size=4, n_synthetic=100, calibration_batches=3, router_fit_steps=20, stage1_seq_len=24,
             stage2_seq_len=32, checkpoint_every=2, optimizer="sgd", lr=0.5, router_lr=0.5, warmup_steps=1)
 
 
@@ -104,6 +105,14 @@ def test_fsdp_two_processes_equal_one_process(runs):
     assert _summary(runs, "fsdp")["parallel"] == "fsdp" and _summary(runs, "fsdp")["world"] == 2
     assert _max_diff(runs / "one", runs / "one" / "initial") > 1e-3  # training moved the weights
     assert _max_diff(runs / "fsdp", runs / "one") < 1e-6
+
+
+def test_importance_gathered_over_ranks_equals_one_process(runs):
+    one = importance.load_scores(runs / "one" / "importance.safetensors")
+    two = importance.load_scores(runs / "fsdp" / "importance.safetensors")  # batches 0, 2 on rank 0; 1 on rank 1
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-7)
 
 
 def test_ddp_ranks_identical_and_equal_one_process(runs):
