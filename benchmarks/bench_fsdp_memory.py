@@ -1,5 +1,5 @@
 """Per-rank steady-state memory of elastify: FSDP2 over 2 processes ÷ 1 process, and the planner ÷
-measured, on a random ~110M-parameter Nemotron-H parent (CPU, gloo). One run prints both ratios.
+measured, on a random 111M-parameter Nemotron-H parent (22 blocks, embeddings + head 23%) (CPU, gloo). One run prints both ratios.
 
     .venv/bin/python benchmarks/bench_fsdp_memory.py [--out /tmp/bench_fsdp]
 
@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-PARENT = dict(vocab_size=32768, hidden_size=768, pattern="M-M-M*M-M-M-", num_attention_heads=12,
+PARENT = dict(vocab_size=16384, hidden_size=768, pattern="M-M-M-M*M-M-M-M-M*M-M-", num_attention_heads=12,
               num_key_value_heads=4, head_dim=64, intermediate_size=3072, mamba_num_heads=24, mamba_head_dim=64,
               ssm_state_size=64, n_groups=1, chunk_size=64, n_routed_experts=4, num_experts_per_tok=2,
               moe_intermediate_size=256, moe_shared_expert_intermediate_size=256)
