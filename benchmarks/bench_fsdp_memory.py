@@ -1,5 +1,6 @@
 """Per-rank steady-state memory of elastify: FSDP2 over 2 processes ÷ 1 process, and the planner ÷
-measured, on a random 111M-parameter Nemotron-H parent (22 blocks, embeddings + head 23%) (CPU, gloo). One run prints both ratios.
+measured, on a random 111M-parameter Nemotron-H parent (22 blocks; embeddings + head are 23% of it)
+on CPU with gloo. One run prints both ratios.
 
     .venv/bin/python benchmarks/bench_fsdp_memory.py [--out /tmp/bench_fsdp]
 
