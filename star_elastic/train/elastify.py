@@ -335,7 +335,7 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
         metrics.close()
     finished = cfg.stop_after is None or cfg.stop_after >= cfg.steps
     final = gathered_elastic(elastic, engine, mode, rank)
-    if final is not None and finished:
+    if rank == 0 and finished:  # ddp: every rank holds the same replica; one writer
         save_run(final, out)
     barrier()
     return {"rank": rank, "world": world, "steps": cfg.steps, "finished": finished, "parallel": mode,
