@@ -1,22 +1,29 @@
-"""`star-elastic serve` measured side by side, in one process (servers on 127.0.0.1 threads).
+"""`star-elastic serve` measured side by side: each server is its own `star-elastic serve` process
+on 127.0.0.1 (clients stay in this process, so they do not share the server's interpreter).
 
     python benchmarks/bench_server.py [RUN] [--width-scale 1.0] [--requests 64]
 
 1. Throughput (completion tokens/s) with 1, 8 and 32 concurrent clients, mixed budgets, two-phase
    chat requests (greedy, think cap 16, answer cap 16); goal: 32 clients >= 8x one client.
-2. Resident memory: the serving process after requests on every budget ÷ after serving the parent
-   alone (goal <= 1.1), plus the weight bytes the budget views own.
+2. Resident memory of the server process after requests on every budget ÷ after requests on the
+   parent alone (goal <= 1.1), plus the weight bytes the budget views own (counted in-process).
 3. Proxy overhead: the same sequential requests in-process (think 0.5 → answer 1.0) and through the
    proxy over two servers; and the answer phase's re-prefill of prompt + trace, timed on its own.
-Without RUN a random model of the demo parent's shape is used (weights do not change the cost).
+Without RUN a random model of the demo parent's shape is saved to a temporary run folder
+(weights do not change the cost).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+
+import httpx
 
 import openai
 import torch
@@ -24,20 +31,14 @@ import torch
 from star_elastic.config import ElasticConfig
 from star_elastic.data.tokenizer import build_tokenizer, format_prompt
 from star_elastic.elastic.router import fit_router_to_cost
-from star_elastic.elastic.run import build_elastic, load_elastic
+from star_elastic.elastic.run import build_elastic, load_elastic, save_run
 from star_elastic.infer.budget import ElasticServer
 from star_elastic.infer.generate import prefill
 from star_elastic.model.hybrid import HybridLM
 from star_elastic.runtime import tune_cpu_allocator
-from star_elastic.serve.app import BackgroundServer, ServeConfig, make_local_app, make_proxy_app
 from star_elastic.train.parent import ParentConfig, model_config
 
 PROMPTS = ["2+7-5-1=", "a=6 b=a+2 c=b+3 d=c*3 d?", "reverse abcdef", "12*3+4=", "x=3 y=x*x y?", "9-4+8="]
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def random_elastic(width_scale: float):
@@ -57,50 +58,80 @@ def chat(i: int, budgets: list[float], cap: int = 16) -> dict:
 
 async def clients(url: str, n_clients: int, n_requests: int, budgets: list[float]) -> tuple[int, float]:
     """n_clients loops sharing n_requests; returns (completion tokens, seconds)."""
-    c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
     queue = list(range(n_requests))
     tokens = 0
 
-    async def worker():
+    async def worker(c: openai.AsyncOpenAI):
         nonlocal tokens
         while queue:
             r = await c.chat.completions.create(**chat(queue.pop(), budgets))
             tokens += r.usage.completion_tokens
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(n_clients)))
-    return tokens, time.perf_counter() - t0
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for _ in range(n_clients)))
+        return tokens, time.perf_counter() - t0
 
 
-def throughput(server, budgets, n_requests: int) -> None:
-    with BackgroundServer(make_local_app(server, ServeConfig(name="bench", max_batch=32))) as bg:
-        asyncio.run(clients(bg.url, 4, 8, budgets))  # warm-up: views built, allocator primed
-        rates = {}
-        for n in (1, 8, 32):
-            tokens, secs = asyncio.run(clients(bg.url, n, max(n_requests, n) if n > 1 else n_requests // 4, budgets))
-            rates[n] = tokens / secs
-            print(f"  {n:2d} clients: {tokens:5d} tokens in {secs:6.2f} s = {rates[n]:7.1f} tokens/s "
-                  f"({rates[n] / rates[1]:.2f}x one client)")
-        print(f"  peak rows decoding at once: {bg.app.state.engine.scheduler.peak_rows}")
+class Served:
+    """`star-elastic serve ARGS` on a free 127.0.0.1 port, as a child process; a context manager."""
+
+    def __init__(self, *args: str):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "star_elastic.cli", "serve", *args, "--port",
+                                      str(self.port), "--name", "bench"])
+
+    def __enter__(self) -> Served:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.5)
+            if self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"server on port {self.port} did not start")
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
-def memory(server, budgets) -> None:
+def throughput(run: str, budgets: list[float], n_requests: int) -> None:
+    with Served(run, "--max-batch", "32") as srv:
+        asyncio.run(clients(srv.url, 4, 8, budgets))  # warm-up: views built, allocator primed
+        for label, bs in (("mixed budgets", budgets), ("one budget (1.0)", [max(budgets)])):
+            rates = {}
+            for n in (1, 8, 32):
+                tokens, secs = asyncio.run(clients(srv.url, n, n_requests if n > 1 else n_requests // 4, bs))
+                rates[n] = tokens / secs
+                print(f"  {label:16s} {n:2d} clients: {tokens:5d} tokens in {secs:6.2f} s = {rates[n]:7.1f} "
+                      f"tokens/s ({rates[n] / rates[1]:.2f}x one client)")
+
+
+def memory(run: str, server, budgets: list[float]) -> None:
     top = max(budgets)
-    with BackgroundServer(make_local_app(server, ServeConfig(name="bench", max_batch=32))) as bg:
-        asyncio.run(clients(bg.url, 4, 8, [top]))
-        gc.collect()
-        alone = rss_bytes()
-        asyncio.run(clients(bg.url, 4, 8 * len(budgets), budgets))
-        gc.collect()
-        every = rss_bytes()
+    with Served(run) as srv:
+        asyncio.run(clients(srv.url, 4, 8, [top]))
+        alone = srv.rss_bytes()
+        asyncio.run(clients(srv.url, 4, 8 * len(budgets), budgets))
+        every = srv.rss_bytes()
     parent = server.model(top)
     storages = {p.untyped_storage().data_ptr() for p in parent.parameters()}
     weights = sum(p.numel() * p.element_size() for p in parent.parameters())
     owned = sum(p.numel() * p.element_size() for b in budgets for p in server.model(b).parameters()
                 if p.untyped_storage().data_ptr() not in storages)
-    print(f"  RSS serving the parent alone {alone / 2**20:.0f} MiB, every budget {every / 2**20:.0f} MiB: "
-          f"ratio {every / alone:.3f}")
-    print(f"  weights {weights / 2**20:.1f} MiB; views own {owned / 2**20:.2f} MiB ({owned / weights:.2%})")
+    print(f"  server RSS after parent-only requests {alone / 2**20:.0f} MiB, after every budget "
+          f"{every / 2**20:.0f} MiB: ratio {every / alone:.3f}")
+    print(f"  weights {weights / 2**20:.1f} MiB; the budget views own {owned / 2**20:.2f} MiB ({owned / weights:.2%})")
 
 
 def proxy_body(i: int, proxied: bool) -> dict:
@@ -110,31 +141,36 @@ def proxy_body(i: int, proxied: bool) -> dict:
     return body
 
 
-def proxy_overhead(server, n: int) -> None:
+def sequential(url: str, n: int, proxied: bool) -> float:
+    c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    t0 = time.perf_counter()
+    for i in range(n):
+        c.chat.completions.create(**proxy_body(i, proxied))
+    return (time.perf_counter() - t0) / n
+
+
+def proxy_overhead(run: str, server, n: int) -> None:
+    with Served(run) as local, Served(run) as answerer:
+        with Served(run, "--think-backend", f"{local.url}#bench@0.5", "--answer-backend",
+                    f"{answerer.url}#bench@1") as proxy:
+            sequential(local.url, 2, False), sequential(proxy.url, 2, True)  # warm-up
+            inproc = [sequential(local.url, n, False), None, sequential(local.url, n, False)]
+            inproc[1] = sequential(proxy.url, n, True)
+    local_s, proxy_s = (inproc[0] + inproc[2]) / 2, inproc[1]
+    print(f"  per request: in-process {local_s * 1e3:.1f} ms (runs {inproc[0] * 1e3:.1f} / {inproc[2] * 1e3:.1f}), "
+          f"proxy {proxy_s * 1e3:.1f} ms ({proxy_s / local_s:.2f}x)")
     tok = server.model(1.0).tokenizer
-    with BackgroundServer(make_local_app(server, ServeConfig(name="bench"))) as local, \
-            BackgroundServer(make_local_app(server, ServeConfig(name="bench"))) as answerer:
-        proxy_app = make_proxy_app(f"{local.url}#bench@0.5", f"{answerer.url}#bench@1", tok, ServeConfig(name="bench"))
-        with BackgroundServer(proxy_app) as proxy:
-            times = {}
-            for label, url in (("in-process", local.url), ("proxy", proxy.url), ("in-process", local.url)):
-                c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-                t0 = time.perf_counter()
-                for i in range(n):
-                    c.chat.completions.create(**proxy_body(i, label == "proxy"))
-                times[label] = (time.perf_counter() - t0) / n  # the second in-process pass is the one kept
-    print(f"  per request: in-process {times['in-process'] * 1e3:.1f} ms, proxy {times['proxy'] * 1e3:.1f} ms "
-          f"({times['proxy'] / times['in-process']:.2f}x)")
     prompt = tok.encode(format_prompt(tok, PROMPTS[1]), add_special_tokens=False)
     trace = server.generate([prompt], 0.5, 1.0, 32, 16).results[0].think_tokens
     answer_model = server.model(1.0)
+    prefill(answer_model, [prompt + trace])
     t0 = time.perf_counter()
     for _ in range(10):
         prefill(answer_model, [prompt + trace])
     pre = (time.perf_counter() - t0) / 10
-    print(f"  re-prefill of prompt+trace ({len(prompt) + len(trace)} tokens) on the answer model: {pre * 1e3:.1f} ms "
-          f"({pre / times['in-process']:.1%} of an in-process request; paid in-process too: the answer budget's "
-          "model has its own state)")
+    print(f"  re-prefill of prompt+trace ({len(prompt) + len(trace)} tokens) on the answer model, in this process: "
+          f"{pre * 1e3:.1f} ms = {pre / local_s:.1%} of an in-process request. In-process budget control pays it "
+          "too: the answer budget's submodel cannot reuse the think submodel's state.")
 
 
 def main() -> None:
@@ -145,17 +181,23 @@ def main() -> None:
     args = ap.parse_args()
     tune_cpu_allocator()
     torch.manual_seed(0)
-    elastic = load_elastic(args.run) if args.run else random_elastic(args.width_scale)
+    tmp = tempfile.TemporaryDirectory()
+    run = args.run
+    if run is None:
+        run = tmp.name + "/run"
+        save_run(random_elastic(args.width_scale), run)
+    elastic = load_elastic(run)
     server = ElasticServer.from_elastic(elastic)
     budgets = list(elastic.ecfg.budgets)
     print(f"model: {elastic.model.num_parameters() / 1e6:.2f}M parameters, budgets {budgets}, "
           f"{torch.get_num_threads()} threads")
     print("throughput (two-phase chat, mixed budgets):")
-    throughput(server, budgets, args.requests)
+    throughput(run, budgets, args.requests)
     print("memory:")
-    memory(server, budgets)
-    print("proxy overhead (sequential):")
-    proxy_overhead(server, 8)
+    memory(run, server, budgets)
+    print("proxy overhead (sequential, one client):")
+    proxy_overhead(run, server, 8)
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -183,3 +183,39 @@ def test_proxy_over_two_servers_equals_in_process(budget_server):
             with pytest.raises(openai.BadRequestError, match="fixed by"):
                 client(proxy).chat.completions.create(model="proxy", messages=[{"role": "user", "content": "1"}],
                                                       extra_body={"think_budget": 0.5})
+
+
+class NamedVariants:
+    """An ElasticServer-like object whose variants are named architectures (as a checkpoint with
+    explicit --arch entries would give), here backed by two budgets of the tiny model."""
+
+    def __init__(self, server, names: dict[str, float]):
+        self.inner, self.variants = server, names
+        self.think_end_id, self.eos_id = server.think_end_id, server.eos_id
+
+    def model(self, name: str):
+        return self.inner.model(self.variants[name])
+
+    def __getattr__(self, attr):  # think_row, close_trace, answer_row
+        return getattr(self.inner, attr)
+
+
+def test_named_architectures_plug_in_as_variants(budget_server):
+    from server_helpers import CONTEXT
+
+    from star_elastic.serve.app import make_local_app
+
+    named = NamedVariants(budget_server, {"nano-12b": 0.5, "nano-30b": 1.0})
+    app = make_local_app(named, ServeConfig(name=NAME, think_budget="nano-12b", answer_budget="nano-30b"),
+                         max_context=CONTEXT)
+    with BackgroundServer(app) as bg:
+        c = client(bg)
+        assert [m.id for m in c.models.list().data] == [NAME, f"{NAME}@nano-12b", f"{NAME}@nano-30b"]
+        case = ("1+2=?", 0.5, 1.0, 10, 6)
+        r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": case[0]}], temperature=0,
+                                      max_tokens=6, extra_body={"max_think_tokens": 10} | RAW)
+        reasoning, answer, _, _ = reference(budget_server, case)
+        assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (reasoning, answer)
+        with pytest.raises(openai.BadRequestError, match="nano-12b, nano-30b"):
+            c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "1"}],
+                                      extra_body={"think_budget": 0.5})

@@ -42,8 +42,8 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     """When set, every /v1 request needs `Authorization: Bearer KEY`."""
-    think_budget: float | None = None
-    answer_budget: float | None = None
+    think_budget: float | str | None = None
+    answer_budget: float | str | None = None
     max_think_tokens: int = 256
     """Default trace cap; </think> is forced when reached."""
     max_tokens: int = 64
@@ -61,16 +61,30 @@ class ServeConfig:
             raise ConfigError("serve: --api-key is empty")
 
 
-def budget_id(name: str, budget: float) -> str:
-    return f"{name}@{budget:g}"
+def show(budget: float | str) -> str:
+    return f"{budget:g}" if isinstance(budget, float) else str(budget)
+
+
+def budget_id(name: str, budget: float | str) -> str:
+    return f"{name}@{show(budget)}"
+
+
+def same_budget(a: float | str, b) -> bool:
+    if isinstance(a, float):
+        return isinstance(b, (int, float)) and not isinstance(b, bool) and abs(a - b) < 1e-9
+    return a == b
 
 
 class Router:
-    """Request schema → Spec, with every budget / model check in one place."""
+    """Request schema → Spec, with every budget / model check in one place.
 
-    def __init__(self, cfg: ServeConfig, budgets: list[float]):
+    Budgets are the server's variant keys: trained budget fractions (floats, listed largest first),
+    or names of explicit architectures (strings, kept in their order)."""
+
+    def __init__(self, cfg: ServeConfig, budgets: list[float | str]):
         """An empty `budgets` means a proxy: its backends fix the budgets, requests may not choose."""
-        self.cfg, self.budgets = cfg, sorted(budgets, reverse=True)
+        numeric = all(isinstance(b, float) for b in budgets)
+        self.cfg, self.budgets = cfg, sorted(budgets, reverse=True) if numeric else list(budgets)
         if not self.budgets:
             self.default_think = self.default_answer = 1.0  # placeholders: the backends decide
             return
@@ -79,20 +93,20 @@ class Router:
         self.default_answer = self._budget(cfg.answer_budget, "--answer-budget") if cfg.answer_budget is not None \
             else self.budgets[0]
 
-    def _budget(self, value: float, param: str) -> float:
+    def _budget(self, value: float | str, param: str) -> float | str:
         if not self.budgets:
             raise RequestError(f"{param}: this proxy's budgets are fixed by --think-backend/--answer-backend; "
                                "drop the field", param=param, code="budget_out_of_range")
         for b in self.budgets:
-            if abs(b - value) < 1e-9:
+            if same_budget(b, value):
                 return b
-        choices = ", ".join(f"{b:g}" for b in self.budgets)
-        msg = f"{param} {value:g} is not a trained budget of this model; use one of {choices}"
+        choices = ", ".join(show(b) for b in self.budgets)
+        msg = f"{param} {show(value)} is not a trained budget of this model; use one of {choices}"
         if param.startswith("--"):
             raise ConfigError(f"serve: {msg}")
         raise RequestError(msg, param=param, code="budget_out_of_range")
 
-    def model_budget(self, model: str) -> float | None:
+    def model_budget(self, model: str) -> float | str | None:
         """None for the elastic id, the budget for NAME@B; 404 for anything else."""
         if model == self.cfg.name:
             return None
@@ -284,12 +298,15 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
     return app
 
 
-def make_local_app(server, cfg: ServeConfig, budgets: list[float] | None = None,
+def make_local_app(server, cfg: ServeConfig, budgets: list[float | str] | None = None,
                    max_context: int | None = None) -> FastAPI:
-    """The app over an ElasticServer-like object; budgets default to its elastic config's."""
+    """The app over an ElasticServer-like object: `model(key)` gives a HybridLM (a view) per variant key,
+    plus `think_row` / `close_trace` / `answer_row` / `think_end_id` / `eos_id`. Keys default to the
+    server's `variants` (named explicit architectures) if it has them, else its trained budgets."""
     from star_elastic.serve.engine import LocalEngine
 
-    budgets = list(budgets if budgets is not None else server.elastic.ecfg.budgets)
+    if budgets is None:
+        budgets = list(server.variants) if hasattr(server, "variants") else list(server.elastic.ecfg.budgets)
     context = max_context or server.model(budgets[0]).config.max_position_embeddings
     return build_app(LocalEngine(server, budgets, cfg.max_batch, context), cfg, budgets)
 
