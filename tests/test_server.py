@@ -142,6 +142,7 @@ def test_seeded_sampling_repeats_and_seeds_differ(live):
 
 def test_client_disconnect_mid_stream_frees_the_slot(live):
     sched = scheduler_of(live)
+    dropped = sched.dropped
     with httpx.Client(timeout=30) as h:
         body = {"model": f"{NAME}@1", "prompt": "1", "max_tokens": 150, "temperature": 0, "stream": True}
         with h.stream("POST", live.url + "/v1/completions", json=body) as r:
@@ -152,8 +153,22 @@ def test_client_disconnect_mid_stream_frees_the_slot(live):
     while sched.active_jobs() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert sched.active_jobs() == 0
+    assert sched.dropped == dropped + 1
     r = client(live).completions.create(model=f"{NAME}@1", prompt="1", max_tokens=2, temperature=0)
     assert r.choices[0].finish_reason == "length"
+
+
+def test_client_gone_before_a_non_streaming_answer_frees_the_slot(live):
+    sched = scheduler_of(live)
+    dropped = sched.dropped
+    body = {"model": f"{NAME}@1", "prompt": "1", "max_tokens": 150, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 10
+    while sched.active_jobs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sched.active_jobs() == 0
+    assert sched.dropped == dropped + 1  # cancelled, not run to its end
 
 
 def test_api_key_is_required_when_set(budget_server):

@@ -183,6 +183,17 @@ async def final(engine, spec: Spec) -> Progress:
     raise RuntimeError("the engine ended without a result")
 
 
+async def final_unless_gone(request: Request, engine, specs: list[Spec]) -> list[Progress]:
+    """Every spec's result; if the client disconnects first, cancel them (freeing their slots)."""
+    task = asyncio.ensure_future(asyncio.gather(*(final(engine, s) for s in specs)))
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            raise RequestError("client disconnected", status=499)
+    return task.result()
+
+
 def sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -222,6 +233,34 @@ async def stream_events(engine, spec: Spec, head: dict, chat: bool, include_usag
 
 
 # --- the app -----------------------------------------------------------------------------------
+class Guard:
+    """ASGI middleware on /v1: the Bearer key (constant-time compare) and a body-size limit.
+
+    Plain ASGI, not `@app.middleware("http")`: that wrapper hides the client's disconnect from
+    the route, and a disconnect must cancel the request's job."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            headers = dict(scope["headers"])  # names are lower-case bytes in ASGI
+            refusal = self._refusal(headers)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _refusal(self, headers: dict[bytes, bytes]):
+        if self.expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return errors.error_response("missing or wrong API key (Authorization: Bearer KEY)", 401,
+                                         code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return errors.error_response(f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
+        return None
+
+
 def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
     """The HTTP API over `engine` (LocalEngine or ProxyEngine); budgets name the model entries."""
     router = Router(cfg, budgets)
@@ -238,17 +277,7 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
     app.add_exception_handler(Exception, errors.on_any_error)
     app.state.engine, app.state.router = engine, router
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if cfg.api_key is not None and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-                return errors.error_response("missing or wrong API key (Authorization: Bearer KEY)", 401,
-                                             code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return errors.error_response(f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=cfg.api_key)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -264,7 +293,7 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
         specs = [router.spec(req, p, chat=False) for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
@@ -275,13 +304,13 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_events(engine, specs[0], head, False, include),
                                      media_type="text/event-stream")
-        progs = await asyncio.gather(*(final(engine, s) for s in specs))
+        progs = await final_unless_gone(request, engine, specs)
         choices = [{"index": i, "text": completion_text(p, s), "logprobs": None} | finish_fields(p, s)
                    for i, (p, s) in enumerate(zip(progs, specs))]
         return head | {"object": "text_completion", "choices": choices, "usage": usage(list(progs))}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         spec = router.spec(req, engine.chat_prompt(messages), chat=True)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
@@ -289,7 +318,7 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
             engine.check(spec)
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_events(engine, spec, head, True, include), media_type="text/event-stream")
-        prog = await final(engine, spec)
+        (prog,) = await final_unless_gone(request, engine, [spec])
         reasoning, content = visible(prog, spec)
         message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
         return head | {"object": "chat.completion", "usage": usage([prog]),
