@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_hybrid.py --config demo
 	$(BIN)/python benchmarks/bench_elastic_step.py
 	$(BIN)/python benchmarks/bench_serving_memory.py demo_out/run
+	$(BIN)/python benchmarks/bench_server.py demo_out/run
 
 clean:
 	rm -rf $(VENV) demo_out
