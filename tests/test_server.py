@@ -198,6 +198,12 @@ def test_proxy_over_two_servers_equals_in_process(budget_server):
                 assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (reasoning, answer)
                 assert r.usage.completion_tokens_details.reasoning_tokens == n_think
                 assert r.usage.completion_tokens == n_total
+            chunks = list(client(proxy).chat.completions.create(
+                model="proxy", messages=[{"role": "user", "content": "abc"}], temperature=0, max_tokens=6,
+                stream=True, extra_body={"max_think_tokens": 3} | RAW))
+            streamed = ("".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks),
+                        "".join(ch.choices[0].delta.content or "" for ch in chunks))
+            assert streamed == reference(budget_server, ("abc", 0.5, 1.0, 3, 6))[:2]
             with pytest.raises(openai.BadRequestError, match="fixed by"):
                 client(proxy).chat.completions.create(model="proxy", messages=[{"role": "user", "content": "1"}],
                                                       extra_body={"think_budget": 0.5})
