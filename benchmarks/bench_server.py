@@ -1,7 +1,7 @@
 """`star-elastic serve` measured side by side: each server is its own `star-elastic serve` process
 on 127.0.0.1 (clients stay in this process, so they do not share the server's interpreter).
 
-    python benchmarks/bench_server.py [RUN] [--width-scale 1.0] [--requests 64]
+    python benchmarks/bench_server.py [RUN] [--width-scale 1.0] [--requests 64] [--only memory]
 
 1. Throughput (completion tokens/s) with 1, 8 and 32 concurrent clients, mixed budgets, two-phase
    chat requests (greedy, think cap 16, answer cap 16); goal: 32 clients >= 8x one client.
@@ -178,6 +178,7 @@ def main() -> None:
     ap.add_argument("run", nargs="?")
     ap.add_argument("--width-scale", type=float, default=1.0)
     ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--only", choices=("throughput", "memory", "proxy"), help="run one of the three parts")
     args = ap.parse_args()
     tune_cpu_allocator()
     torch.manual_seed(0)
@@ -191,12 +192,15 @@ def main() -> None:
     budgets = list(elastic.ecfg.budgets)
     print(f"model: {elastic.model.num_parameters() / 1e6:.2f}M parameters, budgets {budgets}, "
           f"{torch.get_num_threads()} threads")
-    print("throughput (two-phase chat, mixed budgets):")
-    throughput(run, budgets, args.requests)
-    print("memory:")
-    memory(run, server, budgets)
-    print("proxy overhead (sequential, one client):")
-    proxy_overhead(run, server, 8)
+    if args.only in (None, "throughput"):
+        print("throughput (two-phase chat):")
+        throughput(run, budgets, args.requests)
+    if args.only in (None, "memory"):
+        print("memory:")
+        memory(run, server, budgets)
+    if args.only in (None, "proxy"):
+        print("proxy overhead (sequential, one client):")
+        proxy_overhead(run, server, 8)
     tmp.cleanup()
 
 
