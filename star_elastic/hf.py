@@ -157,6 +157,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
+    check_transformers_version()
     cfg = ModelConfig.from_json(path / "config.json")
     tensors = _read_tensors(path)
     quant = read_quant_config(path)
@@ -179,6 +180,20 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     if input_scales:
         install_input_quant(model, input_scales, "nvfp4" if quant["quantization"]["quant_algo"] == "NVFP4" else "fp8")
     return model.eval()
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def check_transformers_version() -> None:
+    """transformers 4.x has no `nemotron_h` (it cannot load these checkpoints or their tokenizer files)."""
+    version = _transformers_version()
+    if int(version.split(".")[0]) < 5:
+        raise ConfigError(f"transformers {version} is installed; nemotron_h checkpoints need "
+                          "transformers >= 5 (4.x does not know model_type nemotron_h): pip install 'transformers>=5,<6'")
 
 
 def _load_tokenizer(path: Path):
@@ -224,6 +239,19 @@ def write_config(cfg: ModelConfig, path: Path, dtype: torch.dtype, extra: dict |
     _atomic_write_text(path / "config.json", json.dumps(d, indent=2) + "\n")
 
 
+GENERATION_MAX_LENGTH = 512
+"""generation_config.json's `max_length` (prompt + new tokens): room for a demo prompt, trace and
+answer, so a bare transformers `generate()` reaches `</think>` (its built-in default is 20). Not
+`max_new_tokens`: transformers lets a stored max_new_tokens override a caller's `max_length`, which
+is how lm-eval passes its `max_gen_toks`; a stored max_length yields to both."""
+
+
+def write_generation_config(cfg: ModelConfig, path: Path) -> None:
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+           "max_length": GENERATION_MAX_LENGTH}
+    _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+
+
 def save_model(model: HybridLM, path: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
     """Write config.json, safetensors weights (sharded above `max_shard_bytes`) and the tokenizer."""
     path = Path(path)
@@ -241,9 +269,7 @@ def save_model(model: HybridLM, path: str | os.PathLike, max_shard_bytes: int | 
         total = sum(t.numel() * t.element_size() for t in state.values())
         _atomic_write_text(path / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     write_config(model.config, path, model.dtype)
-    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
-           "pad_token_id": model.config.pad_token_id}
-    _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    write_generation_config(model.config, path)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path))
 

@@ -152,7 +152,7 @@ def test_router_loss_is_zero_inside_the_dead_zone_and_pulls_from_outside():
             capacity = float(cost.capacity(mix).detach())
             loss = router_loss(cost, mix, 0.5)
             assert float(cost.relative(mix).detach()) == pytest.approx(0.5 * (1 + dev))
-            assert (float(loss) + 1e-2 * capacity == pytest.approx(0, abs=1e-12)) == zero, (mode, dev)
+            assert (float(loss.detach()) + 1e-2 * capacity == pytest.approx(0, abs=1e-12)) == zero, (mode, dev)
 
 
 def test_bad_budget_settings_name_the_key():

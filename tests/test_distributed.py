@@ -1,7 +1,7 @@
 """The parallel engines against one process, on CPU with gloo and two processes (torchrun).
 
-One torchrun launch runs every multi-process phase (FSDP2, DDP, DCP resume at the same and at a
-changed world size); the references run in this process. SGD, because AdamW divides by √v + eps
+Two torchrun "nodes" (one process each, c10d rendezvous on 127.0.0.1) run every multi-process phase
+(FSDP2, DDP, DCP resume at the same and at a changed world size); the references run in this process. SGD, because AdamW divides by √v + eps
 and router gradients sit near eps, which turns ~1e-8 reduction-order differences into visible ones.
 """
 
@@ -23,11 +23,12 @@ from star_elastic import HybridLM, ModelConfig
 from star_elastic.config import from_dict
 from star_elastic.data.tokenizer import build_tokenizer
 from star_elastic.distributed import parallelize
+from star_elastic.elastic import importance
 from star_elastic.elastic.run import load_elastic
 from star_elastic.train.distill import DistillStep
 from star_elastic.train.elastify import ElastifyConfig, prepare, state_digest, train
 
-BASE = dict(steps=4, batch_size=4, n_synthetic=100, calibration_batches=1, router_fit_steps=20, stage1_seq_len=24,
+BASE = dict(steps=4, batch_size=4, n_synthetic=100, calibration_batches=3, router_fit_steps=20, stage1_seq_len=24,
             stage2_seq_len=32, checkpoint_every=2, optimizer="sgd", lr=0.5, router_lr=0.5, warmup_steps=1)
 
 
@@ -39,6 +40,24 @@ def _free_port() -> int:
 
 def _cfg(parent, out, **changes) -> dict:
     return BASE | {"model": str(parent), "out": str(out)} | changes
+
+
+def _two_nodes(phases: list[dict], root: Path) -> None:
+    """Two torchrun "nodes" of one process each on 127.0.0.1, joined by c10d rendezvous (the
+    multi-node path: `--nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT`)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    worker = Path(__file__).with_name("dist_worker.py")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(r), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                               "--rdzv-id", "star-elastic-test", str(worker), json.dumps(phases), str(root)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        logs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(f"node {r}: ...{log[-2500:]}" for r, log in enumerate(logs))
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +80,7 @@ def runs(tmp_path_factory):
         {"name": "ddp", "cfg": _cfg(p, root / "ddp", parallel="ddp")},
         {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    worker = Path(__file__).with_name("dist_worker.py")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                           "127.0.0.1", "--master-port", str(_free_port()), str(worker), json.dumps(phases), str(root)],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _two_nodes(phases, root)
     train(from_dict(ElastifyConfig, _cfg(p, root / "two_to_one", parallel="none", resume=True)), log=quiet)
     return root
 
@@ -90,6 +104,14 @@ def test_fsdp_two_processes_equal_one_process(runs):
     assert _summary(runs, "fsdp")["parallel"] == "fsdp" and _summary(runs, "fsdp")["world"] == 2
     assert _max_diff(runs / "one", runs / "one" / "initial") > 1e-3  # training moved the weights
     assert _max_diff(runs / "fsdp", runs / "one") < 1e-6
+
+
+def test_importance_gathered_over_ranks_equals_one_process(runs):
+    one = importance.load_scores(runs / "one" / "importance.safetensors")
+    two = importance.load_scores(runs / "fsdp" / "importance.safetensors")  # batches 0, 2 on rank 0; 1 on rank 1
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-7)
 
 
 def test_ddp_ranks_identical_and_equal_one_process(runs):

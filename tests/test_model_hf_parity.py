@@ -21,6 +21,14 @@ CONFIGS = {
 }
 
 
+def parity_config(**changes):
+    """transformers' full forward clamps dt at `time_step_min`, where we (and vLLM) follow
+    `time_step_limit` (0, inf). With time_step_min = 1e-9 that clamp cannot trigger on these random
+    weights (it would need dt + dt_bias < -20), so parity compares the same function; the
+    deviation itself is pinned by test_dt_follows_time_step_limit_not_transformers_time_step_min."""
+    return tiny_config(time_step_min=1e-9, **changes)
+
+
 def hf_logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
@@ -29,7 +37,7 @@ def hf_logits(model, ids):
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("length", [1, 7, 19])
 def test_load_hf_checkpoint_matches_transformers(tmp_path, name, length):
-    ref = randomize(hf_model(tiny_config(**CONFIGS[name])))
+    ref = randomize(hf_model(parity_config(**CONFIGS[name])))
     ref.save_pretrained(tmp_path)
     ours = load_model(tmp_path)
     ids = torch.randint(0, 97, (2, length))
@@ -38,7 +46,7 @@ def test_load_hf_checkpoint_matches_transformers(tmp_path, name, length):
 
 
 def test_tied_head_round_trip_through_transformers(tmp_path):
-    cfg = tiny_config(tie_word_embeddings=True)
+    cfg = parity_config(tie_word_embeddings=True)
     ours = randomize(HybridLM(cfg)).eval()
     assert ours.lm_head.weight is ours.backbone.embeddings.weight
     ours.save_pretrained(tmp_path)
@@ -52,7 +60,7 @@ def test_tied_head_round_trip_through_transformers(tmp_path):
 
 @pytest.mark.parametrize("name", ["all-blocks", "mamba-heavy-bias"])
 def test_save_then_transformers_loads_identical_logits(tmp_path, name):
-    ours = randomize(HybridLM(tiny_config(**CONFIGS[name])), seed=3).eval()
+    ours = randomize(HybridLM(parity_config(**CONFIGS[name])), seed=3).eval()
     ours.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["hybrid_override_pattern"] == ours.config.pattern
@@ -64,7 +72,7 @@ def test_save_then_transformers_loads_identical_logits(tmp_path, name):
 
 
 def test_layers_block_type_and_sharded_checkpoint(tmp_path):
-    ours = randomize(HybridLM(tiny_config()), seed=5).eval()
+    ours = randomize(HybridLM(parity_config()), seed=5).eval()
     ours.save_pretrained(tmp_path, safe_max_shard_bytes=40_000)
     assert (tmp_path / "model.safetensors.index.json").is_file()
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -80,7 +88,7 @@ def test_layers_block_type_and_sharded_checkpoint(tmp_path):
 
 
 def test_bf16_close_to_transformers_bf16(tmp_path):
-    ref = randomize(hf_model(tiny_config(moe_intermediate_size=16)), scale=0.1)  # HF bf16 experts need 16-byte strides
+    ref = randomize(hf_model(parity_config(moe_intermediate_size=16)), scale=0.1)  # HF bf16 experts need 16-byte strides
     ref.save_pretrained(tmp_path)
     ours = load_model(tmp_path, dtype=torch.bfloat16)
     ref = ref.to(torch.bfloat16)
@@ -93,7 +101,7 @@ def test_bf16_close_to_transformers_bf16(tmp_path):
 
 
 def test_greedy_generation_equals_transformers_generate(tmp_path):
-    ref = randomize(hf_model(tiny_config()), scale=0.5)
+    ref = randomize(hf_model(parity_config()), scale=0.5)
     ref.save_pretrained(tmp_path)
     ours = load_model(tmp_path)
     prompt = [5, 17, 33, 2, 61, 8, 40]
@@ -105,7 +113,7 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
 
 
 def test_bf16_checkpoint_keeps_correction_bias_fp32_like_transformers(tmp_path):
-    ours = randomize(HybridLM(tiny_config()))
+    ours = randomize(HybridLM(parity_config()))
     bias = ours.backbone.layers[2].mixer.gate.e_score_correction_bias.clone()
     ours.to(torch.bfloat16).save_pretrained(tmp_path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
@@ -113,3 +121,32 @@ def test_bf16_checkpoint_keeps_correction_bias_fp32_like_transformers(tmp_path):
     assert ref.model.embeddings.weight.dtype == torch.bfloat16
     assert ref_bias.dtype == torch.float32 and torch.equal(ref_bias, bias)  # no BF16 rounding on the way
     assert torch.equal(load_model(tmp_path).backbone.layers[2].mixer.gate.e_score_correction_bias, bias)
+
+
+def _mixers(hf):
+    return [layer.mixer for layer in hf.model.layers if hasattr(layer.mixer, "time_step_limit")]
+
+
+@pytest.mark.parametrize("limit", [None, (0.02, 0.3)])
+def test_dt_follows_time_step_limit_not_transformers_time_step_min(tmp_path, limit):
+    """dt_bias = -9 puts most softplus(dt + dt_bias) below time_step_min (1e-3): transformers' full
+    forward clamps them up to 1e-3 and differs from us; transformers' own mixer made to use the
+    config's time_step_limit (what its cached decode step, vLLM and mamba_ssm use) agrees with us."""
+    changes = {} if limit is None else {"time_step_limit": limit}
+    ref = randomize(hf_model(tiny_config(pattern="MM*M", **changes)))
+    with torch.no_grad():
+        for m in _mixers(ref):
+            m.dt_bias.fill_(-9.0)
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert ours.config.time_step_limit == (limit or (0.0, float("inf")))
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        mine, theirs = ours(ids), hf_logits(ref, ids)
+        assert (mine - theirs).abs().max() > 1e-2  # the known transformers deviation, pinned
+        for m in _mixers(ref):
+            m.time_step_limit = tuple(ref.config.time_step_limit)
+        torch.testing.assert_close(mine, hf_logits(ref, ids), atol=1e-4, rtol=0)
+    ours.save_pretrained(tmp_path / "again")  # and we write it back for vLLM / transformers to read
+    assert tuple(transformers.AutoConfig.from_pretrained(tmp_path / "again").time_step_limit) == ours.config.time_step_limit
+    assert load_model(tmp_path / "again").config.time_step_limit == ours.config.time_step_limit

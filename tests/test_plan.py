@@ -64,3 +64,18 @@ def test_plan_cli_json_and_bad_input(capsys):
     assert "gpus must be positive, got 0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="dtype must be one of"):
         PlanConfig(dtype="fp16")
+
+
+@pytest.mark.parametrize("name, data, gpus", [("nemotron-3-nano-30b", "nemotron3_nano_30b_a3b", 16),
+                                              ("nemotron-nano-9b-v2", "nemotron_nano_9b_v2", 8)])
+def test_real_recipes_load_and_fit_where_their_headers_say(name, data, gpus):
+    from star_elastic.train.elastify import load_elastify_config
+
+    cfg = load_elastify_config(str(Path(__file__).parents[1] / "configs" / f"{name}.yaml"), {})
+    assert cfg.elastic_config().budgets == (1.0, 0.78, 0.56) and cfg.stage2_probs == (0.5, 0.3, 0.2)
+    assert (cfg.stage1_seq_len, cfg.stage2_seq_len) == (8192, 49152) and cfg.router_lr > cfg.lr
+    model = ModelConfig.from_json(Path(__file__).parent / "data" / data / "config.json")
+    for seq_len in (cfg.stage1_seq_len, cfg.stage2_seq_len):
+        pc = PlanConfig(gpus=gpus, seq_len=seq_len, micro_batch=cfg.batch_size // gpus, dtype=cfg.dtype,
+                        activation_checkpointing=cfg.activation_checkpointing, gpu_memory_gb=80)
+        assert plan(model, pc)["fits"]

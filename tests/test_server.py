@@ -66,8 +66,11 @@ def test_models_lists_the_elastic_model_and_every_budget(live, budget_server):
 
 def test_chat_equals_in_process_budget_control_for_mixed_budgets(live, budget_server):
     c = client(live)
-    for case in CASES:
-        r = c.chat.completions.create(**chat_kwargs(case))
+    for i, case in enumerate(CASES):
+        kw = chat_kwargs(case)
+        if i % 2:  # vLLM's name for the cap
+            kw["extra_body"]["thinking_token_budget"] = kw["extra_body"].pop("max_think_tokens")
+        r = c.chat.completions.create(**kw)
         reasoning, answer, n_think, n_total = reference(budget_server, case)
         assert r.choices[0].message.reasoning_content == reasoning
         assert r.choices[0].message.content == answer
@@ -142,6 +145,7 @@ def test_seeded_sampling_repeats_and_seeds_differ(live):
 
 def test_client_disconnect_mid_stream_frees_the_slot(live):
     sched = scheduler_of(live)
+    dropped = sched.dropped
     with httpx.Client(timeout=30) as h:
         body = {"model": f"{NAME}@1", "prompt": "1", "max_tokens": 150, "temperature": 0, "stream": True}
         with h.stream("POST", live.url + "/v1/completions", json=body) as r:
@@ -152,8 +156,22 @@ def test_client_disconnect_mid_stream_frees_the_slot(live):
     while sched.active_jobs() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert sched.active_jobs() == 0
+    assert sched.dropped == dropped + 1
     r = client(live).completions.create(model=f"{NAME}@1", prompt="1", max_tokens=2, temperature=0)
     assert r.choices[0].finish_reason == "length"
+
+
+def test_client_gone_before_a_non_streaming_answer_frees_the_slot(live):
+    sched = scheduler_of(live)
+    dropped = sched.dropped
+    body = {"model": f"{NAME}@1", "prompt": "1", "max_tokens": 150, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 10
+    while sched.active_jobs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sched.active_jobs() == 0
+    assert sched.dropped == dropped + 1  # cancelled, not run to its end
 
 
 def test_api_key_is_required_when_set(budget_server):
@@ -180,6 +198,48 @@ def test_proxy_over_two_servers_equals_in_process(budget_server):
                 assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (reasoning, answer)
                 assert r.usage.completion_tokens_details.reasoning_tokens == n_think
                 assert r.usage.completion_tokens == n_total
+            chunks = list(client(proxy).chat.completions.create(
+                model="proxy", messages=[{"role": "user", "content": "abc"}], temperature=0, max_tokens=6,
+                stream=True, extra_body={"max_think_tokens": 3} | RAW))
+            streamed = ("".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks),
+                        "".join(ch.choices[0].delta.content or "" for ch in chunks))
+            assert streamed == reference(budget_server, ("abc", 0.5, 1.0, 3, 6))[:2]
             with pytest.raises(openai.BadRequestError, match="fixed by"):
                 client(proxy).chat.completions.create(model="proxy", messages=[{"role": "user", "content": "1"}],
                                                       extra_body={"think_budget": 0.5})
+
+
+class NamedVariants:
+    """An ElasticServer-like object whose variants are named architectures (as a checkpoint with
+    explicit --arch entries would give), here backed by two budgets of the tiny model."""
+
+    def __init__(self, server, names: dict[str, float]):
+        self.inner, self.variants = server, names
+        self.think_end_id, self.eos_id = server.think_end_id, server.eos_id
+
+    def model(self, name: str):
+        return self.inner.model(self.variants[name])
+
+    def __getattr__(self, attr):  # think_row, close_trace, answer_row
+        return getattr(self.inner, attr)
+
+
+def test_named_architectures_plug_in_as_variants(budget_server):
+    from server_helpers import CONTEXT
+
+    from star_elastic.serve.app import make_local_app
+
+    named = NamedVariants(budget_server, {"nano-12b": 0.5, "nano-30b": 1.0})
+    app = make_local_app(named, ServeConfig(name=NAME, think_budget="nano-12b", answer_budget="nano-30b"),
+                         max_context=CONTEXT)
+    with BackgroundServer(app) as bg:
+        c = client(bg)
+        assert [m.id for m in c.models.list().data] == [NAME, f"{NAME}@nano-12b", f"{NAME}@nano-30b"]
+        case = ("1+2=?", 0.5, 1.0, 10, 6)
+        r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": case[0]}], temperature=0,
+                                      max_tokens=6, extra_body={"max_think_tokens": 10} | RAW)
+        reasoning, answer, _, _ = reference(budget_server, case)
+        assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (reasoning, answer)
+        with pytest.raises(openai.BadRequestError, match="nano-12b, nano-30b"):
+            c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "1"}],
+                                      extra_body={"think_budget": 0.5})

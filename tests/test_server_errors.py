@@ -98,3 +98,24 @@ def test_fuzz_hundreds_of_hostile_requests_never_5xx(live):
         ok = h.post("/v1/chat/completions", json=GOOD)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
     assert sum(s >= 400 for s in statuses) > 250  # the fuzz was hostile
+
+
+def test_serve_config_yaml_flags_and_cli_errors(tmp_path, capsys):
+    from pathlib import Path
+
+    from star_elastic.cli import main
+    from star_elastic.config import ConfigError, from_dict, merge_config
+    from star_elastic.serve.app import ServeConfig, make_local_app
+
+    yaml_path = Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
+    cfg = from_dict(ServeConfig, merge_config(yaml_path, {"port": 9001, "api_key": None}))
+    assert (cfg.port, cfg.think_budget, cfg.answer_budget, cfg.host) == (9001, 0.5, 1.0, "127.0.0.1")
+    with pytest.raises(ConfigError, match="--think-budget 0.3 is not a trained budget"):
+        make_local_app(tiny_budget_server(), ServeConfig(think_budget=0.3))
+    assert main(["serve"]) == 2
+    assert main(["serve", str(tmp_path)]) == 2
+    assert main(["serve", str(tmp_path), "--think-backend", "http://127.0.0.1:1"]) == 2
+    assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "give an elastic run folder" in err and "no run.json" in err and "needs --think-backend, --answer-backend" in err
+    assert "max_batch >= 1" in err and "Traceback" not in err

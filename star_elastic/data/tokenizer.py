@@ -1,27 +1,37 @@
 """The demo tokenizer: character level over a fixed alphabet, built with HF `tokenizers`.
 
 ids 0, 1, 2 are <pad>, <s>, </s> (Nemotron-H's pad / bos / eos defaults); <unk> is 3; the think
-markers and chat roles are single special tokens. Decoding concatenates tokens, so
-decode(encode(text)) == text for every text over the alphabet. The chat template renders
-    <|user|>PROMPT<|assistant|><think>TRACE</think>ANSWER</s>
+markers (4, 5) and chat roles (6, 7) are single tokens. The chat roles are special; `<think>` and
+`</think>` are ordinary added tokens, as in Qwen3's tokenizer, so `decode(skip_special_tokens=True)`
+(lm-eval, pipelines, vLLM's default detokenizer) keeps the marker that separates trace from answer.
+Decoding concatenates tokens, so decode(encode(text)) == text for every text over the alphabet.
+The chat template renders
+    [SYSTEM]<|user|>PROMPT<|assistant|><think>TRACE</think>ANSWER</s>
+(a system message, if any, as plain text before the first user turn; an unknown role is an error),
 and, for generation, stops after `<|assistant|><think>` so the model starts inside its trace.
+The tokenizer pads on the left, as batched generation needs.
 """
 
 from __future__ import annotations
 
 import string
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from star_elastic.config import ConfigError
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<think>", "</think>", "<|user|>", "<|assistant|>"]
+THINK_MARKERS = ("<think>", "</think>")  # added tokens, not special: decoding never drops them
 ALPHABET = string.digits + string.ascii_lowercase + " +-*=?|.,:()<>"
+MODEL_MAX_LENGTH = 4096  # ModelConfig.max_position_embeddings' default; the demo trains on 128-token rows
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}</s>{% endif %}"
+    "{% if m['role'] == 'system' and loop.first %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}</s>"
+    "{% else %}{{ raise_exception('unsupported chat role ' ~ m['role'] ~ ': use system (first), user or assistant') }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|><think>{% endif %}"
 )
@@ -34,10 +44,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
-    core.add_special_tokens(SPECIALS)
+    core.add_special_tokens([t for t in SPECIALS if t not in THINK_MARKERS])
+    core.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_MARKERS])  # ids stay 4, 5
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=SPECIALS[4:], clean_up_tokenization_spaces=False,
+        additional_special_tokens=["<|user|>", "<|assistant|>"], clean_up_tokenization_spaces=False,
+        padding_side="left", model_max_length=MODEL_MAX_LENGTH,
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok

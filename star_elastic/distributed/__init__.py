@@ -10,7 +10,8 @@ from star_elastic.distributed.parallel import (
     parallelize,
     resolve_mode,
     shutdown,
+    sum_over_ranks,
 )
 
 __all__ = ["PARALLEL_MODES", "Engine", "barrier", "full_state_dict", "global_sum", "init_process_group", "parallelize",
-           "resolve_mode", "shutdown"]
+           "resolve_mode", "shutdown", "sum_over_ranks"]

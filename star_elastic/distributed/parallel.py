@@ -125,6 +125,13 @@ def global_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def sum_over_ranks(tensors: dict[str, torch.Tensor]) -> None:
+    """In place: every tensor becomes its sum over all ranks (same keys and shapes on each rank)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for key in sorted(tensors):
+            dist.all_reduce(tensors[key])
+
+
 def _checkpoint_blocks(blocks: nn.ModuleList) -> None:
     """Per-block activation checkpointing: the block's forward is recomputed in backward. The
     module tree (and every state-dict key) is unchanged."""

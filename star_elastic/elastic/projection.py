@@ -101,7 +101,7 @@ class _Candidates:
     value: torch.Tensor  # (K,) router score + a capacity tie-break − MISS_PENALTY · miss
 
 
-MISS_PENALTY = 1e6
+MISS_PENALTY = 1e9
 """Any miss of the window outweighs any router score: in-window first, then the smallest miss."""
 
 
@@ -141,7 +141,7 @@ def choose_architectures(cost_model, budgets: tuple[float, ...],
     space = cost_model.space
     full = Outcome({a: 0 for a in space.axes}, 1.0, 1.0, held=True)
     cands = {b: _candidates(cost_model, b, log_probs[b]) for b in budgets if b < 1.0}
-    chosen = _chain(cands, space) if cost_model.ecfg.nested else {b: 0 for b in cands}
+    chosen = _chain(cands) if cost_model.ecfg.nested and cands else {b: 0 for b in cands}
     out = {b: full for b in budgets if b >= 1.0}
     for b, c in cands.items():
         i = chosen[b]
@@ -150,7 +150,7 @@ def choose_architectures(cost_model, budgets: tuple[float, ...],
     return out
 
 
-def _chain(cands: dict[float, _Candidates], space) -> dict[float, int]:
+def _chain(cands: dict[float, _Candidates]) -> dict[float, int]:
     """Candidate index per budget maximising the summed score, each contained in the previous.
 
     Budgets descend; the full model contains everything. best[j] is the best chain value ending

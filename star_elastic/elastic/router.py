@@ -217,13 +217,14 @@ def settle_router(router: BudgetRouter, cost_model: CostModel, budgets: tuple[fl
 
 
 def teach_router(router: BudgetRouter, budgets: tuple[float, ...], targets: dict[float, dict[str, int]],
-                 max_steps: int = 2000, lr: float = 0.05) -> None:
-    """Cross-entropy steps until the router's argmax is `targets[b]` for every trained budget."""
+                 steps: int = 200, max_steps: int = 2000, lr: float = 0.05) -> None:
+    """Cross-entropy steps so that the router's argmax is `targets[b]` for every trained budget: at
+    least `steps` (the picks then dominate the Gumbel samples that follow), more until it holds."""
     device = next(router.parameters()).device
     vecs = {b: encode_budget(b, budgets).to(device) for b in budgets}
     opt = torch.optim.Adam(router.parameters(), lr=lr)
     for step in range(max_steps):
-        if step % 10 == 0 and all(router.pick(vecs[b]) == targets[b] for b in budgets):
+        if step >= steps and step % 10 == 0 and all(router.pick(vecs[b]) == targets[b] for b in budgets):
             return
         loss = sum(
             F.cross_entropy(logits[None], torch.tensor([targets[b][axis]], device=device))

@@ -188,6 +188,7 @@ class DecodeBatch:
             cache, logits = concat_caches([self.cache, cache]), torch.cat([self.logits, logits])
         self.rows, self.cache, self.logits = self.rows + list(rows), cache, logits
 
+    @torch.inference_mode()
     def leave(self, rows: Sequence[Row]) -> None:
         """Remove rows (finished or cancelled) from the batch."""
         gone = set(map(id, rows))

@@ -4,7 +4,9 @@ Differences from the textbook Mamba-2 block worth knowing:
 - in_proj emits [z | x | B | C | dt] in that order; conv1d runs over [x | B | C] only.
 - B and C are shared by the heads of one SSM group (`n_groups`), and the gated RMSNorm
   normalises each group separately; both matter for group-aware head pruning.
-- dt = softplus(dt + dt_bias) is clamped below at `time_step_min`, as transformers' mixer does.
+- dt = softplus(dt + dt_bias) is clamped to `time_step_limit` (default (0, inf): no clamp), in the
+  scan and in the decode step, as vLLM, mamba_ssm and transformers' cached decode do. transformers'
+  full forward clamps at `time_step_min` instead; the two differ only where softplus < time_step_min.
 The scan runs in fp32 whatever the weights' dtype.
 """
 
@@ -119,7 +121,7 @@ class Mamba2Mixer(nn.Module):
         self.num_heads, self.head_dim = cfg.mamba_num_heads, cfg.mamba_head_dim
         self.n_groups, self.state_size = cfg.n_groups, cfg.ssm_state_size
         self.inner, self.conv_dim = cfg.mamba_inner, cfg.mamba_conv_dim
-        self.chunk_size, self.dt_min = cfg.chunk_size, cfg.time_step_min
+        self.chunk_size, self.dt_limit = cfg.chunk_size, cfg.time_step_limit
         self.in_proj = nn.Linear(cfg.hidden_size, self.inner + self.conv_dim + self.num_heads, bias=cfg.mamba_proj_bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim,
@@ -172,7 +174,7 @@ class Mamba2Mixer(nn.Module):
             xbc = xbc * pad_mask.unsqueeze(-1).to(dtype)
         gn = self.n_groups * self.state_size
         x, Bm, Cm = xbc.float().split([self.inner, gn, gn], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp_min(self.dt_min)  # (B, T, H)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, T, H)
         A = -torch.exp(self.A_log.float())
         x = x.view(B, T, self.num_heads, self.head_dim)
         Bm = Bm.reshape(B, T, self.n_groups, self.state_size)

@@ -4,7 +4,9 @@ Routing (as transformers' NemotronHTopkRouter with n_group = 1):
   scores = sigmoid(gate(x)) in fp32; top-k chosen on scores + e_score_correction_bias (the bias
   steers selection only); weights = chosen scores / their sum * routed_scaling_factor.
 Experts are stored as 3D tensors (E, I, C) / (E, C, I) like transformers holds them in memory;
-the on-disk layout (one tensor per expert) is handled by `star_elastic.hf`.
+the on-disk layout (one tensor per expert) is handled by `star_elastic.hf`. Tokens sorted by expert
+run as one grouped GEMM (`torch._grouped_mm`) per projection where it runs, else one matmul pair
+per expert; both give the same numbers (tests/test_moe_grouped.py).
 """
 
 from __future__ import annotations
@@ -54,6 +56,18 @@ class TopkRouter(nn.Module):
         return w * self.scaling, idx
 
 
+def grouped_mm_runs(x: torch.Tensor, *dims: int) -> bool:
+    """Whether `torch._grouped_mm` serves x's device and dtype: CUDA sm90+ or CPU, with every inner
+    dimension a multiple of 16 bytes (its stride requirement)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False
+    if not (x.is_cuda or x.device.type == "cpu"):
+        return False
+    return all(d * x.element_size() % 16 == 0 for d in dims)
+
+
 class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -63,6 +77,21 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, C, I))
         # optional activation quantizer (x, expert, "up" | "down") → x, set by star_elastic.quant
         self.act_quant: Callable[[torch.Tensor, int, str], torch.Tensor] | None = None
+        self.grouped: bool | None = None
+        """True / False force the grouped GEMM / the per-expert loop; None: grouped where it runs."""
+
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.act_quant is not None or self.grouped is False:  # quantizers act per expert
+            return False
+        return grouped_mm_runs(x, *self.up_proj.shape[1:]) and x.dtype == self.up_proj.dtype
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor, inter_mask: torch.Tensor | None) -> torch.Tensor:
+        """xs (m, C) sorted by expert, counts (E,) → (m, C): one grouped GEMM per projection."""
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # end row of each expert's group
+        h = relu2(torch._grouped_mm(xs, self.up_proj.transpose(-2, -1), offs=offs))  # (m, I)
+        if inter_mask is not None:
+            h = h * inter_mask.to(h.dtype)
+        return torch._grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offs)
 
     def _expert(self, e: int, x: torch.Tensor, inter_mask: torch.Tensor | None) -> torch.Tensor:
         """Expert e on its tokens x (n, C) → (n, C)."""
@@ -85,17 +114,25 @@ class Experts(nn.Module):
         flat = idx.reshape(-1)  # (n*k,) expert of each (token, slot)
         order = torch.argsort(flat, stable=True)
         token = order // k  # token of each sorted slot
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)
         xs = x[token]  # (n*k, C) grouped by expert
-        out = torch.empty(n * k, x.shape[1], dtype=torch.float32, device=x.device)
+        if self._use_grouped(x):
+            out = self._grouped(xs, counts, inter_mask).float()
+        else:
+            out = self._loop(xs, counts.tolist(), inter_mask)
+        out = out * weights.reshape(-1)[order].unsqueeze(-1)  # routing weight in fp32, as transformers
+        y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
+        return y.index_add_(0, token, out).to(x.dtype)
+
+    def _loop(self, xs: torch.Tensor, counts: list[int], inter_mask) -> torch.Tensor:
+        """xs (m, C) sorted by expert → (m, C) fp32, one matmul pair per expert."""
+        out = torch.empty(xs.shape, dtype=torch.float32, device=xs.device)
         start = 0
         for e, count in enumerate(counts):
             if count:
                 out[start : start + count] = self._expert(e, xs[start : start + count], inter_mask)
                 start += count
-        out = out * weights.reshape(-1)[order].unsqueeze(-1)  # routing weight in fp32, as transformers
-        y = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
-        return y.index_add_(0, token, out).to(x.dtype)
+        return out
 
     def _few_tokens(self, x, weights, idx, inter_mask) -> torch.Tensor:
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

@@ -3,7 +3,7 @@
 Per quantized linear `name` (experts one by one, `...experts.E.up_proj`):
   NVFP4: name.weight uint8 [out, in/2] (two E2M1 codes per byte, low nibble first),
          name.weight_scale float8_e4m3fn [out, in/16], name.weight_scale_2 fp32 [] (global),
-         name.input_scale fp32 [] (activation amax / (6·448))
+         name.input_scale fp32 [] (activation amax / (6·448); routed experts: the layer's shared scale)
   FP8:   name.weight float8_e4m3fn [out, in], name.weight_scale fp32 [], name.input_scale fp32 []
 plus `hf_quant_config.json` and a `quantization_config` block in config.json. Unquantized tensors
 are stored in `high_precision_dtype` (BF16 by default), the MoE correction bias in fp32.
@@ -27,7 +27,7 @@ from star_elastic.elastic.arch import Architecture, IndexSets, renumber_layer
 from star_elastic.model.hybrid import HybridLM
 from star_elastic.model.moe import Experts, keeps_fp32
 from star_elastic.quant import formats
-from star_elastic.quant.fake import FP_MAX, InputQuant, quantized_module_names
+from star_elastic.quant.fake import FP_MAX, InputQuant, expert_input_quant, quantized_module_names
 
 QUANT_CONFIG = "hf_quant_config.json"
 _EXPERT_KEY = re.compile(r"^(backbone\.layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)$")
@@ -60,7 +60,7 @@ def quantized_state(model: HybridLM, qcfg: QuantConfig, quantizers: dict[str, In
                 out[f"{module}.{suffix}"] = value.contiguous()
             q = quantizers.get(owner)
             if q is not None:
-                i = 2 * int(expert.group(2)) + (expert.group(3) == "down_proj") if expert else 0
+                i = int(expert.group(3) == "down_proj") if expert else 0  # experts: the layer's shared scale
                 out[f"{module}.input_scale"] = q.scale(i).float().reshape(())
         elif t.is_floating_point():
             out[key] = t.to(torch.float32 if keeps_fp32(key) else high_precision_dtype).contiguous()
@@ -119,12 +119,14 @@ def quant_metadata(qcfg: QuantConfig, cfg: ModelConfig) -> dict:
 
 
 def write_quantized(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], meta: dict, tokenizer=None) -> None:
-    """config.json (with quantization_config), hf_quant_config.json, model.safetensors, tokenizer."""
-    from star_elastic.hf import WEIGHTS, _atomic_save
+    """config.json (with quantization_config), hf_quant_config.json, model.safetensors,
+    generation_config.json, tokenizer."""
+    from star_elastic.hf import WEIGHTS, _atomic_save, write_generation_config
 
     path.mkdir(parents=True, exist_ok=True)
     _atomic_save(tensors, path / WEIGHTS)
     write_quant_configs(path, cfg, meta)
+    write_generation_config(cfg, path)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
 
@@ -251,24 +253,20 @@ def dequantize_tensors(tensors: dict, meta: dict, path: Path, dtype=torch.float3
 
 
 def install_input_quant(model: HybridLM, input_scales: dict[str, torch.Tensor], fmt: str) -> None:
-    """Emulate the exported activation quantization with the stored input scales."""
-    experts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    """Emulate the exported activation quantization with the stored input scales. Routed experts
+    use the max over experts per layer and projection, as vLLM does on load (`expert_input_quant`)."""
+    experts: dict[str, list[list[torch.Tensor]]] = {}
     for module, scale in input_scales.items():
         m = _EXPERT_KEY.match(module)
         if m:
-            experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = scale
+            experts.setdefault(m.group(1), [[], []])[m.group(3) == "down_proj"].append(scale.reshape(()))
             continue
         q = InputQuant(fmt)
         q.set_scales(scale.reshape(1))
         model.get_submodule(module).register_forward_pre_hook(lambda mod, args, q=q: (q(args[0]),))
-    for name, table in experts.items():
-        module: Experts = model.get_submodule(name)
-        q = InputQuant(fmt, 2 * module.num_experts)
-        scales = torch.ones(2 * module.num_experts)
-        for (e, which), s in table.items():
-            scales[2 * e + (which == "down_proj")] = s
-        q.set_scales(scales)
-        module.act_quant = lambda x, e, which, q=q: q(x, 2 * e + (which == "down"))
+    for name, (up, down) in experts.items():
+        shared = torch.stack([torch.stack(up).max(), torch.stack(down).max()])  # (2,): up, down
+        expert_input_quant(model.get_submodule(name), fmt, shared)
 
 
 __all__ = ["FP_MAX", "quantized_state", "quant_metadata", "write_quantized", "write_quant_configs", "slice_packed",

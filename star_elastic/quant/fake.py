@@ -7,7 +7,8 @@ the whole tensor's (per expert for routed experts, which are stored per expert),
 slice of the fake-quantized tensor is exactly the quantization of the slice.
 Inputs: a forward pre-hook per quantized linear (and `Experts.act_quant` for experts) applies a
 static calibrated scale: FP8 per tensor; NVFP4 a static global scale with dynamic 16-element
-block scales. Masked inputs are zero in whole blocks, so they leave active blocks unchanged.
+block scales. Routed experts share one input scale per MoE layer and projection, as vLLM serves
+them (`expert_input_quant`). Masked inputs are zero in whole blocks, so they leave active blocks unchanged.
 """
 
 from __future__ import annotations
@@ -112,9 +113,7 @@ def apply_fake_quant(model: HybridLM, qcfg: QuantConfig) -> dict[str, InputQuant
             for attr in ("up_proj", "down_proj"):
                 parametrize.register_parametrization(module, attr, WeightFakeQuant(qcfg.format, per_leading=True))
             if qcfg.activations:
-                q = InputQuant(qcfg.format, 2 * module.num_experts)
-                module.act_quant = lambda x, e, which, q=q: q(x, 2 * e + (which == "down"))
-                quantizers[name] = q
+                quantizers[name] = expert_input_quant(module, qcfg.format)
         else:
             parametrize.register_parametrization(module, "weight", WeightFakeQuant(qcfg.format))
             if qcfg.activations:
@@ -122,6 +121,22 @@ def apply_fake_quant(model: HybridLM, qcfg: QuantConfig) -> dict[str, InputQuant
                 module.register_forward_pre_hook(lambda mod, args, q=q: (q(args[0]),))
                 quantizers[name] = q
     return quantizers
+
+
+def expert_input_quant(module: Experts, fmt: str, scales: torch.Tensor | None = None) -> InputQuant:
+    """One input scale per MoE layer for every expert's up_proj (index 0) and one for down_proj (1).
+
+    vLLM serves routed experts with a single activation scale per layer and projection: FP8 MoE
+    takes the max of the per-expert `input_scale`s (`process_fp8_input_tensor_strategy_moe`), and
+    NVFP4 MoE does the same on its FlashInfer / emulation paths. Calibrating one shared amax over
+    all experts' tokens gives that max directly, and the export writes it for every expert, so
+    every backend (per-expert or shared) reads the scale we evaluated with.
+    """
+    q = InputQuant(fmt, 2)
+    if scales is not None:
+        q.set_scales(scales)
+    module.act_quant = lambda x, e, which: q(x, int(which == "down"))
+    return q
 
 
 def set_mode(quantizers: dict[str, InputQuant], mode: str) -> None:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
 from star_elastic.config import ConfigError
@@ -42,8 +42,8 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     """When set, every /v1 request needs `Authorization: Bearer KEY`."""
-    think_budget: float | None = None
-    answer_budget: float | None = None
+    think_budget: float | str | None = None
+    answer_budget: float | str | None = None
     max_think_tokens: int = 256
     """Default trace cap; </think> is forced when reached."""
     max_tokens: int = 64
@@ -61,16 +61,30 @@ class ServeConfig:
             raise ConfigError("serve: --api-key is empty")
 
 
-def budget_id(name: str, budget: float) -> str:
-    return f"{name}@{budget:g}"
+def show(budget: float | str) -> str:
+    return f"{budget:g}" if isinstance(budget, float) else str(budget)
+
+
+def budget_id(name: str, budget: float | str) -> str:
+    return f"{name}@{show(budget)}"
+
+
+def same_budget(a: float | str, b) -> bool:
+    if isinstance(a, float):
+        return isinstance(b, (int, float)) and not isinstance(b, bool) and abs(a - b) < 1e-9
+    return a == b
 
 
 class Router:
-    """Request schema → Spec, with every budget / model check in one place."""
+    """Request schema → Spec, with every budget / model check in one place.
 
-    def __init__(self, cfg: ServeConfig, budgets: list[float]):
+    Budgets are the server's variant keys: trained budget fractions (floats, listed largest first),
+    or names of explicit architectures (strings, kept in their order)."""
+
+    def __init__(self, cfg: ServeConfig, budgets: list[float | str]):
         """An empty `budgets` means a proxy: its backends fix the budgets, requests may not choose."""
-        self.cfg, self.budgets = cfg, sorted(budgets, reverse=True)
+        numeric = all(isinstance(b, float) for b in budgets)
+        self.cfg, self.budgets = cfg, sorted(budgets, reverse=True) if numeric else list(budgets)
         if not self.budgets:
             self.default_think = self.default_answer = 1.0  # placeholders: the backends decide
             return
@@ -79,20 +93,20 @@ class Router:
         self.default_answer = self._budget(cfg.answer_budget, "--answer-budget") if cfg.answer_budget is not None \
             else self.budgets[0]
 
-    def _budget(self, value: float, param: str) -> float:
+    def _budget(self, value: float | str, param: str) -> float | str:
         if not self.budgets:
             raise RequestError(f"{param}: this proxy's budgets are fixed by --think-backend/--answer-backend; "
                                "drop the field", param=param, code="budget_out_of_range")
         for b in self.budgets:
-            if abs(b - value) < 1e-9:
+            if same_budget(b, value):
                 return b
-        choices = ", ".join(f"{b:g}" for b in self.budgets)
-        msg = f"{param} {value:g} is not a trained budget of this model; use one of {choices}"
+        choices = ", ".join(show(b) for b in self.budgets)
+        msg = f"{param} {show(value)} is not a trained budget of this model; use one of {choices}"
         if param.startswith("--"):
             raise ConfigError(f"serve: {msg}")
         raise RequestError(msg, param=param, code="budget_out_of_range")
 
-    def model_budget(self, model: str) -> float | None:
+    def model_budget(self, model: str) -> float | str | None:
         """None for the elastic id, the budget for NAME@B; 404 for anything else."""
         if model == self.cfg.name:
             return None
@@ -169,6 +183,17 @@ async def final(engine, spec: Spec) -> Progress:
     raise RuntimeError("the engine ended without a result")
 
 
+async def final_unless_gone(request: Request, engine, specs: list[Spec]) -> list[Progress]:
+    """Every spec's result; if the client disconnects first, cancel them (freeing their slots)."""
+    task = asyncio.ensure_future(asyncio.gather(*(final(engine, s) for s in specs)))
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            raise RequestError("client disconnected", status=499)
+    return task.result()
+
+
 def sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -208,6 +233,34 @@ async def stream_events(engine, spec: Spec, head: dict, chat: bool, include_usag
 
 
 # --- the app -----------------------------------------------------------------------------------
+class Guard:
+    """ASGI middleware on /v1: the Bearer key (constant-time compare) and a body-size limit.
+
+    Plain ASGI, not `@app.middleware("http")`: that wrapper hides the client's disconnect from
+    the route, and a disconnect must cancel the request's job."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            headers = dict(scope["headers"])  # names are lower-case bytes in ASGI
+            refusal = self._refusal(headers)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _refusal(self, headers: dict[bytes, bytes]):
+        if self.expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return errors.error_response("missing or wrong API key (Authorization: Bearer KEY)", 401,
+                                         code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return errors.error_response(f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
+        return None
+
+
 def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
     """The HTTP API over `engine` (LocalEngine or ProxyEngine); budgets name the model entries."""
     router = Router(cfg, budgets)
@@ -224,17 +277,7 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
     app.add_exception_handler(Exception, errors.on_any_error)
     app.state.engine, app.state.router = engine, router
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if cfg.api_key is not None and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-                return errors.error_response("missing or wrong API key (Authorization: Bearer KEY)", 401,
-                                             code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return errors.error_response(f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=cfg.api_key)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -250,7 +293,7 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
         specs = [router.spec(req, p, chat=False) for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
@@ -261,13 +304,13 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_events(engine, specs[0], head, False, include),
                                      media_type="text/event-stream")
-        progs = await asyncio.gather(*(final(engine, s) for s in specs))
+        progs = await final_unless_gone(request, engine, specs)
         choices = [{"index": i, "text": completion_text(p, s), "logprobs": None} | finish_fields(p, s)
                    for i, (p, s) in enumerate(zip(progs, specs))]
         return head | {"object": "text_completion", "choices": choices, "usage": usage(list(progs))}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         spec = router.spec(req, engine.chat_prompt(messages), chat=True)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
@@ -275,7 +318,7 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
             engine.check(spec)
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_events(engine, spec, head, True, include), media_type="text/event-stream")
-        prog = await final(engine, spec)
+        (prog,) = await final_unless_gone(request, engine, [spec])
         reasoning, content = visible(prog, spec)
         message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
         return head | {"object": "chat.completion", "usage": usage([prog]),
@@ -284,12 +327,15 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
     return app
 
 
-def make_local_app(server, cfg: ServeConfig, budgets: list[float] | None = None,
+def make_local_app(server, cfg: ServeConfig, budgets: list[float | str] | None = None,
                    max_context: int | None = None) -> FastAPI:
-    """The app over an ElasticServer-like object; budgets default to its elastic config's."""
+    """The app over an ElasticServer-like object: `model(key)` gives a HybridLM (a view) per variant key,
+    plus `think_row` / `close_trace` / `answer_row` / `think_end_id` / `eos_id`. Keys default to the
+    server's `variants` (named explicit architectures) if it has them, else its trained budgets."""
     from star_elastic.serve.engine import LocalEngine
 
-    budgets = list(budgets if budgets is not None else server.elastic.ecfg.budgets)
+    if budgets is None:
+        budgets = list(server.variants) if hasattr(server, "variants") else list(server.elastic.ecfg.budgets)
     context = max_context or server.model(budgets[0]).config.max_position_embeddings
     return build_app(LocalEngine(server, budgets, cfg.max_batch, context), cfg, budgets)
 

@@ -57,6 +57,7 @@ class Scheduler:
         self._active: set[Job] = set()
         self._stopping = False
         self.peak_rows = 0  # most rows decoding at once over all budgets (a measure of batching)
+        self.dropped = 0  # jobs cancelled before they finished (clients gone)
         self._thread = threading.Thread(target=self._run, name="star-elastic-scheduler", daemon=True)
         self._thread.start()
 
@@ -158,6 +159,7 @@ class Scheduler:
             self._jobs.pop(key, None)
         for job in gone:
             self._release(job)
+        self.dropped += len(gone)
 
     def _guarded(self, budget: float, work: Callable[[], None], rows: list[Row] | None = None) -> None:
         """Run one step or join; on failure end the affected jobs with an error, keep serving."""

@@ -36,8 +36,9 @@ class BaseRequest(BaseModel):
     user: StrictStr | None = None
     skip_special_tokens: StrictBool = True
     """vLLM's flag: False keeps `</think>` in returned text (the budget proxy sends False)."""
-    think_budget: Number | None = None
-    answer_budget: Number | None = None
+    think_budget: Number | StrictStr | None = None
+    """A trained budget (fraction), or the name of an explicit architecture where the server has them."""
+    answer_budget: Number | StrictStr | None = None
     max_think_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     thinking_token_budget: Annotated[StrictInt, Field(ge=0)] | None = None
     """vLLM's name for `max_think_tokens`."""

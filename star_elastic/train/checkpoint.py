@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -23,9 +22,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from star_elastic.config import ConfigError
-
-# One process without a process group is a supported DCP mode, not a mistake to warn about.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _is_rank0() -> bool:
@@ -47,7 +43,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, opt: torc
         tmp.mkdir(parents=True)
     _barrier()
     model_state, opt_state = get_state_dict(model, opt)
-    dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=str(tmp))
+    dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     if _is_rank0():
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
         shutil.rmtree(final, ignore_errors=True)
@@ -76,7 +72,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     model_state, opt_state = get_state_dict(model, opt)
     state = {"model": model_state, "optimizer": opt_state}
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{path}: checkpoint does not match this model and optimizer ({first})") from None

@@ -34,7 +34,14 @@ from tqdm.auto import tqdm
 from star_elastic import accounting
 from star_elastic.config import ConfigError, ElasticConfig, ModelConfig, from_dict, merge_config
 from star_elastic.data.loading import batch_for_step, load_sequences
-from star_elastic.distributed import barrier, full_state_dict, global_sum, init_process_group, parallelize
+from star_elastic.distributed import (
+    barrier,
+    full_state_dict,
+    global_sum,
+    init_process_group,
+    parallelize,
+    sum_over_ranks,
+)
 from star_elastic.distributed.parallel import device_for_rank
 from star_elastic.elastic import importance
 from star_elastic.elastic.model import ElasticLM, cost_line
@@ -172,7 +179,21 @@ def lr_scale(cfg: ElastifyConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def prepare(cfg: ElastifyConfig, rank: int = 0, log=print):
+def calibration_stats(cfg: ElastifyConfig, parent: HybridLM, seqs, rank: int, world: int) -> importance.ImportanceStats:
+    """Importance statistics over the calibration batches: each rank runs every world-th batch and
+    the sums are added over ranks, so N processes give one process's statistics."""
+    pad = parent.config.pad_token_id
+    mine = [batch_for_step(seqs, -1 - i, 0, cfg.batch_size, cfg.calibration_seq_len, pad, cfg.seed)[0]
+            for i in range(rank, cfg.calibration_batches, world)]
+    stats = importance.collect_stats(parent, mine)
+    sums = stats.sums | {"tokens": torch.tensor(stats.tokens, dtype=torch.float64)}
+    sum_over_ranks(sums)
+    stats.tokens = float(sums.pop("tokens"))
+    stats.sums = sums
+    return stats
+
+
+def prepare(cfg: ElastifyConfig, rank: int = 0, log=print, world: int = 1):
     """Load the parent, rank and sort it, build the elastic model. Returns (elastic, parent, seqs):
     the untouched parent is the frozen teacher (sorting makes a new model, so no extra copy)."""
     out = Path(cfg.out)
@@ -186,9 +207,7 @@ def prepare(cfg: ElastifyConfig, rank: int = 0, log=print):
         scores = importance.load_scores(scores_path)
         log(f"importance: reusing {scores_path}")
     else:
-        calib = [batch_for_step(seqs, -1 - i, 0, cfg.batch_size, cfg.calibration_seq_len, parent.config.pad_token_id,
-                                cfg.seed)[0] for i in range(cfg.calibration_batches)]
-        scores = importance.compute_scores(importance.collect_stats(parent, calib))
+        scores = importance.compute_scores(calibration_stats(cfg, parent, seqs, rank, world))
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             importance.save_scores(scores, scores_path)
@@ -248,7 +267,10 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     check_plan(cfg, world, log)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    elastic, teacher, seqs = prepare(cfg, rank, log)
+    if cfg.calibration_batches < world:
+        raise ConfigError(f"calibration_batches {cfg.calibration_batches} must be at least the {world} processes "
+                          "(each runs its share of the calibration batches)")
+    elastic, teacher, seqs = prepare(cfg, rank, log, world)
     ecfg = elastic.ecfg
     pad = elastic.config.pad_token_id
     ckpt_dir = out / "checkpoints"
@@ -323,10 +345,10 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
         metrics.close()
     finished = cfg.stop_after is None or cfg.stop_after >= cfg.steps
     final = gathered_elastic(elastic, engine, mode, rank)
-    if final is not None and finished:
-        if cfg.steps > 0:  # training moved the router: project its picks back into the windows
-            settle_router(final.router, final.cost, ecfg.budgets)
-            log_settled(final, log)
+    if final is not None and finished and cfg.steps > 0:  # training moved the router: project its picks back
+        settle_router(final.router, final.cost, ecfg.budgets)  # into the windows (same on every replica)
+        log_settled(final, log)
+    if rank == 0 and finished:  # ddp: every rank holds the same replica; one writer
         save_run(final, out)
     barrier()
     return {"rank": rank, "world": world, "steps": cfg.steps, "finished": finished, "parallel": mode,
