@@ -181,6 +181,7 @@ def _run_slice(args: argparse.Namespace) -> int:
 
     if args.budget is None:
         return _run_slice_arch(args)
+    check_out_dir(args.out, empty=True)
     result = slice_run(args.run, args.budget, args.out)
     if args.json:
         print(json.dumps(result))

@@ -45,7 +45,6 @@ def slice_run(run, budget: float, out) -> dict:
     from star_elastic.hf import save_model
     from star_elastic.quant.export import quant_metadata, read_quant_config, slice_packed, write_quantized
 
-    check_out_dir(out, empty=True)
     elastic = load_elastic(run)
     info = elastic.describe(budget)
     arch = elastic.architecture(budget)
