@@ -25,6 +25,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_hybrid.py --config demo
 	$(BIN)/python benchmarks/bench_elastic_step.py
 	$(BIN)/python benchmarks/bench_serving_memory.py demo_out/run
+	$(BIN)/python benchmarks/bench_kd_memory.py
+	$(BIN)/python benchmarks/bench_moe_grouped.py
+	$(BIN)/python benchmarks/bench_fsdp_memory.py
 
 clean:
 	rm -rf $(VENV) demo_out
