@@ -1,8 +1,9 @@
 """The parallel engines against one process, on CPU with gloo and two processes (torchrun).
 
-Two torchrun "nodes" (one process each, c10d rendezvous on 127.0.0.1) run every multi-process phase
-(FSDP2, DDP, DCP resume at the same and at a changed world size); the references run in this process. SGD, because AdamW divides by √v + eps
-and router gradients sit near eps, which turns ~1e-8 reduction-order differences into visible ones.
+Two torchrun "nodes" (one process each, c10d rendezvous on 127.0.0.1) run every multi-process
+phase (FSDP2, DDP, DCP resume at the same and at a changed world size); the references run in this
+process. SGD, because AdamW divides by √v + eps and router gradients sit near eps, which turns
+~1e-8 reduction-order differences into visible ones.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _two_nodes(phases: list[dict], root: Path) -> None:
     finally:
         for node in nodes:
             node.kill()
-    assert [n.returncode for n in nodes] == [0, 0], "\n".join(f"node {r}: ...{log[-2500:]}" for r, log in enumerate(logs))
+    tails = "\n".join(f"node {r}: ...{log[-2500:]}" for r, log in enumerate(logs))
+    assert [n.returncode for n in nodes] == [0, 0], tails
 
 
 @pytest.fixture(scope="module")

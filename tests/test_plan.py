@@ -79,3 +79,11 @@ def test_real_recipes_load_and_fit_where_their_headers_say(name, data, gpus):
         pc = PlanConfig(gpus=gpus, seq_len=seq_len, micro_batch=cfg.batch_size // gpus, dtype=cfg.dtype,
                         activation_checkpointing=cfg.activation_checkpointing, gpu_memory_gb=80)
         assert plan(model, pc)["fits"]
+
+
+def test_elastify_refuses_with_the_plan_when_it_cannot_fit(tmp_path, capsys):
+    assert main(["elastify", "--model", str(NANO3), "--out", str(tmp_path / "run"), "--seq-len", "8192",
+                 "--gpu-memory-gb", "80"]) == 2
+    err = capsys.readouterr().err
+    assert "elastifying needs more memory per GPU than there is" in err and "does NOT fit in 74.51 GiB" in err
+    assert "optimizer_states" in err and not (tmp_path / "run").exists()  # refused before reading weights

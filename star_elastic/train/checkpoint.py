@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +35,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextmanager
+def _single_process_quiet():
+    """DCP warns on every save/load without a process group; one process is a supported mode here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                     extra: dict, keep: int = 2) -> Path:
     """Collective: every rank calls it with its (sharded) model and optimizer."""
@@ -43,7 +53,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, opt: torc
         tmp.mkdir(parents=True)
     _barrier()
     model_state, opt_state = get_state_dict(model, opt)
-    dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    with _single_process_quiet():
+        dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=str(tmp),
+                 no_dist=not dist.is_initialized())
     if _is_rank0():
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
         shutil.rmtree(final, ignore_errors=True)
@@ -72,7 +84,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     model_state, opt_state = get_state_dict(model, opt)
     state = {"model": model_state, "optimizer": opt_state}
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{path}: checkpoint does not match this model and optimizer ({first})") from None

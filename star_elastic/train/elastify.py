@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -126,7 +125,8 @@ class ElastifyConfig:
             raise ConfigError(f"steps must be >= 0 (0: importance, sorting and the cost-fitted router only), got {self.steps}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        for name in ("batch_size", "kd_chunk_tokens", "stage1_seq_len", "stage2_seq_len", "checkpoint_every", "calibration_batches"):
+        for name in ("batch_size", "kd_chunk_tokens", "stage1_seq_len", "stage2_seq_len", "checkpoint_every",
+                     "calibration_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -332,7 +332,8 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
         done = step + 1
         record = step_record(cfg, elastic, step, stage, budget, tau, picks, kl, ce, n_kd, n_lm, rl, t0)
         bar.set_postfix(loss=f"{record['loss']:.3f}", kd=f"{record['kd']:.3f}", rl=f"{record['router']:.4f}",
-                        budget=budget, cost=f"{record['relative_cost']:.2f}", arch="/".join(map(str, record["arch"].values())))
+                        budget=budget, cost=f"{record['relative_cost']:.2f}",
+                        arch="/".join(map(str, record["arch"].values())))
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
