@@ -4,8 +4,9 @@ Phase 1 is a completion on the think backend: the formatted prompt, `max_tokens`
 `stop: ["</think>"]` and `skip_special_tokens: false` (vLLM strips `</think>` from text otherwise,
 and a stop on it would never match). A trace that hit the cap is closed with `</think>` by us.
 Phase 2 sends prompt + trace + `</think>` to the answer backend as a new completion: the answer
-backend prefills the whole trace again (the re-prefill cost the in-process server avoids keeping
-no state either, but pays inside one process without HTTP; see benchmarks/bench_server.py).
+backend prefills the whole trace again. The in-process server pays that prefill too (the answer
+budget's submodel cannot reuse the think submodel's state); the proxy adds HTTP, JSON and
+re-tokenization (measured in benchmarks/bench_server.py).
 """
 
 from __future__ import annotations
