@@ -11,7 +11,6 @@ tensor and one output shard in memory at a time.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys

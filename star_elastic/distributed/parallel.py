@@ -30,8 +30,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
@@ -180,3 +180,18 @@ def full_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, tor
     opts = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
     state = get_model_state_dict(module, options=opts)
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def on_full_copy(module: nn.Module, make_plain, fn):
+    """`fn(m)` on a plain copy `m = make_plain()` holding `module`'s full state, then the result
+    loaded back into `module`: for work outside the training step on a small module (settling the
+    budget router). Running it on `module` itself would fire DDP's gradient hooks or FSDP's lazy
+    initialisation outside a step. Every rank calls it alike and `fn` runs identically on each."""
+    plain = make_plain()
+    plain.load_state_dict(full_state_dict(module, all_ranks=True))
+    result = fn(plain)
+    if isinstance(module, FSDPModule):
+        set_model_state_dict(module, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+    else:
+        module.load_state_dict(plain.state_dict())
+    return result

@@ -38,13 +38,14 @@ from star_elastic.distributed import (
     full_state_dict,
     global_sum,
     init_process_group,
+    on_full_copy,
     parallelize,
     sum_over_ranks,
 )
 from star_elastic.distributed.parallel import device_for_rank
 from star_elastic.elastic import importance
 from star_elastic.elastic.model import ElasticLM, cost_line
-from star_elastic.elastic.router import fit_router_to_cost, profile_latency, router_loss, settle_router
+from star_elastic.elastic.router import BudgetRouter, fit_router_to_cost, profile_latency, router_loss, settle_router
 from star_elastic.elastic.run import build_elastic, save_run
 from star_elastic.elastic.sort import sort_model
 from star_elastic.elastic.space import ChoiceSpace
@@ -304,7 +305,7 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     for step in bar:
         stage = 1 if step < stage1_steps else 2
         if step == stage1_steps > 0:  # stage 2 trains the architectures the budgets will end with
-            settle_router(elastic.router, elastic.cost, ecfg.budgets)
+            settle(elastic)
         seq_len = cfg.stage1_seq_len if stage == 1 else cfg.stage2_seq_len
         budget = budget_for_step(cfg, ecfg.budgets, step, stage)
         tau = tau_at(cfg, step)
@@ -347,7 +348,7 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     finished = cfg.stop_after is None or cfg.stop_after >= cfg.steps
     final = gathered_elastic(elastic, engine, mode, rank)
     if final is not None and finished and cfg.steps > 0:  # training moved the router: project its picks back
-        settle_router(final.router, final.cost, ecfg.budgets)  # into the windows (same on every replica)
+        settle(final)  # into the windows (same on every replica)
         log_settled(final, log)
     if rank == 0 and finished:  # ddp: every rank holds the same replica; one writer
         save_run(final, out)
@@ -383,6 +384,14 @@ def gathered_elastic(elastic: ElasticLM, engine, mode: str, rank: int) -> Elasti
     plain = ElasticLM(model, elastic.ecfg, elastic.space, elastic.cost)
     plain.router.load_state_dict(router_state)
     return plain
+
+
+def settle(elastic: ElasticLM) -> None:
+    """Project the router's picks onto the budgets' windows (on a plain copy of the router: the
+    engines' hooks stay out of it)."""
+    ecfg = elastic.ecfg
+    on_full_copy(elastic.router, lambda: BudgetRouter(elastic.space, len(ecfg.budgets), ecfg.router_hidden),
+                 lambda router: settle_router(router, elastic.cost, ecfg.budgets))
 
 
 def log_settled(elastic, log) -> None:
