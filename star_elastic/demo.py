@@ -272,8 +272,8 @@ def plot_budgets(budgets: list[dict], parent_acc: float, path: Path) -> None:
     ax.plot(xs, [b["accuracy"] for b in budgets], "o-", c="tab:blue", label="after elastic training")
     for i, b in enumerate(budgets):
         ax.axvline(b["budget"], c="0.6", ls=":", lw=1, label="target budget" if i == 0 else None)
-        ax.annotate(f"target {b['budget']:g}\nachieved {b['active_fraction']:.3f}", (b["active_fraction"], b["accuracy"]),
-                    fontsize=7, textcoords="offset points", xytext=(0, -26), ha="center")
+    ax.set_xticks(xs, [f"{b['active_fraction']:.3f}\n(target {b['budget']:g})" for b in budgets], fontsize=8)
+    ax.set_xlim(min(xs + [b["budget"] for b in budgets]) - 0.08, 1.05)
     ax.axhline(parent_acc, color="k", ls="--", lw=1, label="parent")
     ax.set_xlabel("achieved fraction of the parent's active parameters")
     ax.set_ylabel("exact-match accuracy")
@@ -291,7 +291,7 @@ def plot_baselines(report: dict, path: Path) -> None:
     budgets = [row["budget"] for row in base["independent"]]
     series = {"elastic (one run)": [row["elastic_accuracy"] for row in base["independent"]],
               **{kind.replace("_", " "): [row["accuracy"] for row in base[kind]] for kind in KINDS}}
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(series)
     for i, (name, accs) in enumerate(series.items()):
         ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(budgets))], accs, width, label=name)
@@ -299,7 +299,8 @@ def plot_baselines(report: dict, path: Path) -> None:
     ax.set_xticks(range(len(budgets)), [f"{b:g}" for b in budgets])
     ax.set_xlabel("budget (target fraction of active parameters)")
     ax.set_ylabel("exact-match accuracy")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
