@@ -65,6 +65,11 @@ def _add_elastify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder")
     p.add_argument("--budgets", type=_floats, help="e.g. 1.0,0.75,0.5")
     p.add_argument("--budget-type", choices=["total_params", "active_params", "memory", "latency"])
+    p.add_argument("--budget-mode", choices=["band", "ceiling"],
+                   help="band (default): final costs within ±tolerance of the targets; ceiling: never above them")
+    p.add_argument("--budget-tolerance", type=float, help="relative tolerance of --budget-mode (default 0.02)")
+    p.add_argument("--nested-budgets", action="store_true", default=None,
+                   help="a smaller budget's architecture is contained in every larger one's on every axis")
     p.add_argument("--steps", type=int)
     p.add_argument("--seq-len", type=int, help="stage-2 sequence length (stage 1 uses half)")
     p.add_argument("--batch-size", type=int)
@@ -86,6 +91,8 @@ def _run_elastify(args: argparse.Namespace) -> int:
         "model": args.model, "data": args.data, "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every, "stop_after": args.stop_after,
         "resume": args.resume, "elastic.budgets": args.budgets, "elastic.budget_type": args.budget_type,
+        "elastic.budget_mode": args.budget_mode, "elastic.budget_tolerance": args.budget_tolerance,
+        "elastic.nested": args.nested_budgets,
     }
     if args.seq_len:
         overrides["stage2_seq_len"] = args.seq_len
@@ -112,6 +119,7 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
 def _run_slice(args: argparse.Namespace) -> int:
     import json
 
+    from star_elastic.elastic.model import cost_line
     from star_elastic.slicing import slice_run
 
     result = slice_run(args.run, args.budget, args.out)
@@ -121,7 +129,7 @@ def _run_slice(args: argparse.Namespace) -> int:
         print(f"sliced budget {args.budget} ({result['budget_type']}) → {args.out}", file=sys.stderr)
         for key in ("total_params", "active_params"):
             print(f"  {key:14s} {result[key]:>14,}  ({result[key.replace('params', 'fraction')]:.3f} of the parent)")
-        print(f"  target {result['budget_type']} {args.budget:.3f}, achieved {result['relative_cost']:.3f}")
+        print(f"  {cost_line(result)}")
     return 0
 
 

@@ -292,6 +292,7 @@ def _pattern_from_hf(d: dict[str, Any], source: str) -> str:
 
 
 BUDGET_TYPES = ("total_params", "active_params", "memory", "latency")
+BUDGET_MODES = ("band", "ceiling")
 ELASTIC_AXES = ("hidden", "attn_heads", "mamba_heads", "experts", "expert_inter", "shared_inter", "mlp_inter", "depth")
 
 
@@ -317,6 +318,13 @@ class ElasticConfig:
     """Context length assumed by the `memory` budget type."""
     router_hidden: int = 64
     """Width of each axis's router MLP."""
+    budget_mode: str = "band"
+    """band: every trained budget's final architecture costs within ±budget_tolerance of its target;
+    ceiling: it costs at most the target (memory budgets are ceilings), preferably within 2·tolerance below."""
+    budget_tolerance: float = 0.02
+    """Relative tolerance of `budget_mode` (0.02: ±2% of the target cost)."""
+    nested: bool = False
+    """A smaller budget's architecture is contained in every larger one's on every axis."""
 
     def __post_init__(self) -> None:
         self.budgets = tuple(float(b) for b in self.budgets)
@@ -338,6 +346,12 @@ class ElasticConfig:
                 raise ConfigError(f"choices[{axis!r}] must be a non-empty list of positive integers, got {values!r}")
         if self.multiple <= 0:
             raise ConfigError(f"multiple must be positive, got {self.multiple}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ConfigError(f"budget_mode {self.budget_mode!r} unknown; use one of {list(BUDGET_MODES)}")
+        if not 0 < self.budget_tolerance < 0.5:
+            raise ConfigError(f"budget_tolerance must be in (0, 0.5) (0.02 = ±2%), got {self.budget_tolerance}")
+        if not isinstance(self.nested, bool):
+            raise ConfigError(f"nested must be true or false, got {self.nested!r}")
 
 
 # Module-name patterns (fnmatch) of the linears quantized by default: the hybrid-MoE practice of

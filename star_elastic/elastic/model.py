@@ -14,6 +14,7 @@ from torch import nn
 from star_elastic import accounting
 from star_elastic.config import ElasticConfig
 from star_elastic.elastic.arch import Architecture, IndexSets
+from star_elastic.elastic.projection import window
 from star_elastic.elastic.router import BudgetRouter, CostModel, encode_budget, one_hot_picks
 from star_elastic.elastic.space import ChoiceSpace
 from star_elastic.model.hybrid import HybridLM, Masks
@@ -51,15 +52,19 @@ class ElasticLM(nn.Module):
         return self.space.architecture(self.picks(budget))
 
     def describe(self, budget: float) -> dict:
-        """Per-axis sizes and parameter counts of the submodel the router picks for `budget`."""
+        """Per-axis sizes, parameter counts and target vs achieved cost of the submodel for `budget`."""
         picks = self.picks(budget)
         arch = self.space.architecture(picks)
         counts = accounting.count_params(arch.model_config(self.config))
         full = accounting.count_params(self.config)
+        achieved = float(self.cost.relative(one_hot_picks(self.space, picks)))
+        lo, hi = window(self.ecfg.budget_mode, self.ecfg.budget_tolerance)
         return {
             "budget": budget, "budget_type": self.ecfg.budget_type, "architecture": arch.to_dict(),
             "total_params": counts.total_params, "active_params": counts.active_params,
-            "relative_cost": float(self.cost.relative(one_hot_picks(self.space, picks))),
+            "target": budget, "achieved": achieved, "relative_cost": achieved,
+            "budget_mode": self.ecfg.budget_mode, "budget_tolerance": self.ecfg.budget_tolerance,
+            "held": lo - 1e-9 <= achieved / budget - 1 <= hi + 1e-9,
             "total_fraction": counts.total_params / full.total_params,
             "active_fraction": counts.active_params / full.active_params,
         }
@@ -80,3 +85,10 @@ class ElasticLM(nn.Module):
         masks = Masks(**{MASK_FIELD[a]: p.to(input_ids.device) @ getattr(self, f"table_{a}") for a, p in picks.items()})
         # one-hot pick (value) × mask table = exactly the prefix masks of that choice
         return self.model(input_ids, masks=masks, **kwargs), picks
+
+
+def cost_line(info: dict) -> str:
+    """`describe` → "target 0.500 active_params, achieved 0.497 (band ±2%: held)"."""
+    mode = "ceiling" if info["budget_mode"] == "ceiling" else f"band ±{info['budget_tolerance'] * 100:g}%"
+    return (f"target {info['target']:.3f} {info['budget_type']}, achieved {info['achieved']:.3f} "
+            f"({mode}: {'held' if info['held'] else 'NOT held'})")

@@ -37,6 +37,8 @@ def run_metadata(elastic: ElasticLM) -> dict:
         "choices": {a: list(c) for a, c in elastic.space.choices.items()},
         "layer_order": list(elastic.space.layer_order),
         "architectures": {str(b): elastic.architecture(b).to_dict() for b in elastic.ecfg.budgets},
+        "costs": {str(b): {k: info[k] for k in ("target", "achieved", "budget_type", "budget_mode", "held")}
+                  for b, info in ((b, elastic.describe(b)) for b in elastic.ecfg.budgets)},
     }
 
 

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from star_elastic.config import ConfigError, ElasticConfig, from_dict, merge_config
 from star_elastic.data.loading import batch_for_step, load_sequences
 from star_elastic.elastic import importance
-from star_elastic.elastic.router import fit_router_to_cost, profile_latency, router_loss
+from star_elastic.elastic.model import cost_line
+from star_elastic.elastic.router import fit_router_to_cost, profile_latency, router_loss, settle_router
 from star_elastic.elastic.run import build_elastic, save_run
 from star_elastic.elastic.sort import sort_model
 from star_elastic.elastic.space import ChoiceSpace
@@ -221,8 +222,8 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
         log(f"resuming from {latest} at step {start}")
     else:
         hist = fit_router_to_cost(elastic.router, elastic.cost, ecfg.budgets, steps=cfg.router_fit_steps, seed=cfg.seed)
-        log(f"router fitted to {ecfg.budget_type} in {len(hist)} steps: " + ", ".join(
-            f"{b}→{elastic.describe(b)['relative_cost']:.3f}" for b in ecfg.budgets))
+        log(f"router fitted to {ecfg.budget_type} in {len(hist)} steps")
+        log_settled(elastic, log)
         if rank == 0:
             save_run(elastic, out)
             if cfg.save_initial:
@@ -236,6 +237,8 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     t0 = time.perf_counter()
     for step in bar:
         stage = 1 if step < stage1_steps else 2
+        if step == stage1_steps > 0:  # stage 2 trains the architectures the budgets will end with
+            settle_router(elastic.router, elastic.cost, ecfg.budgets)
         seq_len = cfg.stage1_seq_len if stage == 1 else cfg.stage2_seq_len
         budget = budget_for_step(cfg, ecfg.budgets, step, stage)
         tau = tau_at(cfg, step)
@@ -277,6 +280,9 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     if metrics is not None:
         metrics.close()
     finished = cfg.stop_after is None or cfg.stop_after >= cfg.steps
+    if finished and cfg.steps > 0:  # training moved the router: project its picks back into the windows
+        settle_router(elastic.router, elastic.cost, ecfg.budgets)
+        log_settled(elastic, log)
     if rank == 0 and finished:
         save_run(elastic, out)
     if world > 1:
@@ -284,6 +290,17 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     return {"rank": rank, "world": world, "steps": cfg.steps, "finished": finished,
             "state_sha256": state_digest(elastic),
             "architectures": {b: elastic.describe(b) for b in ecfg.budgets}}
+
+
+def log_settled(elastic, log) -> None:
+    """One line per trained budget: target vs achieved cost; a warning where the grid misses it."""
+    for b in elastic.ecfg.budgets:
+        info = elastic.describe(b)
+        if info["held"]:
+            log(f"budget {b:g}: {cost_line(info)}")
+        else:
+            log(f"warning: budget {b:g}: {cost_line(info)}: no architecture of the choice grid lies in the window, "
+                f"{info['achieved']:.3f} is the closest achievable; use finer choices (elastic.fractions / elastic.choices)")
 
 
 def state_digest(module: torch.nn.Module) -> str:
