@@ -144,9 +144,9 @@ def run_baselines(out: Path, parent_cfg: dict, elastify_cfg: dict, elastic_rows:
     budgets = elastic.ecfg.budgets
     elastic_tokens = run_tokens(ecfg, seqs, elastic.config.pad_token_id)
     share = elastic_tokens / len(budgets)
-    per_token = elastic_tokens / ecfg.steps
-    share_steps = max(1, round(share / per_token))
-    match_steps = max(1, round(bcfg.match_tokens_factor * elastic_tokens / per_token))
+    per_step = elastic_tokens / ecfg.steps  # mean tokens of one elastify step
+    share_steps = max(1, round(share / per_step))
+    match_steps = max(1, round(bcfg.match_tokens_factor * elastic_tokens / per_step))
     accuracy = {r["budget"]: r["accuracy"] for r in elastic_rows}
     result = {"elastic": {"steps": ecfg.steps, "tokens": elastic_tokens, "sizes": len(budgets),
                           "tokens_per_size": share}, **{k: [] for k in KINDS}}

@@ -219,7 +219,7 @@ def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None
         budgets.append({
             "budget": info["budget"], "architecture": info["architecture"], "total_params": info["total_params"],
             "active_params": info["active_params"], "relative_cost": info["relative_cost"],
-            "active_fraction": sp["active_ratio"],
+            "active_fraction": sp["active_ratio"], "held": info.get("held"),
             "accuracy": b1["accuracy"], "accuracy_before_training": b0["accuracy"], "latency_s": b1["latency_s"],
             "tokens_per_s": b1["tokens_per_s"], **{k: v for k, v in sp.items() if k != "budget"},
         })
@@ -319,7 +319,8 @@ def render_markdown(r: dict) -> str:
               f"accuracy after | latency/query (s) | decode tok/s batch 1 | decode tok/s batch {nb} | "
               f"speedup batch {nb} × active ratio (1 = in proportion) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for b in r["budgets"]:
-        lines.append(f"| {b['budget']:g} | {b['relative_cost']:.3f} | {b['total_params']:,} | {b['active_params']:,} | "
+        held = {True: " (held)", False: " (missed)"}.get(b.get("held"), "")
+        lines.append(f"| {b['budget']:g} | {b['relative_cost']:.3f}{held} | {b['total_params']:,} | {b['active_params']:,} | "
                      f"{b['accuracy_before_training']:.1%} | {b['accuracy']:.1%} | {b['latency_s']:.3f} | "
                      f"{b['decode_tok_s_batch1']:.0f} | {b[f'decode_tok_s_batch{nb}']:.0f} | "
                      f"{b[f'speedup_vs_ideal_batch{nb}']:.2f} |")
