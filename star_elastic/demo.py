@@ -177,9 +177,38 @@ def stage_quant(cfg: DemoConfig, out: Path, examples: list[dict], bf16_acc: dict
     return results
 
 
+def stage_evaluate(cfg: DemoConfig, out: Path, examples: list[dict]) -> dict:
+    """Every budget before and after elastic training, slices, decode speed, and the budget-control
+    sweep; kept in DIR/evaluation.json (with the seconds each part took) and reused."""
+    path = out / "evaluation.json"
+    if path.is_file():
+        _log(f"evaluate: reusing {path}")
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    _log("evaluate: every budget before and after elastic training")
+    ev = {"before": evaluate_budgets(out / "run" / "initial", examples, cfg),
+          "after": evaluate_budgets(out / "run", examples, cfg)}
+    ev["slices"], ev["checkpoint_bytes"] = stage_slices(out)
+    ev["speeds"] = stage_speed(out, cfg.eval_batch_size)
+    t1 = time.perf_counter()
+    _log("budget-control sweep")
+    server = ElasticServer.from_elastic(load_elastic(out / "run"))
+    ev["points"] = sweep(server, examples, sorted(cfg.think_caps, reverse=True), cfg.eval_batch_size)
+    ev["seconds"] = {"evaluate": t1 - t0, "sweep": time.perf_counter() - t1}
+    path.write_text(json.dumps(ev, indent=2) + "\n")
+    return ev
+
+
 def stage_baselines(cfg: DemoConfig, out: Path, after: list[dict], examples: list[dict]) -> dict:
     bcfg = from_dict(BaselineConfig, {"eval_batch_size": cfg.eval_batch_size, **cfg.baselines}, source="demo.baselines")
     return run_baselines(out, dict(cfg.parent), dict(cfg.elastify), after, examples, bcfg, log=_log)
+
+
+def _timed(timings: dict, name: str, fn, *args):
+    t = time.perf_counter()
+    result = fn(*args)
+    timings[name] = time.perf_counter() - t
+    return result
 
 
 def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None, baselines: bool = False) -> dict:
@@ -188,31 +217,21 @@ def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None
     cfg = cfg or (QUICK if quick else DemoConfig())
     t0 = time.perf_counter()
     timings = {}
-    parent_report = stage_parent(cfg, out)
-    timings["parent"] = time.perf_counter() - t0
-    elastify_summary = stage_elastify(cfg, out)
-    timings["elastify"] = time.perf_counter() - t0 - sum(timings.values())
+    parent_report = _timed(timings, "parent", stage_parent, cfg, out)
+    elastify_summary = _timed(timings, "elastify", stage_elastify, cfg, out)
     examples = load_eval_examples(None, cfg.n_test)
-    _log("evaluate: every budget before and after elastic training")
-    before = evaluate_budgets(out / "run" / "initial", examples, cfg)
-    after = evaluate_budgets(out / "run", examples, cfg)
-    slices, checkpoint_bytes = stage_slices(out)
-    speeds = stage_speed(out, cfg.eval_batch_size)
-    timings["evaluate"] = time.perf_counter() - t0 - sum(timings.values())
-    _log("budget-control sweep")
-    server = ElasticServer.from_elastic(load_elastic(out / "run"))
-    points = sweep(server, examples, sorted(cfg.think_caps, reverse=True), cfg.eval_batch_size)  # accuracy: fixed work
+    ev = stage_evaluate(cfg, out, examples)
+    before, after, slices, checkpoint_bytes, speeds, points = (
+        ev[k] for k in ("before", "after", "slices", "checkpoint_bytes", "speeds", "points"))
+    timings.update(ev["seconds"])  # as measured when computed (a reused evaluation keeps its times)
     parent_point = next(p for p in points if p["think_budget"] == p["answer_budget"] == 1.0
                         and p["max_think_tokens"] == max(cfg.think_caps))
-    timings["sweep"] = time.perf_counter() - t0 - sum(timings.values())
     bf16_acc = {r["think_budget"]: r["accuracy"] for r in after}
-    quant = stage_quant(cfg, out, examples, bf16_acc)
-    timings["quantization"] = time.perf_counter() - t0 - sum(timings.values())
+    quant = _timed(timings, "quantization", stage_quant, cfg, out, examples, bf16_acc)
     if baselines:
         _log("baselines: independent training and per-size compression")
-        base = stage_baselines(cfg, out, [{"budget": r["think_budget"], "accuracy": r["accuracy"]} for r in after],
-                               examples)
-        timings["baselines"] = time.perf_counter() - t0 - sum(timings.values())
+        rows = [{"budget": r["think_budget"], "accuracy": r["accuracy"]} for r in after]
+        base = _timed(timings, "baselines", stage_baselines, cfg, out, rows, examples)
 
     budgets = []
     for info, b0, b1, sp in zip(slices, before, after, speeds):
