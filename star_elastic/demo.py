@@ -382,7 +382,7 @@ def render_markdown(r: dict) -> str:
 
 def _small_think_lines(rows: list[dict]) -> list[str]:
     """Small thinker, large answerer against the parent at each of its think caps (paper: +16%, 1.9x)."""
-    lines = ["Small think → large answer against the parent (1 → 1) at the same think cap list:", ""]
+    lines = ["Small think → large answer against the parent (1 → 1) at each of its think caps:", ""]
     for row in rows:
         cells = [f"front points: {', '.join(row['on_front']) or 'none'}"]
         if "at_equal_accuracy" in row:
