@@ -198,6 +198,7 @@ def plot_front(points: list[dict], parent: dict, path: Path, title: str = "Accur
                 textcoords="offset points", xytext=(-10, 14), ha="right")
     ax.scatter([parent["latency_s"]], [parent["accuracy"]], marker="*", s=220, c="gold", edgecolors="k",
                zorder=5, label="parent default")
+    ax.margins(x=0.06, y=0.12)  # room for the labels inside the axes
     ax.set_xlabel("latency per query (s, batched)")
     ax.set_ylabel("exact-match accuracy")
     ax.set_title(title)
