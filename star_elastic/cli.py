@@ -61,7 +61,7 @@ def _add_train_parent(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model directory (Hugging Face nemotron_h layout)")
     p.add_argument("--config", help="YAML with ParentConfig keys (flags override it)")
     for flag, kind in (("steps", int), ("batch-size", int), ("lr", float), ("width-scale", float), ("seed", int),
-                       ("n-test", int), ("time-limit-s", float), ("threads", int)):
+                       ("n-test", int), ("threads", int)):
         p.add_argument(f"--{flag}", type=kind, default=None)
     p.set_defaults(func=_run_train_parent)
 
@@ -72,7 +72,7 @@ def _run_train_parent(args: argparse.Namespace) -> int:
     from star_elastic.train.parent import load_parent_config, train_parent
 
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "width_scale", "seed", "n_test",
-                                                 "time_limit_s", "threads")}
+                                                 "threads")}
     cfg = load_parent_config(args.config, overrides)
     check_out_dir(args.out)
     _, report = train_parent(cfg, args.out)
@@ -360,6 +360,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole story on a small reasoning model trained on CPU")
     p.add_argument("--out", default="demo_out", help="output folder (artifacts found there are reused)")
     p.add_argument("--quick", action="store_true", help="toy sizes, about a minute (used by the tests)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also train every budget alone: independent, compression at equal tokens, compression to match")
     p.set_defaults(func=_run_demo)
 
 
@@ -367,7 +369,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from star_elastic.demo import run_demo
 
     check_out_dir(args.out)
-    report = run_demo(args.out, quick=args.quick)
+    report = run_demo(args.out, quick=args.quick, baselines=args.baselines)
     print(f"report: {args.out}/report.md ({report['wall_seconds']} s)")
     return 0
 

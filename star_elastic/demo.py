@@ -1,10 +1,13 @@
 """The one-command demo: the whole Star Elastic story on a small reasoning model trained on CPU.
 
-    star-elastic demo --out DIR [--quick]
+    star-elastic demo --out DIR [--quick] [--baselines]
 
 parent (train or reuse) → importance + sort → elastic training → slice every budget → evaluate
-→ budget-control sweep → FP8 / NVFP4 quantization → DIR/report.json, report.md and plots.
+→ budget-control sweep → FP8 / NVFP4 quantization → [baselines] → DIR/report.json, report.md and plots.
 Every stage reuses what DIR already holds, so an interrupted demo continues where it stopped.
+All work is fixed (steps, problems, seeds), so the accuracies do not depend on the machine's speed;
+only the timings do. Latency and decode speed are measured at batch `eval_batch_size`, where a
+model this small is bound by compute rather than per-op overhead.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from pathlib import Path
 import torch
 
 from star_elastic.accounting import count_params
+from star_elastic.baselines import KINDS, BaselineConfig, run_baselines
 from star_elastic.config import from_dict
 from star_elastic.elastic.run import load_elastic
 from star_elastic.hf import save_model
 from star_elastic.infer.budget import ElasticServer
 from star_elastic.infer.evaluate import (
-    BudgetConfig, decode_speed, evaluate_config, headline, load_eval_examples, plot_front, sweep,
+    BudgetConfig, decode_speed, evaluate_config, headline, load_eval_examples, plot_front, small_think_large_answer,
+    sweep,
 )
 from star_elastic.infer.views import view_model
 from star_elastic.quant.qad import QuantizeConfig, quantize_run
@@ -42,15 +47,18 @@ class DemoConfig:
     elastify: dict = dataclasses.field(default_factory=lambda: dict(steps=900, batch_size=24, lr=1e-3))
     """ElastifyConfig overrides."""
     n_test: int = 300
-    eval_batch_size: int = 100
-    think_caps: tuple[int, ...] = (96, 32, 20)
-    """Think-token caps of the baseline sweep; the largest is also the cap of every budget pair."""
+    eval_batch_size: int = 300
+    """Queries per batch for accuracy, latency and decode speed (one batch: compute-bound timings)."""
+    think_caps: tuple[int, ...] = (64, 40, 24)
+    """Think-token caps of the sweep; the largest (above every trace) is the cap of the per-budget tables."""
     qad_steps: int = 60
     formats: tuple[str, ...] = ("fp8", "nvfp4")
+    baselines: dict = dataclasses.field(default_factory=dict)
+    """BaselineConfig overrides (used with --baselines)."""
 
 
 QUICK = DemoConfig(
-    parent=dict(steps=60, n_train=3000, n_test=40, time_limit_s=None, eval_batch_size=40, max_new_tokens=64,
+    parent=dict(steps=60, n_train=3000, n_test=40, eval_batch_size=40, max_new_tokens=64,
                 model=dict(hidden_size=64, pattern="M*E-", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            intermediate_size=64, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
                            chunk_size=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -58,6 +66,7 @@ QUICK = DemoConfig(
     elastify=dict(steps=12, batch_size=8, n_synthetic=500, calibration_batches=2, router_fit_steps=60,
                   stage1_seq_len=48, stage2_seq_len=64),
     n_test=24, eval_batch_size=24, think_caps=(64, 16), qad_steps=4,
+    baselines=dict(eval_every=4, eval_batch_size=24, max_new_tokens=64),
 )
 
 
@@ -168,32 +177,61 @@ def stage_quant(cfg: DemoConfig, out: Path, examples: list[dict], bf16_acc: dict
     return results
 
 
-def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None) -> dict:
+def stage_evaluate(cfg: DemoConfig, out: Path, examples: list[dict]) -> dict:
+    """Every budget before and after elastic training, slices, decode speed, and the budget-control
+    sweep; kept in DIR/evaluation.json (with the seconds each part took) and reused."""
+    path = out / "evaluation.json"
+    if path.is_file():
+        _log(f"evaluate: reusing {path}")
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    _log("evaluate: every budget before and after elastic training")
+    ev = {"before": evaluate_budgets(out / "run" / "initial", examples, cfg),
+          "after": evaluate_budgets(out / "run", examples, cfg)}
+    ev["slices"], ev["checkpoint_bytes"] = stage_slices(out)
+    ev["speeds"] = stage_speed(out, cfg.eval_batch_size)
+    t1 = time.perf_counter()
+    _log("budget-control sweep")
+    server = ElasticServer.from_elastic(load_elastic(out / "run"))
+    ev["points"] = sweep(server, examples, sorted(cfg.think_caps, reverse=True), cfg.eval_batch_size)
+    ev["seconds"] = {"evaluate": t1 - t0, "sweep": time.perf_counter() - t1}
+    path.write_text(json.dumps(ev, indent=2) + "\n")
+    return ev
+
+
+def stage_baselines(cfg: DemoConfig, out: Path, after: list[dict], examples: list[dict]) -> dict:
+    bcfg = from_dict(BaselineConfig, {"eval_batch_size": cfg.eval_batch_size, **cfg.baselines}, source="demo.baselines")
+    return run_baselines(out, dict(cfg.parent), dict(cfg.elastify), after, examples, bcfg, log=_log)
+
+
+def _timed(timings: dict, name: str, fn, *args):
+    t = time.perf_counter()
+    result = fn(*args)
+    timings[name] = time.perf_counter() - t
+    return result
+
+
+def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None, baselines: bool = False) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg or (QUICK if quick else DemoConfig())
     t0 = time.perf_counter()
     timings = {}
-    parent_report = stage_parent(cfg, out)
-    timings["parent"] = time.perf_counter() - t0
-    elastify_summary = stage_elastify(cfg, out)
-    timings["elastify"] = time.perf_counter() - t0 - sum(timings.values())
+    parent_report = _timed(timings, "parent", stage_parent, cfg, out)
+    elastify_summary = _timed(timings, "elastify", stage_elastify, cfg, out)
     examples = load_eval_examples(None, cfg.n_test)
-    _log("evaluate: every budget before and after elastic training")
-    before = evaluate_budgets(out / "run" / "initial", examples, cfg)
-    after = evaluate_budgets(out / "run", examples, cfg)
-    slices, checkpoint_bytes = stage_slices(out)
-    speeds = stage_speed(out, cfg.eval_batch_size)
-    timings["evaluate"] = time.perf_counter() - t0 - sum(timings.values())
-    _log("budget-control sweep")
-    server = ElasticServer.from_elastic(load_elastic(out / "run"))
-    points = sweep(server, examples, sorted(cfg.think_caps, reverse=True), cfg.eval_batch_size)
+    ev = stage_evaluate(cfg, out, examples)
+    before, after, slices, checkpoint_bytes, speeds, points = (
+        ev[k] for k in ("before", "after", "slices", "checkpoint_bytes", "speeds", "points"))
+    timings.update(ev["seconds"])  # as measured when computed (a reused evaluation keeps its times)
     parent_point = next(p for p in points if p["think_budget"] == p["answer_budget"] == 1.0
                         and p["max_think_tokens"] == max(cfg.think_caps))
-    timings["sweep"] = time.perf_counter() - t0 - sum(timings.values())
     bf16_acc = {r["think_budget"]: r["accuracy"] for r in after}
-    quant = stage_quant(cfg, out, examples, bf16_acc)
-    timings["quantization"] = time.perf_counter() - t0 - sum(timings.values())
+    quant = _timed(timings, "quantization", stage_quant, cfg, out, examples, bf16_acc)
+    if baselines:
+        _log("baselines: independent training and per-size compression")
+        rows = [{"budget": r["think_budget"], "accuracy": r["accuracy"]} for r in after]
+        base = _timed(timings, "baselines", stage_baselines, cfg, out, rows, examples)
 
     budgets = []
     for info, b0, b1, sp in zip(slices, before, after, speeds):
@@ -201,7 +239,7 @@ def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None
             "budget": info["budget"], "architecture": info["architecture"], "total_params": info["total_params"],
             "active_params": info["active_params"], "relative_cost": info["relative_cost"],
             "target": info["target"], "achieved": info["achieved"], "budget_type": info["budget_type"],
-            "budget_mode": info["budget_mode"], "held": info["held"],
+            "budget_mode": info["budget_mode"], "held": info["held"], "active_fraction": sp["active_ratio"],
             "accuracy": b1["accuracy"], "accuracy_before_training": b0["accuracy"], "latency_s": b1["latency_s"],
             "tokens_per_s": b1["tokens_per_s"], **{k: v for k, v in sp.items() if k != "budget"},
         })
@@ -210,18 +248,24 @@ def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None
         "parent": {"params": parent_report["params"], "accuracy": parent_report["test"]["accuracy"],
                    "n_test": parent_report["test"]["n"],
                    "train_seconds": parent_report["train_seconds"], "steps": parent_report["steps"],
+                   "tokens": parent_report.get("tokens"),
                    "by_task": parent_report["test"]["by_task"]},
         "budgets": budgets,
         "budget_control": [{k: p[k] for k in ("think_budget", "answer_budget", "max_think_tokens", "accuracy",
                                                "latency_s", "think_tokens", "answer_tokens", "on_front")} for p in points],
         "headline": headline(points, parent_point),
+        "small_think_large_answer": small_think_large_answer(points),
         "checkpoint_bytes": checkpoint_bytes,
         "quantization": quant,
         "elastify_seconds": elastify_summary.get("seconds"),
         "eval": {"n_test": len(examples), "batch_size": cfg.eval_batch_size, "think_caps": list(cfg.think_caps)},
+        "elastify_steps": cfg.elastify.get("steps"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
+    if baselines:
+        report["baselines"] = base
+        plot_baselines(report, out / "baselines.png")
     plot_front(points, parent_point, out / "pareto.png")
     plot_budgets(budgets, report["parent"]["accuracy"], out / "budgets.png")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -230,21 +274,53 @@ def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None
     return report
 
 
-def plot_budgets(budgets: list[dict], parent_acc: float, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = range(len(budgets))
-    ax.bar([x - 0.2 for x in xs], [b["accuracy_before_training"] for b in budgets], 0.4, label="sliced after sorting")
-    ax.bar([x + 0.2 for x in xs], [b["accuracy"] for b in budgets], 0.4, label="after elastic training")
+    return plt
+
+
+def plot_budgets(budgets: list[dict], parent_acc: float, path: Path) -> None:
+    """Accuracy against the achieved fraction of active parameters; the targets as dotted lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = [b["active_fraction"] for b in budgets]
+    ax.plot(xs, [b["accuracy_before_training"] for b in budgets], "o--", c="tab:gray", label="sliced after sorting")
+    ax.plot(xs, [b["accuracy"] for b in budgets], "o-", c="tab:blue", label="after elastic training")
+    for i, b in enumerate(budgets):
+        ax.axvline(b["budget"], c="0.6", ls=":", lw=1, label="target budget" if i == 0 else None)
+    ax.set_xticks(xs, [f"{b['active_fraction']:.3f}\n(target {b['budget']:g})" for b in budgets], fontsize=8)
+    ax.set_xlim(min(xs + [b["budget"] for b in budgets]) - 0.08, 1.05)
     ax.axhline(parent_acc, color="k", ls="--", lw=1, label="parent")
-    ax.set_xticks(list(xs), [f"{b['target']:g}\n→ {b['achieved']:.3f}" for b in budgets])
-    ax.set_xlabel(f"budget: target → achieved fraction of {budgets[0]['budget_type'].replace('_', ' ')}")
+    ax.set_xlabel("achieved fraction of the parent's active parameters")
     ax.set_ylabel("exact-match accuracy")
-    ax.legend(fontsize=8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="center left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_baselines(report: dict, path: Path) -> None:
+    """Accuracy per budget: the elastic model against the three per-size baselines."""
+    plt = _pyplot()
+    base = report["baselines"]
+    budgets = [row["budget"] for row in base["independent"]]
+    series = {"elastic (one run)": [row["elastic_accuracy"] for row in base["independent"]],
+              **{kind.replace("_", " "): [row["accuracy"] for row in base[kind]] for kind in KINDS}}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(series)
+    for i, (name, accs) in enumerate(series.items()):
+        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(budgets))], accs, width, label=name)
+    ax.axhline(report["parent"]["accuracy"], color="k", ls="--", lw=1, label="parent")
+    ax.set_xticks(range(len(budgets)), [f"{b:g}" for b in budgets])
+    ax.set_xlabel("budget (target fraction of active parameters)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -253,7 +329,8 @@ def plot_budgets(budgets: list[dict], parent_acc: float, path: Path) -> None:
 def render_markdown(r: dict) -> str:
     lines = ["# star-elastic demo report", ""]
     p = r["parent"]
-    lines += [f"Parent: {p['params']:,} parameters, trained {p['train_seconds']} s ({p['steps']} steps), "
+    lines += [f"Parent: {p['params']:,} parameters, trained {p['train_seconds']} s ({p['steps']} steps, "
+              f"{p.get('tokens') or 0:,} tokens), "
               f"test accuracy {p['accuracy']:.1%} on its {p['n_test']}-problem test split; "
               f"the tables below use {r['eval']['n_test']} held-out problems.", ""]
     nb = r["eval"]["batch_size"]
@@ -277,6 +354,7 @@ def render_markdown(r: dict) -> str:
                      f"| {q['latency_s']:.3f} | {q['think_tokens']:.1f} | {'yes' if q['on_front'] else ''} |")
     h = r["headline"]
     lines += ["", "![Pareto front](pareto.png)", ""]
+    lines += _small_think_lines(r["small_think_large_answer"])
     if "at_equal_accuracy" in h:
         a = h["at_equal_accuracy"]
         lines.append(f"- At accuracy ≥ the parent's default ({h['parent']['accuracy']:.1%}): {a['config']} reaches "
@@ -298,9 +376,49 @@ def render_markdown(r: dict) -> str:
         kd = q["report"]
         kd_cell = f"{kd['kd_ptq']:.5f} → {kd['kd_final']:.5f}" if kd["qad_steps"] else f"{kd['kd_ptq']:.5f}"
         lines.append(f"| {name} | {q['bytes']:,} | {q['bytes'] / cb['elastic']:.2f} | {kd_cell} | {cells} |")
+    if "baselines" in r:
+        lines += _baseline_lines(r["baselines"])
     lines += ["", f"Wall time {r['wall_seconds']} s; stages: " + ", ".join(f"{k} {v} s" for k, v in r["timings_s"].items()), "",
               _story(r), ""]
     return "\n".join(lines)
+
+
+def _small_think_lines(rows: list[dict]) -> list[str]:
+    """Small thinker, large answerer against the parent at each of its think caps (paper: +16%, 1.9x)."""
+    lines = ["Small think → large answer against the parent (1 → 1) at each of its think caps:", ""]
+    for row in rows:
+        cells = [f"front points: {', '.join(row['on_front']) or 'none'}"]
+        if "at_equal_accuracy" in row:
+            a = row["at_equal_accuracy"]
+            cells.append(f"at ≥ its accuracy, {a['config']} is {a['latency_reduction']:.2f}x faster")
+        else:
+            cells.append("none reaches its accuracy")
+        if "at_equal_latency" in row:
+            a = row["at_equal_latency"]
+            cells.append(f"at ≤ its latency, {a['config']} scores {a['accuracy_gain'] * 100:+.1f} points")
+        lines.append(f"- parent cap {row['parent_cap']} ({row['parent']['accuracy']:.1%}, "
+                     f"{row['parent']['latency_s']:.3f} s): " + "; ".join(cells) + ".")
+    return lines
+
+
+def _baseline_lines(base: dict) -> list[str]:
+    e = base["elastic"]
+    lines = ["", "## Baselines", "",
+             f"The elastic run: {e['steps']} steps, {e['tokens']:,} tokens for {e['sizes']} sizes "
+             f"({e['tokens_per_size']:,.0f} per size).", "",
+             "| budget | active params | model | accuracy | steps | tokens | tokens ÷ elastic tokens per size |",
+             "|---|---|---|---|---|---|---|"]
+    for i, row in enumerate(base["independent"]):
+        lines.append(f"| {row['budget']:g} | {row['active_params']:,} | elastic (one run, all sizes) | "
+                     f"{row['elastic_accuracy']:.1%} | {e['steps']} | {e['tokens']:,} | {e['sizes']:.2f} |")
+        for kind in KINDS:
+            x = base[kind][i]
+            ratio = f"{x['tokens'] / e['tokens_per_size']:.2f}"
+            if kind == "compression_to_match" and not x["matched"]:
+                ratio = f"> {ratio} (not matched)"
+            lines.append(f"| {x['budget']:g} | {x['active_params']:,} | {kind} | {x['accuracy']:.1%} | {x['steps']} | "
+                         f"{x['tokens']:,} | {ratio} |")
+    return lines + ["", "![baselines](baselines.png)"]
 
 
 def _story(r: dict) -> str:

@@ -1,4 +1,5 @@
-"""Pareto computation on hand-made points, and `demo --quick` producing a complete, valid report."""
+"""Pareto computation on hand-made points, and `demo --quick --baselines` producing a complete, valid report
+whose baseline bookkeeping (steps, tokens) matches a recount from the data."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import json
 import pytest
 
 from star_elastic.cli import main
+from star_elastic.data.loading import batch_for_step, load_sequences
+from star_elastic.demo import QUICK
+from star_elastic.hf import load_model
 from star_elastic.infer.evaluate import headline, pareto_front
 
 
@@ -30,8 +34,45 @@ def test_headline_by_hand():
     assert h["at_equal_latency"]["accuracy_gain"] == pytest.approx(0.10)
 
 
+def recount_elastic_tokens(out) -> int:
+    """Non-padding positions of every batch the quick elastic run trained on, recounted from its data."""
+    e = QUICK.elastify
+    tok = load_model(out / "parent").tokenizer
+    seqs = load_sequences("synthetic", tok, e["n_synthetic"], 0)
+    total = 0
+    for step in range(e["steps"]):
+        seq_len = e["stage1_seq_len"] if step < e["steps"] // 2 else e["stage2_seq_len"]
+        ids, mask = batch_for_step(seqs, step, 0, e["batch_size"], seq_len, tok.pad_token_id, 0)
+        total += sum(1 for i, m in zip(ids.flatten().tolist(), mask.flatten().tolist()) if i != tok.pad_token_id or m)
+    return total
+
+
+def check_baselines(report: dict, out) -> None:
+    base = report["baselines"]
+    elastic = base["elastic"]
+    assert elastic["steps"] == QUICK.elastify["steps"] and elastic["sizes"] == 3
+    assert elastic["tokens"] == recount_elastic_tokens(out)
+    assert elastic["tokens_per_size"] == pytest.approx(elastic["tokens"] / 3)
+    active = {b["budget"]: b["active_params"] for b in report["budgets"]}
+    for kind in ("independent", "compression_equal_tokens", "compression_to_match"):
+        assert [row["budget"] for row in base[kind]] == [0.75, 0.5]
+        for row in base[kind]:
+            assert row["active_params"] == active[row["budget"]] and 0 <= row["accuracy"] <= 1
+    for row in base["independent"]:  # the parent's recipe: same steps, same batches, so the same tokens
+        assert (row["steps"], row["tokens"]) == (report["parent"]["steps"], report["parent"]["tokens"])
+    for row in base["compression_equal_tokens"]:  # a third of the elastic run's steps
+        assert row["steps"] == round(QUICK.elastify["steps"] / 3)
+        assert row["tokens"] == pytest.approx(elastic["tokens_per_size"], rel=0.35)
+    every = QUICK.baselines["eval_every"]
+    for row in base["compression_to_match"]:
+        assert row["matched"] == (row["accuracy"] >= row["target"])
+        assert row["steps"] % every == 0 or row["steps"] == QUICK.elastify["steps"]
+        assert [s for s, _ in row["checks"]] == list(range(every, row["steps"] + 1, every))
+        assert row["tokens_ratio_lower_bound"] == pytest.approx(row["tokens"] / elastic["tokens_per_size"])
+
+
 def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--baselines"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert {"accuracy", "params"} <= set(report["parent"])
     budgets = report["budgets"]
@@ -46,7 +87,7 @@ def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
         assert b["achieved"] == pytest.approx(b["active_params"] / budgets[0]["active_params"], rel=1e-9)
         assert f"| {b['target']:.3f} → {b['achieved']:.3f}" in md
     control = report["budget_control"]
-    assert len(control) == 3 * 2 + 6  # every budget at 2 caps + every ordered pair of distinct budgets
+    assert len(control) == 3 * 3 * 2  # every (think, answer) pair of budgets at each of 2 caps
     assert any(c["on_front"] for c in control)
     flags = pareto_front(control)
     assert [c["on_front"] for c in control] == flags
@@ -54,8 +95,9 @@ def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
     assert cb["separate"] > cb["elastic"] > 0
     q = report["quantization"]
     assert q["nvfp4-ptq"]["bytes"] < q["fp8-ptq"]["bytes"] < cb["elastic"]
-    for name in ("pareto.png", "budgets.png", "report.md"):
+    check_baselines(report, tmp_path)
+    for name in ("pareto.png", "budgets.png", "baselines.png", "report.md"):
         assert (tmp_path / name).stat().st_size > 1000
     # a second run reuses every artifact
-    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--baselines"]) == 0
     assert "reusing" in capsys.readouterr().err

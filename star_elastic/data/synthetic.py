@@ -2,10 +2,13 @@
 
 Three families, each with difficulty levels (more steps at higher levels); every step of a trace
 is a small local computation a tiny model can learn by imitation, so accuracy grows with model
-capacity and with the length of the chain it has to keep straight:
-  arith  "7+5-3+8="            think "7+5=12 12-3=9 9+8=17"           answer "17"
-  rev    "rev 3 8 2 5"         think "5 | 5 2 | 5 2 8 | 5 2 8 3"        answer "5 2 8 3"
-  vars   "a=3 b=a+2 c=b*2 c?"  think "a=3 b=3+2=5 c=5*2=10"            answer "10"
+capacity and with the length of the chain it has to keep straight. The trace stops one step short:
+the answer applies a final operation the trace never writes out (multiply by k, or shift every
+digit by k), so answering takes capacity of its own and is not a copy of the trace's last value,
+and a trace cut short (a think cap) leaves the answer without its input:
+  arith  "(7+5-3+8)*3="            think "7+5=12 12-3=9 9+8=17"        answer "51"
+  rev    "rev+2 3 8 2 5"           think "5 | 5 2 | 5 2 8 | 5 2 8 3"     answer "7 4 0 5"
+  vars   "a=3 b=a+2 c=b*2 c*3?"    think "a=3 b=3+2=5 c=5*2=10"         answer "30"
 Generation is a pure function of the seed (its own random.Random).
 """
 
@@ -39,32 +42,35 @@ class TaskConfig:
 
 
 def _arith(rng: random.Random, level: int) -> tuple[str, str, str]:
-    """A chain of level+2 one-digit operands; the running total stays in 0..99."""
+    """A chain of level+3 one-digit operands (running total in 0..99), the sum times k in the answer."""
     total = rng.randint(1, 9)
     prompt, steps = str(total), []
-    for _ in range(level + 1):
+    for _ in range(level + 2):
         n = rng.randint(1, 9)
         op = "-" if total - n >= 0 and (total + n > 99 or rng.random() < 0.4) else "+"
         new = total + n if op == "+" else total - n
         prompt += f"{op}{n}"
         steps.append(f"{total}{op}{n}={new}")
         total = new
-    return prompt + "=", " ".join(steps), str(total)
+    k = rng.randint(2, 3)
+    return f"({prompt})*{k}=", " ".join(steps), str(total * k)
 
 
 def _rev(rng: random.Random, level: int) -> tuple[str, str, str]:
-    """Reverse a list of level+2 digits, building the result one element at a time."""
-    items = [str(rng.randint(0, 9)) for _ in range(level + 2)]
-    partial = [" ".join(items[::-1][: i + 1]) for i in range(len(items))]
-    return "rev " + " ".join(items), " | ".join(partial), partial[-1]
+    """Reverse a list of level+3 digits one element at a time; the answer adds k to each digit mod 10."""
+    items = [rng.randint(0, 9) for _ in range(level + 3)]
+    k = rng.randint(1, 3)
+    partial = [" ".join(map(str, items[::-1][: i + 1])) for i in range(len(items))]
+    shifted = " ".join(str((d + k) % 10) for d in items[::-1])
+    return f"rev+{k} " + " ".join(map(str, items)), " | ".join(partial), shifted
 
 
 def _vars(rng: random.Random, level: int) -> tuple[str, str, str]:
-    """A chain of level+1 assignments, each one operation on the previous variable."""
+    """A chain of level+2 assignments, each one operation on the previous variable; the last times k."""
     names = "abcdefgh"
     value = rng.randint(1, 9)
     defs, steps = [f"a={value}"], [f"a={value}"]
-    for i in range(1, level + 2):
+    for i in range(1, level + 3):
         prev, name = names[i - 1], names[i]
         op, n = rng.choice("+-*"), rng.randint(1, 4)
         if op == "*" and value * n > 99 or op == "-" and value - n < 0:
@@ -73,7 +79,8 @@ def _vars(rng: random.Random, level: int) -> tuple[str, str, str]:
         defs.append(f"{name}={prev}{op}{n}")
         steps.append(f"{name}={value}{op}{n}={new}")
         value = new
-    return " ".join(defs) + f" {names[level + 1]}?", " ".join(steps), str(value)
+    k = rng.randint(2, 3)
+    return " ".join(defs) + f" {names[level + 2]}*{k}?", " ".join(steps), str(value * k)
 
 
 _MAKERS = {"arith": _arith, "rev": _rev, "vars": _vars}

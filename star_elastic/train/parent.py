@@ -57,8 +57,6 @@ class ParentConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0
-    time_limit_s: float | None = 420.0
-    """Stop training early (cosine schedule compressed to fit) once this many seconds have passed."""
     eval_batch_size: int = 200
     max_new_tokens: int = 160
     threads: int | None = None
@@ -162,21 +160,15 @@ def train_parent(cfg: ParentConfig, out: str | Path | None = None) -> tuple[Hybr
     )
     rng = random.Random(cfg.seed)
     t0 = time.perf_counter()
-    total = cfg.steps
     bar = tqdm(range(cfg.steps), desc="train-parent", file=sys.stderr, dynamic_ncols=True)
-    losses = []
+    losses, tokens = [], 0
     model.train()
-    for step in bar:
-        elapsed = time.perf_counter() - t0
-        if cfg.time_limit_s and step > cfg.warmup_steps:
-            # shrink the schedule so the cosine still ends when the time budget does
-            projected = step / elapsed * cfg.time_limit_s
-            total = min(cfg.steps, max(step + 1, int(projected)))
-            if step >= total:
-                break
+    for step in bar:  # a fixed number of steps: the parent is the same on a slow machine and a fast one
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, cfg)
-        ids, mask = make_batch([train[rng.randrange(len(train))] for _ in range(cfg.batch_size)], mcfg.pad_token_id)
+            group["lr"] = lr_at(step, cfg.steps, cfg)
+        picked = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
+        tokens += sum(len(ids) for ids, _ in picked)  # non-padding positions, as the baselines count them
+        ids, mask = make_batch(picked, mcfg.pad_token_id)
         loss = lm_loss(model, ids, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,7 +180,7 @@ def train_parent(cfg: ParentConfig, out: str | Path | None = None) -> tuple[Hybr
     train_s = time.perf_counter() - t0
     result = evaluate(model, tokenizer, splits["test"], cfg, desc="test")
     report = {
-        "params": model.num_parameters(), "steps": len(losses), "train_seconds": round(train_s, 1),
+        "params": model.num_parameters(), "steps": len(losses), "tokens": tokens, "train_seconds": round(train_s, 1),
         "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "test": result,
         "config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(), "threads": torch.get_num_threads(),
     }
