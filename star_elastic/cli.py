@@ -374,16 +374,29 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget_or_variant(text: str) -> float | str:
+    """A router budget (a number) or the name of an --arch-file variant."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request think/answer budgets")
-    p.add_argument("run", nargs="?", help="elastic run folder (with the backend flags: only its tokenizer is read)")
+    p.add_argument("run", nargs="?", help="elastic run folder, or a sorted checkpoint with --arch-file (with the "
+                                          "backend flags: only its tokenizer is read)")
     p.add_argument("--config", help="YAML with ServeConfig keys (flags override it)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int)
     p.add_argument("--name", help="model id (default: the run folder's name)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes")
-    p.add_argument("--think-budget", type=float, help="default think budget (default: the largest)")
-    p.add_argument("--answer-budget", type=float, help="default answer budget (default: the largest)")
+    p.add_argument("--arch-file", help='serve a sorted checkpoint (no router) with named architectures: JSON '
+                                       '{"12b": {"hidden": 1536, ...}, ...} as for slice; "full" is always there')
+    p.add_argument("--think-budget", type=_budget_or_variant,
+                   help="default think budget, or a variant name with --arch-file (default: the largest)")
+    p.add_argument("--answer-budget", type=_budget_or_variant,
+                   help="default answer budget, or a variant name with --arch-file (default: the largest)")
     p.add_argument("--max-think-tokens", type=int, help="default trace cap (</think> forced there), 256")
     p.add_argument("--max-tokens", type=int, help="default answer cap, 64")
     p.add_argument("--max-batch", type=int, help="requests decoding at once over all budgets, 32")
@@ -421,12 +434,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     else:
         if not args.run:
             raise ConfigError("serve: give an elastic run folder (or --think-backend and --answer-backend)")
-        from star_elastic.elastic.run import load_elastic
-        from star_elastic.infer.budget import ElasticServer
         import torch
 
+        from star_elastic.elastic.run import load_elastic
+        from star_elastic.infer.budget import ElasticServer
+        from star_elastic.slicing import checkpoint_dir, read_archs
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        app = make_local_app(ElasticServer.from_elastic(load_elastic(args.run, device=device)), cfg)
+        if args.arch_file:
+            ckpt = checkpoint_dir(args.run)
+            server = ElasticServer.from_checkpoint(ckpt, read_archs(ckpt, None, args.arch_file), device=device)
+        else:
+            server = ElasticServer.from_elastic(load_elastic(args.run, device=device))
+        app = make_local_app(server, cfg)
     print(f"serving {cfg.name} on http://{cfg.host}:{cfg.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     return 0

@@ -15,8 +15,8 @@ import pytest
 from server_helpers import NAME, scheduler_of, serve, tiny_budget_server
 
 from star_elastic.data.tokenizer import format_prompt
-from star_elastic.infer.generate import GenerationConfig, generate
-from star_elastic.serve.app import BackgroundServer, ServeConfig, make_proxy_app
+from star_elastic.infer.generate import DecodeBatch, GenerationConfig, generate
+from star_elastic.serve.app import BackgroundServer, ServeConfig, make_local_app, make_proxy_app
 
 RAW = {"skip_special_tokens": False}  # exact text: every token id decodes to text and back
 CASES = [  # (user message, think budget, answer budget, think cap, answer cap)
@@ -143,7 +143,19 @@ def test_seeded_sampling_repeats_and_seeds_differ(live):
     assert len(others | {a}) > 1
 
 
-def test_client_disconnect_mid_stream_frees_the_slot(live):
+@pytest.fixture
+def slow_decode(monkeypatch):
+    """Decode steps slower than a client's patience, whatever the machine's speed."""
+    step = DecodeBatch.step
+
+    def slow_step(self):
+        time.sleep(0.1)
+        return step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", slow_step)
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(live, slow_decode):
     sched = scheduler_of(live)
     dropped = sched.dropped
     with httpx.Client(timeout=30) as h:
@@ -161,7 +173,7 @@ def test_client_disconnect_mid_stream_frees_the_slot(live):
     assert r.choices[0].finish_reason == "length"
 
 
-def test_client_gone_before_a_non_streaming_answer_frees_the_slot(live):
+def test_client_gone_before_a_non_streaming_answer_frees_the_slot(live, slow_decode):
     sched = scheduler_of(live)
     dropped = sched.dropped
     body = {"model": f"{NAME}@1", "prompt": "1", "max_tokens": 150, "temperature": 0}
@@ -209,37 +221,32 @@ def test_proxy_over_two_servers_equals_in_process(budget_server):
                                                       extra_body={"think_budget": 0.5})
 
 
-class NamedVariants:
-    """An ElasticServer-like object whose variants are named architectures (as a checkpoint with
-    explicit --arch entries would give), here backed by two budgets of the tiny model."""
+def test_serves_a_checkpoint_with_named_architectures(budget_server, tmp_path):
+    """A sorted checkpoint with no router, served by variant names (--arch-file) == router budgets."""
+    import dataclasses
+    import json
 
-    def __init__(self, server, names: dict[str, float]):
-        self.inner, self.variants = server, names
-        self.think_end_id, self.eos_id = server.think_end_id, server.eos_id
-
-    def model(self, name: str):
-        return self.inner.model(self.variants[name])
-
-    def __getattr__(self, attr):  # think_row, close_trace, answer_row
-        return getattr(self.inner, attr)
-
-
-def test_named_architectures_plug_in_as_variants(budget_server):
     from server_helpers import CONTEXT
 
-    from star_elastic.serve.app import make_local_app
+    from star_elastic.elastic.arch import load_arch_file
+    from star_elastic.hf import save_model
+    from star_elastic.infer.budget import ElasticServer
 
-    named = NamedVariants(budget_server, {"nano-12b": 0.5, "nano-30b": 1.0})
-    app = make_local_app(named, ServeConfig(name=NAME, think_budget="nano-12b", answer_budget="nano-30b"),
+    elastic = budget_server.elastic
+    save_model(elastic.model, tmp_path / "ckpt")
+    small = dataclasses.asdict(elastic.architecture(0.5)) | {"layers": list(elastic.architecture(0.5).layers)}
+    (tmp_path / "variants.json").write_text(json.dumps({"nano-12b": small}))
+    named = ElasticServer.from_checkpoint(tmp_path / "ckpt", load_arch_file(tmp_path / "variants.json", elastic.config))
+    app = make_local_app(named, ServeConfig(name=NAME, think_budget="nano-12b", answer_budget="full"),
                          max_context=CONTEXT)
     with BackgroundServer(app) as bg:
         c = client(bg)
-        assert [m.id for m in c.models.list().data] == [NAME, f"{NAME}@nano-12b", f"{NAME}@nano-30b"]
-        case = ("1+2=?", 0.5, 1.0, 10, 6)
-        r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": case[0]}], temperature=0,
-                                      max_tokens=6, extra_body={"max_think_tokens": 10} | RAW)
-        reasoning, answer, _, _ = reference(budget_server, case)
-        assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (reasoning, answer)
-        with pytest.raises(openai.BadRequestError, match="nano-12b, nano-30b"):
+        assert [m.id for m in c.models.list().data] == [NAME, f"{NAME}@full", f"{NAME}@nano-12b"]
+        for case in (("1+2=?", 0.5, 1.0, 10, 6), ("abc", 0.5, 1.0, 3, 6)):
+            r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": case[0]}], temperature=0,
+                                          max_tokens=6, extra_body={"max_think_tokens": case[3]} | RAW)
+            reasoning, answer, _, _ = reference(budget_server, case)
+            assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (reasoning, answer)
+        with pytest.raises(openai.BadRequestError, match="full, nano-12b"):
             c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "1"}],
                                       extra_body={"think_budget": 0.5})
