@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import pytest
@@ -65,3 +66,13 @@ def tiny_elastic(seed: int = 0, budget_type: str = "active_params", fit_steps: i
     elastic = build_elastic(model, ElasticConfig(budget_type=budget_type), None, None)
     fit_router_to_cost(elastic.router, elastic.cost, elastic.ecfg.budgets, steps=fit_steps, seed=seed)
     return elastic.eval()
+
+
+def digest(path) -> str:
+    """SHA-256 over a folder's relative paths and file bytes: "left untouched" made checkable."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()

@@ -3,12 +3,11 @@ nothing that existed before is touched."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
 import torch
-from conftest import ELASTIC_TINY, randomize, tiny_config
+from conftest import ELASTIC_TINY, digest, randomize, tiny_config
 
 from star_elastic import HybridLM, ModelConfig
 from star_elastic.cli import main
@@ -22,15 +21,6 @@ TINY_PARENT = dict(hidden_size=32, pattern="M*E-", num_attention_heads=4, num_ke
                    intermediate_size=32, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
                    chunk_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                    moe_shared_expert_intermediate_size=32, vocab_size=50)
-
-
-def digest(path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def one_line_error(capsys, expected: str) -> None:

@@ -8,7 +8,6 @@ subprocesses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -17,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import randomize
+from conftest import digest, randomize
 
 from star_elastic import HybridLM, ModelConfig
 from star_elastic.cli import main
@@ -31,15 +30,6 @@ PARENT = dict(hidden_size=32, pattern="M*E-", num_attention_heads=4, num_key_val
               n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32)
 AXES = ("hidden", "attn_heads", "mamba_heads", "experts", "expert_inter", "shared_inter", "mlp_inter")
 JUNK = ["", " ", "nan", "-1", "1e999", "0", "∞", "../../", "a" * 300, "1,,", "\t=\t", "{}", "[1]", "null", "é=é"]
-
-
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
