@@ -39,7 +39,6 @@ def slice_run(run, budget: float, out) -> dict:
 
     from safetensors.torch import load_file
 
-    from star_elastic.config import QuantConfig
     from star_elastic.elastic.run import load_elastic, read_run_metadata
     from star_elastic.hf import save_model
     from star_elastic.quant.export import quant_metadata, read_quant_config, slice_packed, write_quantized
