@@ -35,8 +35,6 @@ def slice_run(run, budget: float, out) -> dict:
 
     A quantized run (QRUN) is cut from its packed tensors without dequantizing.
     """
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     from star_elastic.elastic.run import load_elastic, read_run_metadata
