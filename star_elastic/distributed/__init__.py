@@ -9,10 +9,11 @@ from star_elastic.distributed.parallel import (
     init_process_group,
     on_full_copy,
     parallelize,
+    prepare_teacher,
     resolve_mode,
     shutdown,
     sum_over_ranks,
 )
 
-__all__ = ["PARALLEL_MODES", "Engine", "barrier", "full_state_dict", "global_sum", "init_process_group", "on_full_copy", "parallelize",
-           "resolve_mode", "shutdown", "sum_over_ranks"]
+__all__ = ["PARALLEL_MODES", "Engine", "barrier", "full_state_dict", "global_sum", "init_process_group", "on_full_copy",
+           "parallelize", "prepare_teacher", "resolve_mode", "shutdown", "sum_over_ranks"]

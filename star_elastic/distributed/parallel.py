@@ -13,9 +13,10 @@ when launched with more than one process). The frozen teacher is sharded the sam
 `--dtype bf16` = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over fp32 sharded
 master weights (the MoE correction bias is a buffer and stays fp32). `--activation-checkpointing`
 recomputes each block in backward; `--optimizer-offload` keeps sharded params, grads and optimizer
-states in CPU memory (FSDP2 CPUOffloadPolicy). The recipe calls `init_process_group`,
-`parallelize` once before its loop, and `shutdown` at the end; nothing in the model or the step
-knows which engine runs it.
+states in CPU memory (FSDP2 CPUOffloadPolicy). Big parents are built on the meta device, sharded,
+then materialised and filled from the safetensors files tensor by tensor (`fill`, see loading.py).
+The recipe calls `init_process_group`, `prepare_teacher` and `parallelize` once before its loop,
+and `shutdown` at the end; nothing in the model or the step knows which engine runs it.
 """
 
 from __future__ import annotations
@@ -147,29 +148,57 @@ def _shard(blocks: nn.ModuleList, root: nn.Module, extra_units: list[nn.Module],
     fully_shard(root, **(kw | {"reshard_after_forward": False}))
 
 
-def parallelize(step: nn.Module, teacher: nn.Module, mode: str, rank: int, world: int, dtype: str = "fp32",
-                activation_checkpointing: bool = False, optimizer_offload: bool = False) -> Engine:
-    """Wrap the student step module (holding `step.elastic`) and the frozen teacher for `mode`."""
+def _materialise(module: nn.Module, device: torch.device | str, fill) -> None:
+    """A module built on the meta device (and sharded, for fsdp) gets storage on `device`, then
+    `fill(module)` writes its weights, each rank its own shards (distributed/loading.py)."""
+    if fill is None:
+        return
+    module.to_empty(device=device)
+    fill(module)
+
+
+def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """Move every tensor that has storage; meta tensors stay for `_materialise` after sharding."""
+    return module._apply(lambda t: t if t.is_meta else t.to(device))
+
+
+def prepare_teacher(teacher: nn.Module, mode: str, dtype: str = "fp32", fill=None) -> nn.Module:
+    """The frozen teacher in the compute dtype on this rank's device: for fsdp sharded like the
+    student (each block a unit, `reshard_after_forward`). A teacher built on the meta device is
+    given storage after sharding and filled by `fill(teacher)` (pass `fill` exactly then)."""
     device = device_for_rank()
-    compute = DTYPES[dtype]
+    teacher = _to_device(teacher.to(dtype=DTYPES[dtype]), device).eval().requires_grad_(False)
+    if mode == "fsdp":
+        _shard(teacher.backbone.layers, teacher, [], reshard_after_forward=True)
+    _materialise(teacher, device, fill)
+    return teacher
+
+
+def parallelize(step: nn.Module, teacher: nn.Module, mode: str, rank: int, world: int, dtype: str = "fp32",
+                activation_checkpointing: bool = False, optimizer_offload: bool = False, fill=None) -> Engine:
+    """Wrap the student step module (holding `step.elastic`) for `mode`, next to the teacher from
+    `prepare_teacher`. With `fill`, `step.elastic.model` was built on the meta device: it is
+    materialised after sharding (before DDP, which broadcasts rank 0's weights) and `fill` writes it."""
+    device = device_for_rank()
     elastic = step.elastic
-    teacher = teacher.to(device=device, dtype=compute).eval().requires_grad_(False)
-    step.to(device)
+    _to_device(step, device)
     if activation_checkpointing:
         _checkpoint_blocks(elastic.model.backbone.layers)
     if optimizer_offload and mode != "fsdp":
         raise ConfigError(f"optimizer_offload needs parallel fsdp, got {mode!r}")
     if mode == "none":
+        _materialise(elastic.model, device, fill)
         return Engine(mode, rank, world, device, step, step, teacher)
     if mode == "ddp":
+        _materialise(elastic.model, device, fill)
         ids = [device.index] if device.type == "cuda" else None
         # budget 1.0 runs without the router: its parameters are then unused for that step
         ddp = DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
         return Engine(mode, rank, world, device, ddp, step, teacher)
-    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if optimizer_offload else OffloadPolicy()
     _shard(elastic.model.backbone.layers, step, [elastic.router], mp_policy=mp, offload_policy=offload)
-    _shard(teacher.backbone.layers, teacher, [], reshard_after_forward=True)
+    _materialise(elastic.model, torch.device("cpu") if optimizer_offload else device, fill)  # offload: shards on CPU
     return Engine(mode, rank, world, device, step, step, teacher)
 
 

@@ -99,17 +99,26 @@ def layer_sets(cfg: ModelConfig, scores: dict[str, torch.Tensor], layer: int, hi
     return sets
 
 
-def sort_model(model: HybridLM, scores: dict[str, torch.Tensor]) -> HybridLM:
-    """A NEW HybridLM (same config, tokenizer, train/eval mode) whose weights are permuted so the
-    most important components come first on every axis; `model` itself is left untouched (the
-    copy briefly doubles weight memory). A tied LM head stays tied."""
-    cfg = model.config
+def sort_rules(cfg: ModelConfig, scores: dict[str, torch.Tensor]):
+    """key → the `gather` rule (dim → full-length permutation) that puts the most important
+    components of that state-dict tensor first. One tensor at a time: `sort_model` applies it to a
+    whole model, the meta-device loader (star_elastic.distributed.loading) to each tensor as it streams."""
     check_scores(cfg, scores)
     hidden = descending(scores["hidden"]) if "hidden" in scores else torch.arange(cfg.hidden_size)
     outer = identity_sets(cfg, hidden)  # embeddings, norm_f, lm_head: hidden rules only
     per_layer = [layer_sets(cfg, scores, i, hidden) for i in range(cfg.num_layers)]
-    state = {}
-    for key, t in model.state_dict().items():
+
+    def rule(key: str) -> dict[int, torch.Tensor]:
         sets = per_layer[int(key.split(".")[2])] if key.startswith("backbone.layers.") else outer
-        state[key] = gather(t, sets.rule(key))
-    return HybridLM.from_state_dict(cfg, state, model.tokenizer).train(model.training)
+        return sets.rule(key)
+
+    return rule
+
+
+def sort_model(model: HybridLM, scores: dict[str, torch.Tensor]) -> HybridLM:
+    """A NEW HybridLM (same config, tokenizer, train/eval mode) whose weights are permuted so the
+    most important components come first on every axis; `model` itself is left untouched (the
+    copy briefly doubles weight memory). A tied LM head stays tied."""
+    rule = sort_rules(model.config, scores)
+    state = {key: gather(t, rule(key)) for key, t in model.state_dict().items()}
+    return HybridLM.from_state_dict(model.config, state, model.tokenizer).train(model.training)

@@ -25,6 +25,7 @@ import math
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,20 +41,26 @@ from star_elastic.distributed import (
     init_process_group,
     on_full_copy,
     parallelize,
+    prepare_teacher,
     sum_over_ranks,
 )
+from star_elastic.distributed.loading import fill_from_checkpoint, meta_model
 from star_elastic.distributed.parallel import device_for_rank
 from star_elastic.elastic import importance
 from star_elastic.elastic.model import ElasticLM, cost_line
 from star_elastic.elastic.router import BudgetRouter, fit_router_to_cost, profile_latency, router_loss, settle_router
 from star_elastic.elastic.run import build_elastic, save_run
-from star_elastic.elastic.sort import sort_model
+from star_elastic.elastic.sort import sort_model, sort_rules
 from star_elastic.elastic.space import ChoiceSpace
 from star_elastic.hf import load_model
 from star_elastic.model.hybrid import HybridLM
 from star_elastic.plan import PlanConfig, format_plan, plan
+from star_elastic.quant.export import read_quant_config
 from star_elastic.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from star_elastic.train.distill import DistillStep
+
+
+LOAD_MODES = ("auto", "full", "meta")
 
 
 @dataclasses.dataclass
@@ -117,6 +124,10 @@ class ElastifyConfig:
     """Tokens per chunk of the distillation loss (the LM heads' logits exist for one chunk at a time)."""
     gpu_memory_gb: float | None = None
     """Per-GPU memory the plan is checked against (default: the CUDA device's; none on CPU)."""
+    load: str = "auto"
+    """How the parent is loaded: full (every rank loads it whole and sorts it), meta (built on the
+    meta device, sharded, then filled from the files tensor by tensor, sorted as it streams), or
+    auto (meta with parallel fsdp, full otherwise and for latency budgets or quantized parents)."""
 
     def __post_init__(self) -> None:
         self.stage2_probs = tuple(float(p) for p in self.stage2_probs) or default_stage2_probs(
@@ -136,6 +147,8 @@ class ElastifyConfig:
             raise ConfigError(f"stage1_fraction must be in [0, 1], got {self.stage1_fraction}")
         if abs(sum(self.stage2_probs) - 1) > 1e-6 or any(p < 0 for p in self.stage2_probs):
             raise ConfigError(f"stage2_probs must be non-negative and sum to 1, got {list(self.stage2_probs)}")
+        if self.load not in LOAD_MODES:
+            raise ConfigError(f"load must be one of {list(LOAD_MODES)}, got {self.load!r}")
         if len(self.tau) != 2 or min(self.tau) <= 0:
             raise ConfigError(f"tau must be two positive temperatures, got {list(self.tau)}")
         self.elastic_config()  # validates the nested elastic block now, naming bad keys
@@ -182,11 +195,17 @@ def lr_scale(cfg: ElastifyConfig, step: int) -> float:
 
 def calibration_stats(cfg: ElastifyConfig, parent: HybridLM, seqs, rank: int, world: int) -> importance.ImportanceStats:
     """Importance statistics over the calibration batches: each rank runs every world-th batch and
-    the sums are added over ranks, so N processes give one process's statistics."""
+    the sums are added over ranks, so N processes give one process's statistics. Every rank runs
+    the same number of forwards (a sharded parent gathers its weights in each): a rank out of
+    batches runs one of padding only, which adds nothing."""
     pad = parent.config.pad_token_id
     mine = [batch_for_step(seqs, -1 - i, 0, cfg.batch_size, cfg.calibration_seq_len, pad, cfg.seed)[0]
             for i in range(rank, cfg.calibration_batches, world)]
-    stats = importance.collect_stats(parent, mine)
+    valid = [ids != pad if pad is not None else torch.ones_like(ids, dtype=torch.bool) for ids in mine]
+    while len(mine) < math.ceil(cfg.calibration_batches / world):
+        mine.append(torch.zeros((1, 1), dtype=torch.long))
+        valid.append(torch.zeros((1, 1), dtype=torch.bool))
+    stats = importance.collect_stats(parent, mine, valid)
     sums = stats.sums | {"tokens": torch.tensor(stats.tokens, dtype=torch.float64)}
     sum_over_ranks(sums)
     stats.tokens = float(sums.pop("tokens"))
@@ -194,32 +213,61 @@ def calibration_stats(cfg: ElastifyConfig, parent: HybridLM, seqs, rank: int, wo
     return stats
 
 
-def prepare(cfg: ElastifyConfig, rank: int = 0, log=print, world: int = 1):
-    """Load the parent, rank and sort it, build the elastic model. Returns (elastic, parent, seqs):
-    the untouched parent is the frozen teacher (sorting makes a new model, so no extra copy)."""
+def importance_scores(cfg: ElastifyConfig, parent: HybridLM, seqs, rank: int, world: int, log) -> dict:
+    """RUN/importance.safetensors when it exists (a resumed or repeated run), else computed and saved."""
     out = Path(cfg.out)
-    ecfg = cfg.elastic_config()
-    parent = load_model(cfg.model)
-    seqs = load_sequences(cfg.data, parent.tokenizer, cfg.n_synthetic, cfg.seed, parent.config.vocab_size)
     scores_path = out / "importance.safetensors"
     reuse = scores_path.is_file()
     barrier()  # every rank decides before rank 0 writes the file
     if reuse:
-        scores = importance.load_scores(scores_path)
         log(f"importance: reusing {scores_path}")
-    else:
-        scores = importance.compute_scores(calibration_stats(cfg, parent, seqs, rank, world))
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            importance.save_scores(scores, scores_path)
-    sorted_model = sort_model(parent, scores)
+        return importance.load_scores(scores_path)
+    scores = importance.compute_scores(calibration_stats(cfg, parent, seqs, rank, world))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        importance.save_scores(scores, scores_path)
+    return scores
+
+
+def elastic_over(model: HybridLM, cfg: ElastifyConfig, scores: dict) -> ElasticLM:
+    """The elastic model over the sorted `model` (or its meta-device stand-in), depth order from the scores."""
+    ecfg = cfg.elastic_config()
     layer_order = torch.argsort(scores["depth"], descending=True, stable=True).tolist()
     table = None
     if ecfg.budget_type == "latency":
-        space = ChoiceSpace.build(sorted_model.config, ecfg, layer_order)
-        table = profile_latency(sorted_model, space)
-    elastic = build_elastic(sorted_model, ecfg, None, layer_order, table)
-    return elastic, parent.eval().requires_grad_(False), seqs
+        table = profile_latency(model, ChoiceSpace.build(model.config, ecfg, layer_order))
+    return build_elastic(model, ecfg, None, layer_order, table)
+
+
+def resolve_load(cfg: ElastifyConfig, mode: str) -> str:
+    """full or meta (see ElastifyConfig.load)."""
+    plain_only = cfg.elastic_config().budget_type == "latency" or read_quant_config(Path(cfg.model)) is not None
+    if cfg.load == "meta" and plain_only:
+        raise ConfigError(f"load meta: latency budgets profile, and quantized parents dequantize, a whole model; "
+                          f"use --load full for {cfg.model}")
+    if cfg.load == "auto":
+        return "meta" if mode == "fsdp" and not plain_only else "full"
+    return cfg.load
+
+
+def prepare(cfg: ElastifyConfig, rank: int = 0, log=print, world: int = 1):
+    """Load the parent whole, rank and sort it, build the elastic model. Returns (elastic, parent, seqs):
+    the untouched parent is the frozen teacher (sorting makes a new model, so no extra copy)."""
+    parent = load_model(cfg.model)
+    seqs = load_sequences(cfg.data, parent.tokenizer, cfg.n_synthetic, cfg.seed, parent.config.vocab_size)
+    scores = importance_scores(cfg, parent, seqs, rank, world, log)
+    return elastic_over(sort_model(parent, scores), cfg, scores), parent.eval().requires_grad_(False), seqs
+
+
+def prepare_meta(cfg: ElastifyConfig, mode: str, rank: int, log, world: int):
+    """The meta-device path: the teacher is sharded and filled from the files, importance runs on
+    it, and the student is built on the meta device for the engine to shard and fill, each tensor
+    sorted as it streams. Returns (elastic, teacher, seqs, fill for `parallelize`)."""
+    teacher = prepare_teacher(meta_model(cfg.model), mode, cfg.dtype, fill=partial(fill_from_checkpoint, path=cfg.model))
+    seqs = load_sequences(cfg.data, teacher.tokenizer, cfg.n_synthetic, cfg.seed, teacher.config.vocab_size)
+    scores = importance_scores(cfg, teacher, seqs, rank, world, log)
+    elastic = elastic_over(meta_model(cfg.model), cfg, scores)
+    return elastic, teacher, seqs, partial(fill_from_checkpoint, path=cfg.model, rule=sort_rules(elastic.config, scores))
 
 
 def check_plan(cfg: ElastifyConfig, world: int, log) -> dict:
@@ -268,10 +316,12 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     check_plan(cfg, world, log)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    if cfg.calibration_batches < world:
-        raise ConfigError(f"calibration_batches {cfg.calibration_batches} must be at least the {world} processes "
-                          "(each runs its share of the calibration batches)")
-    elastic, teacher, seqs = prepare(cfg, rank, log, world)
+    load = resolve_load(cfg, mode)
+    if load == "meta":
+        elastic, teacher, seqs, fill = prepare_meta(cfg, mode, rank, log, world)
+    else:
+        elastic, parent, seqs = prepare(cfg, rank, log, world)
+        teacher, fill = prepare_teacher(parent, mode, cfg.dtype), None
     ecfg = elastic.ecfg
     pad = elastic.config.pad_token_id
     ckpt_dir = out / "checkpoints"
@@ -280,14 +330,16 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
         hist = fit_router_to_cost(elastic.router, elastic.cost, ecfg.budgets, steps=cfg.router_fit_steps, seed=cfg.seed)
         log(f"router fitted to {ecfg.budget_type} in {len(hist)} steps")
         log_settled(elastic, log)
-        if rank == 0:
-            save_run(elastic, out)
-            if cfg.save_initial:
-                save_run(elastic, out / "initial")
 
     engine = parallelize(DistillStep(elastic, cfg.kd_chunk_tokens), teacher, mode, rank, world, cfg.dtype,
-                         cfg.activation_checkpointing, cfg.optimizer_offload)
-    log(f"engine: {mode}, {world} process(es), {cfg.dtype}, device {engine.device}")
+                         cfg.activation_checkpointing, cfg.optimizer_offload, fill)
+    log(f"engine: {mode}, {world} process(es), {cfg.dtype}, {load} load, device {engine.device}")
+    if latest is None:
+        initial = gathered_elastic(elastic, engine, mode, rank)  # sorted, router fitted, untrained
+        if rank == 0:
+            save_run(initial, out)
+            if cfg.save_initial:
+                save_run(initial, out / "initial")
     opt = make_optimizer(cfg, elastic)
     base_lrs = [g["lr"] for g in opt.param_groups]
     start = 0
@@ -353,7 +405,7 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     if rank == 0 and finished:  # ddp: every rank holds the same replica; one writer
         save_run(final, out)
     barrier()
-    return {"rank": rank, "world": world, "steps": cfg.steps, "finished": finished, "parallel": mode,
+    return {"rank": rank, "world": world, "steps": cfg.steps, "finished": finished, "parallel": mode, "load": load,
             "state_sha256": None if final is None else state_digest(final),
             "architectures": None if final is None else {b: final.describe(b) for b in ecfg.budgets}}
 
