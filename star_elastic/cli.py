@@ -117,6 +117,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer-offload", action="store_true", default=None,
                    help="sharded params, grads and optimizer states in CPU memory (fsdp)")
     p.add_argument("--gpu-memory-gb", type=float, help="per-GPU memory for the plan check (default: the device's)")
+    p.add_argument("--load", choices=["auto", "full", "meta"],
+                   help="parent loading: meta = on the meta device, shards filled from the files tensor by tensor "
+                        "(auto: meta with fsdp)")
 
 
 def _run_elastify(args: argparse.Namespace) -> int:
@@ -131,7 +134,7 @@ def _run_elastify(args: argparse.Namespace) -> int:
         "elastic.budget_mode": args.budget_mode, "elastic.budget_tolerance": args.budget_tolerance,
         "elastic.nested": args.nested_budgets,
         "parallel": args.parallel, "dtype": args.dtype, "activation_checkpointing": args.activation_checkpointing,
-        "optimizer_offload": args.optimizer_offload, "gpu_memory_gb": args.gpu_memory_gb,
+        "optimizer_offload": args.optimizer_offload, "gpu_memory_gb": args.gpu_memory_gb, "load": args.load,
     }
     if args.seq_len:
         overrides["stage2_seq_len"] = args.seq_len

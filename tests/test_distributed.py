@@ -72,10 +72,12 @@ def runs(tmp_path_factory):
     model.save_pretrained(root / "parent")
     p = root / "parent"
     quiet = lambda msg: None  # noqa: E731
-    train(from_dict(ElastifyConfig, _cfg(p, root / "one", parallel="none", save_initial=True)), log=quiet)
+    one = train(from_dict(ElastifyConfig, _cfg(p, root / "one", parallel="none", save_initial=True)), log=quiet)
+    (root / "one-rank0.json").write_text(json.dumps(one, default=str))
     train(from_dict(ElastifyConfig, _cfg(p, root / "one_stop", parallel="none", stop_after=2)), log=quiet)
     phases = [
-        {"name": "fsdp", "cfg": _cfg(p, root / "fsdp", activation_checkpointing=True)},
+        {"name": "fsdp", "cfg": _cfg(p, root / "fsdp", activation_checkpointing=True, save_initial=True)},  # meta load
+        {"name": "fsdp_full", "cfg": _cfg(p, root / "fsdp_full", activation_checkpointing=True, load="full")},
         {"name": "fsdp_stop", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, stop_after=2),
          "copy_to": str(root / "two_to_one")},
         {"name": "fsdp_resume", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, resume=True)},
@@ -106,6 +108,21 @@ def test_fsdp_two_processes_equal_one_process(runs):
     assert _summary(runs, "fsdp")["parallel"] == "fsdp" and _summary(runs, "fsdp")["world"] == 2
     assert _max_diff(runs / "one", runs / "one" / "initial") > 1e-3  # training moved the weights
     assert _max_diff(runs / "fsdp", runs / "one") < 1e-6
+
+
+def test_meta_loaded_sharded_student_equals_load_then_sort(runs):
+    """Each rank filled its FSDP2 shards from the files, sorted per tensor; gathered, they equal
+    one process's whole-model load + sort_model exactly (with the same fitted router)."""
+    assert _summary(runs, "fsdp")["load"] == "meta" and _summary(runs, "one")["load"] == "full"
+    meta, whole = _weights(runs / "fsdp" / "initial"), _weights(runs / "one" / "initial")
+    assert meta.keys() == whole.keys()
+    for k in whole:
+        assert torch.equal(meta[k], whole[k]), k
+
+
+def test_meta_loaded_training_equals_full_load(runs):
+    assert _summary(runs, "fsdp_full")["load"] == "full" and _summary(runs, "fsdp_full")["world"] == 2
+    assert _summary(runs, "fsdp")["state_sha256"] == _summary(runs, "fsdp_full")["state_sha256"]
 
 
 def test_importance_gathered_over_ranks_equals_one_process(runs):

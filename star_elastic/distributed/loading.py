@@ -147,6 +147,8 @@ def fill_from_checkpoint(model: HybridLM, path: str | Path, rule=None) -> None:
     tensor; `rule(key)` (e.g. `sort_rules(cfg, scores)`) permutes each one as it streams."""
     path = Path(path)
     entries = disk_entries(path, model.config)
+    if model.config.tie_word_embeddings:  # `to_empty` gave the head and the embeddings separate tensors
+        model.lm_head.weight = model.backbone.embeddings.weight
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     quiet = dist.is_initialized() and dist.get_rank() != 0
     for key, target in tqdm(targets.items(), desc="load shards", file=sys.stderr, disable=quiet, leave=False):
