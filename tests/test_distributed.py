@@ -12,12 +12,15 @@ import json
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_elastify import TINY_PARENT
 
 from star_elastic import HybridLM, ModelConfig
@@ -41,6 +44,49 @@ def _free_port() -> int:
 
 def _cfg(parent, out, **changes) -> dict:
     return BASE | {"model": str(parent), "out": str(out)} | changes
+
+
+def _elastify_job(cfg: dict, procs: int, root: Path) -> subprocess.Popen:
+    """`star-elastic elastify --config` as a user starts it: under torchrun for several processes."""
+    yaml_path = root / f"{Path(cfg['out']).name}-{procs}.yaml"
+    yaml_path.write_text(yaml.safe_dump(cfg))
+    launcher = [sys.executable] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port())]
+    with open(yaml_path.with_suffix(".log"), "w") as log:  # a file: a full pipe would stall the job
+        job = subprocess.Popen(launcher + ["-m", "star_elastic.cli", "elastify", "--config", str(yaml_path)],
+                               env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT)
+    job.log = yaml_path.with_suffix(".log")
+    return job
+
+
+def _latest_step(ckpt_dir: Path) -> int:
+    pointer = ckpt_dir / "latest"
+    return int(pointer.read_text().removeprefix("step-")) if pointer.is_file() else 0
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _kill_9_after(job: subprocess.Popen, ckpt_dir: Path, step: int, writing: bool) -> None:
+    """SIGKILL the job and every process it started (torchrun's workers run in sessions of their
+    own) once checkpoint `step` is complete, or with `writing` already while it is being written
+    (its temporary folder exists)."""
+    while not (writing and (ckpt_dir / f".step-{step:06d}.tmp").exists() or _latest_step(ckpt_dir) >= step):
+        assert job.poll() is None, f"the job ended before checkpoint {step}: ...{job.log.read_text()[-2000:]}"
+        time.sleep(0.002)
+    pids = [job.pid] + _descendants(job.pid)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    job.wait()
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in pids):
+        time.sleep(0.01)
 
 
 def _two_nodes(phases: list[dict], root: Path) -> None:
@@ -174,3 +220,36 @@ def test_activation_checkpointing_gives_bitwise_equal_gradients(tmp_path):
     assert grads[0].keys() == grads[1].keys() and any(k.startswith("router.") for k in grads[0])
     for k in grads[0]:
         assert torch.equal(grads[0][k], grads[1][k]), k
+
+
+def test_kill_9_mid_run_resumes_bitwise_and_across_world_sizes(runs, tmp_path):
+    """kill -9 of a running torchrun elastify job (2 processes) once checkpoint 2 is being written;
+    its checkpoint resumed by 2 processes equals the uninterrupted run bit for bit. A copy resumed
+    by 1 process is killed again after one more checkpoint, then finished by 2 processes (2 → 1 → 2)
+    and equals the one-process run. A partially written checkpoint is never picked up: `latest`
+    only ever names complete ones, and a truncated newer one left in place is ignored."""
+    job_cfg = _cfg(runs / "parent", tmp_path / "killed", activation_checkpointing=True, checkpoint_every=1)
+    _kill_9_after(_elastify_job(job_cfg, 2, tmp_path), tmp_path / "killed" / "checkpoints", 2, writing=True)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert 1 <= _latest_step(ckpts) <= 2
+    newest = ckpts / f"step-{_latest_step(ckpts):06d}"
+    assert (newest / "state.json").is_file() and (newest / ".metadata").is_file()
+    partial = ckpts / f".step-{_latest_step(ckpts) + 1:06d}.tmp"  # what a save cut short leaves behind
+    if not partial.exists():
+        shutil.copytree(newest, partial)
+        (partial / "state.json").unlink()
+    for shard in partial.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    shutil.copytree(tmp_path / "killed", tmp_path / "hop")
+
+    one_cfg = _cfg(runs / "parent", tmp_path / "hop", parallel="none", checkpoint_every=1, resume=True)
+    hop = tmp_path / "hop" / "checkpoints"
+    _kill_9_after(_elastify_job(one_cfg, 1, tmp_path), hop, _latest_step(ckpts) + 1, writing=False)
+    assert _latest_step(ckpts) < _latest_step(hop) < BASE["steps"]  # the newest checkpoint is one process's
+
+    _two_nodes([{"name": "killed", "cfg": job_cfg | {"resume": True}},
+                {"name": "hop", "cfg": _cfg(runs / "parent", tmp_path / "hop", resume=True)}], tmp_path)
+    assert _summary(tmp_path, "killed")["state_sha256"] == _summary(runs, "fsdp")["state_sha256"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert _summary(tmp_path, "hop")["world"] == 2 and _max_diff(tmp_path / "hop", runs / "one") < 1e-6

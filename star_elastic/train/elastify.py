@@ -348,6 +348,8 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
         log(f"resuming from {latest} at step {start}")
 
     stage1_steps = int(round(cfg.steps * cfg.stage1_fraction))
+    if rank == 0:
+        keep_metrics_until(out / "metrics.jsonl", start)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(range(start, cfg.steps), desc="elastify", file=sys.stderr, disable=rank != 0, dynamic_ncols=True,
                initial=start, total=cfg.steps)
@@ -408,6 +410,25 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     return {"rank": rank, "world": world, "steps": cfg.steps, "finished": finished, "parallel": mode, "load": load,
             "state_sha256": None if final is None else state_digest(final),
             "architectures": None if final is None else {b: final.describe(b) for b in ecfg.budgets}}
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the metrics lines of steps after `step` (and a line cut short): a job killed after its
+    last checkpoint logged steps that the resumed run does again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # the line being written when the job died
+        if record["step"] > step:
+            break
+        kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def step_record(cfg, elastic, step, stage, budget, tau, picks, kl, ce, n_kd, n_lm, rl, t0) -> dict:
