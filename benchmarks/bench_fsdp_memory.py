@@ -44,7 +44,7 @@ def worker(cfg: dict, result: Path) -> None:
     import star_elastic.train.elastify as recipe
     from star_elastic.config import from_dict
 
-    window = {"on": False, "peak": 0, "done": False}
+    window = {"on": False, "peak": 0, "done": False, "load_peak": 0, "loading": True}
     real_save = recipe.save_checkpoint
 
     def save(*args, **kwargs):  # the first save ends the training window
@@ -55,11 +55,13 @@ def worker(cfg: dict, result: Path) -> None:
         while not window["done"]:
             if window["on"]:
                 window["peak"] = max(window["peak"], _rss())
+            if window["loading"]:
+                window["load_peak"] = max(window["load_peak"], _rss())
             time.sleep(0.02)
 
     def log(msg):
-        if msg.startswith("engine:"):
-            window["on"] = True
+        if msg.startswith("engine:"):  # loading, importance and sharding are done
+            window["on"], window["loading"] = True, False
 
     recipe.save_checkpoint = save
     plans = []
@@ -72,7 +74,21 @@ def worker(cfg: dict, result: Path) -> None:
 
     shutdown()
     result.joinpath(f"rank{summary['rank']}.json").write_text(json.dumps(
-        {"growth": window["peak"] - base, "plan": plans[0]["per_gpu_bytes"], "parts": plans[0]["parts"]}))
+        {"growth": window["peak"] - base, "load_growth": window["load_peak"] - base, "plan": plans[0]["per_gpu_bytes"],
+         "parts": plans[0]["parts"]}))
+
+
+def make_parent(out: Path) -> Path:
+    """The random 111M-parameter parent (written once)."""
+    from star_elastic import HybridLM, ModelConfig
+    from star_elastic.data.tokenizer import build_tokenizer
+
+    parent = out / "parent"
+    if not (parent / "config.json").is_file():
+        model = HybridLM(ModelConfig(**PARENT)).init_weights(0)
+        model.tokenizer = build_tokenizer()
+        model.save_pretrained(parent)
+    return parent
 
 
 def run(config: dict, procs: int, result: Path) -> list[dict]:
@@ -99,14 +115,9 @@ def main() -> None:
     import torch
 
     from star_elastic import HybridLM, ModelConfig
-    from star_elastic.data.tokenizer import build_tokenizer
 
     out = Path(args.out)
-    parent = out / "parent"
-    if not (parent / "config.json").is_file():
-        model = HybridLM(ModelConfig(**PARENT)).init_weights(0)
-        model.tokenizer = build_tokenizer()
-        model.save_pretrained(parent)
+    parent = make_parent(out)
     n_params = sum(t.numel() for t in HybridLM(ModelConfig(**PARENT)).to("meta").parameters())
     del torch
     one = run(RUN | {"model": str(parent), "out": str(out / "run1"), "parallel": "none"}, 1, out / "r1")

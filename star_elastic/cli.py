@@ -105,6 +105,10 @@ def _add_elastify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML with the same keys (flags override it)")
     p.add_argument("--resume", action="store_true", default=None, help="continue from RUN/checkpoints/latest")
     _add_engine_flags(p)
+    p.add_argument("--gpu-memory-gb", type=float, help="per-GPU memory for the plan check (default: the device's)")
+    p.add_argument("--load", choices=["auto", "full", "meta"],
+                   help="parent loading: meta = on the meta device, shards filled from the files tensor by tensor "
+                        "(auto: meta with fsdp)")
     p.set_defaults(func=_run_elastify)
 
 
@@ -116,10 +120,6 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-checkpointing", action="store_true", default=None)
     p.add_argument("--optimizer-offload", action="store_true", default=None,
                    help="sharded params, grads and optimizer states in CPU memory (fsdp)")
-    p.add_argument("--gpu-memory-gb", type=float, help="per-GPU memory for the plan check (default: the device's)")
-    p.add_argument("--load", choices=["auto", "full", "meta"],
-                   help="parent loading: meta = on the meta device, shards filled from the files tensor by tensor "
-                        "(auto: meta with fsdp)")
 
 
 def _run_elastify(args: argparse.Namespace) -> int:
@@ -226,6 +226,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="YAML with QuantizeConfig keys, e.g. configs/quantize_nvfp4.yaml (flags override it)")
+    _add_engine_flags(p)
     p.set_defaults(func=_run_quantize)
 
 
@@ -238,6 +239,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     data = merge_config(args.config, {
         "run": args.run, "out": args.out, "data": args.data, "qad_steps": args.qad_steps, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed, "quant.format": args.format,
+        "parallel": args.parallel, "dtype": args.dtype, "activation_checkpointing": args.activation_checkpointing,
+        "optimizer_offload": args.optimizer_offload,
     })
     quant = data.get("quant") or {}
     if isinstance(quant, dict) and not quant.get("format"):  # a non-mapping is QuantizeConfig's error to name
@@ -245,8 +248,14 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if not data.get("out"):
         raise ConfigError("quantize needs --out QRUN (or 'out:' in the YAML config)")
     check_out_dir(str(data["out"]))
-    summary = quantize_run(from_dict(QuantizeConfig, data, source=args.config or "quantize flags"))
-    print(json.dumps(summary, indent=2))
+    from star_elastic.distributed import shutdown
+
+    try:
+        summary = quantize_run(from_dict(QuantizeConfig, data, source=args.config or "quantize flags"))
+    finally:
+        shutdown()
+    if summary.pop("rank") == 0:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

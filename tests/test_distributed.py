@@ -29,11 +29,16 @@ from star_elastic.data.tokenizer import build_tokenizer
 from star_elastic.distributed import parallelize
 from star_elastic.elastic import importance
 from star_elastic.elastic.run import load_elastic
+from star_elastic.quant.qad import QuantizeConfig, quantize_run
 from star_elastic.train.distill import DistillStep
 from star_elastic.train.elastify import ElastifyConfig, prepare, state_digest, train
 
 BASE = dict(steps=4, batch_size=4, n_synthetic=100, calibration_batches=3, router_fit_steps=20, stage1_seq_len=24,
             stage2_seq_len=32, checkpoint_every=2, optimizer="sgd", lr=0.5, router_lr=0.5, warmup_steps=1)
+
+
+QAD = dict(quant={"format": "fp8"}, qad_steps=4, batch_size=4, seq_len=24, calibration_batches=2, n_synthetic=100,
+           optimizer="sgd", lr=0.5, kd_chunk_tokens=16)
 
 
 def _free_port() -> int:
@@ -120,6 +125,9 @@ def runs(tmp_path_factory):
     quiet = lambda msg: None  # noqa: E731
     one = train(from_dict(ElastifyConfig, _cfg(p, root / "one", parallel="none", save_initial=True)), log=quiet)
     (root / "one-rank0.json").write_text(json.dumps(one, default=str))
+    for name, chunk in (("qad_one", QAD["kd_chunk_tokens"]), ("qad_one_unchunked", 10**6)):  # one chunk: full logits
+        qcfg = QAD | {"run": str(root / "one"), "out": str(root / name), "parallel": "none", "kd_chunk_tokens": chunk}
+        (root / f"{name}-rank0.json").write_text(json.dumps(quantize_run(from_dict(QuantizeConfig, qcfg), log=quiet)))
     train(from_dict(ElastifyConfig, _cfg(p, root / "one_stop", parallel="none", stop_after=2)), log=quiet)
     phases = [
         {"name": "fsdp", "cfg": _cfg(p, root / "fsdp", activation_checkpointing=True, save_initial=True)},  # meta load
@@ -129,6 +137,7 @@ def runs(tmp_path_factory):
         {"name": "fsdp_resume", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, resume=True)},
         {"name": "ddp", "cfg": _cfg(p, root / "ddp", parallel="ddp")},
         {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
+        {"name": "qad", "kind": "quantize", "cfg": QAD | {"run": str(root / "one"), "out": str(root / "qad_two")}},
     ]
     _two_nodes(phases, root)
     train(from_dict(ElastifyConfig, _cfg(p, root / "two_to_one", parallel="none", resume=True)), log=quiet)
@@ -169,6 +178,25 @@ def test_meta_loaded_sharded_student_equals_load_then_sort(runs):
 def test_meta_loaded_training_equals_full_load(runs):
     assert _summary(runs, "fsdp_full")["load"] == "full" and _summary(runs, "fsdp_full")["world"] == 2
     assert _summary(runs, "fsdp")["state_sha256"] == _summary(runs, "fsdp_full")["state_sha256"]
+
+
+def _qad_numbers(summary) -> torch.Tensor:
+    return torch.tensor([summary["kd_ptq"], summary["kd_final"], *summary["qad_loss_first"]], dtype=torch.float64)
+
+
+def test_qad_on_the_engine_two_processes_equal_one_process(runs):
+    """QAD (fake-quantized student, router frozen) under FSDP2 with 2 processes: held-out KD before
+    and after, and every step's loss, equal one process's (SGD)."""
+    two, one = _summary(runs, "qad"), _summary(runs, "qad_one")
+    assert (two["parallel"], two["world"], one["world"]) == ("fsdp", 2, 1) and len(one["qad_loss_first"]) == 4
+    assert abs(one["kd_final"] - one["kd_ptq"]) > 1e-5  # QAD moved the weights
+    torch.testing.assert_close(_qad_numbers(two), _qad_numbers(one), atol=1e-7, rtol=0)
+    assert (runs / "qad_two" / "model" / "hf_quant_config.json").is_file()
+
+
+def test_qad_chunked_kd_equals_full_logits(runs):
+    chunked, full = _summary(runs, "qad_one"), _summary(runs, "qad_one_unchunked")
+    torch.testing.assert_close(_qad_numbers(chunked), _qad_numbers(full), atol=1e-7, rtol=0)
 
 
 def test_importance_gathered_over_ranks_equals_one_process(runs):

@@ -26,6 +26,7 @@ import functools
 import os
 import socket
 import warnings
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -59,6 +60,22 @@ class Engine:
     state_module: nn.Module
     """The step module itself (DDP unwrapped): for state dicts and DCP."""
     teacher: nn.Module
+
+    @contextmanager
+    def evaluating(self):
+        """No-grad forwards of the student in eval mode (held-out evaluation between steps). FSDP2
+        keeps the root unit gathered after a forward until its backward (`reshard_after_forward`
+        False); forwards with no backward leave it gathered, and the next training step then gave
+        the root's parameters (embeddings, final norm, LM head) no gradients. It is freed here."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.student.train(was_training)
+            if isinstance(self.state_module, FSDPModule):
+                self.state_module.reshard()
 
 
 def resolve_mode(mode: str, world: int, dtype: str = "fp32") -> str:
@@ -130,7 +147,9 @@ def sum_over_ranks(tensors: dict[str, torch.Tensor]) -> None:
     """In place: every tensor becomes its sum over all ranks (same keys and shapes on each rank)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         for key in sorted(tensors):
-            dist.all_reduce(tensors[key])
+            t = tensors[key].to(device_for_rank())  # NCCL reduces CUDA tensors only
+            dist.all_reduce(t)
+            tensors[key].copy_(t)
 
 
 def _checkpoint_blocks(blocks: nn.ModuleList) -> None:

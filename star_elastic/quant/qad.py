@@ -1,12 +1,18 @@
 """Recipe: quantize an elastic run once — PTQ calibration, then optional nested QAD — and export.
 
     star-elastic quantize RUN --format fp8|nvfp4 --data DATA [--qad-steps N] --out QRUN
+        [--parallel auto|none|ddp|fsdp] [--dtype fp32|bf16] [--activation-checkpointing] [--optimizer-offload]
+    torchrun --nproc-per-node G -m star_elastic.cli quantize RUN ...      (FSDP2, as elastify)
 
 PTQ: fake-quantize the shared weights (global scales of the full tensors) and calibrate one static
-input scale per linear over every trained budget. QAD (paper, pipeline point 9): distil from the
-BF16 elastic model at each sampled budget into the fake-quantized one, router frozen (each
-budget's architecture fixed), budgets sampled as in stage 2 of elastification. QRUN is an elastic
-run folder whose model/ holds packed weights; `star-elastic slice QRUN` cuts slices from them.
+input scale per linear over every trained budget (every rank runs every calibration batch, so all
+hold the same scales). QAD (paper, pipeline point 9): distil from the BF16 elastic model at each
+sampled budget into the fake-quantized one, router frozen (each budget's architecture fixed),
+budgets sampled as in stage 2 of elastification. QAD runs on elastify's engine: the same
+`DistillStep` (chunked KD from the final hidden states, no (B, T, V) logits) wrapped by
+star_elastic.distributed, the global batch split by rows over the processes and the loss
+normalised by its global token count. QRUN is an elastic run folder whose model/ holds packed
+weights; `star-elastic slice QRUN` cuts slices from them.
 """
 
 from __future__ import annotations
@@ -24,11 +30,19 @@ from tqdm.auto import tqdm
 
 from star_elastic.config import ConfigError, QuantConfig
 from star_elastic.data.loading import batch_for_step, load_sequences
+from star_elastic.distributed import (
+    full_state_dict,
+    global_sum,
+    init_process_group,
+    parallelize,
+    prepare_teacher,
+)
 from star_elastic.elastic.arch import IndexSets
+from star_elastic.elastic.model import ElasticLM
 from star_elastic.elastic.run import load_elastic, read_run_metadata
 from star_elastic.quant.export import quant_metadata, quantized_state, write_quantized
 from star_elastic.quant.fake import apply_fake_quant, set_mode
-from star_elastic.train.distill import kd_loss
+from star_elastic.train.distill import DistillStep
 
 
 @dataclasses.dataclass
@@ -43,22 +57,33 @@ class QuantizeConfig:
     qad_steps: int = 0
     calibration_batches: int = 4
     batch_size: int = 16
+    """Sequences per QAD step in all (the global batch), split evenly over the processes."""
     seq_len: int = 128
     lr: float = 2e-5
     """AdamW rate. On the demo run 2e-5 lowered the held-out KD most in 60 NVFP4 steps; 2e-4 raised it (README notes)."""
+    optimizer: str = "adamw"
+    """adamw, or sgd (plain; used to compare engines, where Adam amplifies rounding)."""
     budget_probs: tuple[float, ...] | None = None
     """QAD budget probabilities, largest first; None uses the run's stage-2 default (0.5 / 0.3 / 0.2)."""
     n_synthetic: int = 5000
     seed: int = 0
+    parallel: str = "auto"
+    """auto (fsdp when launched with more than one process), none, ddp or fsdp (as elastify)."""
+    dtype: str = "fp32"
+    """fp32, or bf16: bf16 compute over fp32 master weights (needs parallel fsdp)."""
+    activation_checkpointing: bool = False
+    optimizer_offload: bool = False
+    kd_chunk_tokens: int = 1024
+    """Tokens per chunk of the distillation loss (the LM heads' logits exist for one chunk at a time)."""
 
     def __post_init__(self) -> None:
         if self.qad_steps < 0 or self.calibration_batches <= 0 or self.batch_size <= 0 or self.seq_len <= 1:
             raise ConfigError("qad_steps must be >= 0; calibration_batches, batch_size and seq_len positive")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.kd_chunk_tokens <= 0:
+            raise ConfigError(f"kd_chunk_tokens must be positive, got {self.kd_chunk_tokens}")
         QuantConfig(**self.quant)
-
-
-def _masks(elastic, budget: float):
-    return IndexSets.prefix(elastic.config, elastic.architecture(budget)).masks()
 
 
 def _probs(cfg: QuantizeConfig, budgets) -> list[float]:
@@ -70,69 +95,113 @@ def _probs(cfg: QuantizeConfig, budgets) -> list[float]:
     return default or [1 / len(budgets)] * len(budgets)
 
 
-def mean_kd(student, teacher, elastic, batches) -> float:
-    """Average KD loss (BF16 teacher → quantized student) over the batches and every budget."""
-    total, n = 0.0, 0
+def kd_sums(engine, ids: torch.Tensor, mask: torch.Tensor, budget: float) -> torch.Tensor:
+    """Σ KL(BF16 teacher ‖ quantized student) over `mask`, at `budget`'s fixed architecture (chunked)."""
+    with torch.no_grad():
+        hidden = engine.teacher(ids, head=False)
+    return engine.student(ids, budget, None, None, hidden, engine.teacher.lm_head, mask)[0]
+
+
+def mean_kd(engine, budgets, batches) -> float:
+    """Average KD loss over the held-out batches and every budget; every rank runs them all."""
+    total = 0.0
+    with engine.evaluating():
+        for b in budgets:
+            for ids, mask in batches:
+                ids, mask = ids.to(engine.device), mask.to(engine.device)
+                total += float(kd_sums(engine, ids, mask, b) / mask.sum().clamp_min(1))
+    return total / (len(budgets) * len(batches))
+
+
+def calibrate(student, elastic, cfg: QuantizeConfig, seqs, quantizers) -> None:
+    """PTQ: one static input scale per linear, calibrated over every budget's architecture."""
+    pad = student.config.pad_token_id
     with torch.no_grad():
         for b in elastic.ecfg.budgets:
-            masks = _masks(elastic, b)
-            for ids, mask in batches:
-                total += float(kd_loss(student(ids, masks=masks), teacher(ids, masks=masks), mask))
-                n += 1
-    return total / n
+            masks = IndexSets.prefix(elastic.config, elastic.architecture(b)).masks()
+            for i in range(cfg.calibration_batches):
+                student(batch_for_step(seqs, -1 - i, 0, cfg.batch_size, cfg.seq_len, pad, cfg.seed)[0], masks=masks)
+    set_mode(quantizers, "quantize")
+
+
+def qad(cfg: QuantizeConfig, engine, budgets, seqs, pad: int) -> list[float]:
+    """Nested QAD on the engine: one budget per step, this rank's rows of the global batch."""
+    params = [p for p in engine.state_module.parameters() if p.requires_grad]
+    make = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.AdamW
+    opt = make(params, lr=cfg.lr, weight_decay=0.0)
+    probs = _probs(cfg, budgets)
+    rank, world = engine.rank, engine.world
+    rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    history = []
+    engine.student.train()
+    for step in tqdm(range(cfg.qad_steps), desc="qad", file=sys.stderr, dynamic_ncols=True, disable=rank != 0):
+        b = random.Random(f"qad:{cfg.seed}:{step}").choices(budgets, weights=probs)[0]
+        ids, mask = batch_for_step(seqs, step, 0, cfg.batch_size, cfg.seq_len, pad, cfg.seed + 1)
+        ids, mask = ids[rows].to(engine.device), mask[rows].to(engine.device)
+        n = global_sum(mask.sum().float()).clamp_min(1)  # the global batch's KD tokens
+        loss = kd_sums(engine, ids, mask, b) * world / n  # the engines average the gradients over ranks
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        history.append(float(global_sum(loss.detach()) / world))
+    return history
+
+
+def gathered_student(engine, run: Path, qcfg: QuantConfig):
+    """The trained fake-quantized student as a plain model: itself for none/ddp; for fsdp gathered
+    on rank 0 into a fresh copy (other ranks get None)."""
+    if engine.mode != "fsdp":
+        return engine.state_module.elastic.model
+    state = full_state_dict(engine.state_module)  # collective
+    if engine.rank != 0:
+        return None
+    plain = load_elastic(run).model
+    apply_fake_quant(plain, qcfg)
+    plain.load_state_dict({k.removeprefix("elastic.model."): v for k, v in state.items() if k.startswith("elastic.model.")})
+    return plain
 
 
 def quantize_run(cfg: QuantizeConfig, log=None) -> dict:
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    mode, rank, world = init_process_group(cfg.parallel, cfg.dtype)
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+    log = log or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
     qcfg = QuantConfig(**cfg.quant)
     run, out = Path(cfg.run), Path(cfg.out)
     meta = read_run_metadata(run)
     if meta.get("quantization"):
         raise ConfigError(f"{run}: already quantized ({meta['quantization']['format']}); quantize the BF16 run")
     elastic = load_elastic(run)
-    teacher = elastic.model
-    student = copy.deepcopy(teacher)
+    student = copy.deepcopy(elastic.model)
     quantizers = apply_fake_quant(student, qcfg)
-    seqs = load_sequences(cfg.data, teacher.tokenizer, cfg.n_synthetic, cfg.seed, teacher.config.vocab_size)
-    pad = teacher.config.pad_token_id
+    seqs = load_sequences(cfg.data, student.tokenizer, cfg.n_synthetic, cfg.seed, student.config.vocab_size)
+    pad = student.config.pad_token_id
     held_out = [batch_for_step(seqs, -100 - i, 0, cfg.batch_size, cfg.seq_len, pad, cfg.seed) for i in range(2)]
+    calibrate(student, elastic, cfg, seqs, quantizers)
 
-    with torch.no_grad():  # PTQ: one static input scale per linear, calibrated over every budget
-        for b in elastic.ecfg.budgets:
-            for i in range(cfg.calibration_batches):
-                ids, _ = batch_for_step(seqs, -1 - i, 0, cfg.batch_size, cfg.seq_len, pad, cfg.seed)
-                student(ids, masks=_masks(elastic, b))
-    set_mode(quantizers, "quantize")
-    kd_ptq = mean_kd(student, teacher, elastic, held_out)
+    budgets = elastic.ecfg.budgets
+    archs = {b: elastic.architecture(b) for b in budgets}  # the router stays frozen: fixed per budget
+    step = DistillStep(ElasticLM(student, elastic.ecfg, elastic.space, elastic.cost).requires_grad_(False),
+                       cfg.kd_chunk_tokens, archs)
+    step.elastic.model.requires_grad_(True)
+    teacher = prepare_teacher(elastic.model, mode, cfg.dtype)
+    engine = parallelize(step, teacher, mode, rank, world, cfg.dtype, cfg.activation_checkpointing,
+                         cfg.optimizer_offload)
+    kd_ptq = mean_kd(engine, budgets, held_out)
     log(f"PTQ ({qcfg.format}): held-out KD {kd_ptq:.4f}")
-
-    history = []
-    if cfg.qad_steps:
-        opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-        probs = _probs(cfg, elastic.ecfg.budgets)
-        student.train()
-        for step in tqdm(range(cfg.qad_steps), desc="qad", file=sys.stderr, dynamic_ncols=True):
-            b = random.Random(f"qad:{cfg.seed}:{step}").choices(elastic.ecfg.budgets, weights=probs)[0]
-            ids, mask = batch_for_step(seqs, step, 0, cfg.batch_size, cfg.seq_len, pad, cfg.seed + 1)
-            masks = _masks(elastic, b)
-            with torch.no_grad():
-                target = teacher(ids, masks=masks)
-            loss = kd_loss(student(ids, masks=masks), target, mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            history.append(loss.item())
-        student.eval()
-    kd_final = mean_kd(student, teacher, elastic, held_out)
+    history = qad(cfg, engine, budgets, seqs, pad) if cfg.qad_steps else []
+    kd_final = mean_kd(engine, budgets, held_out)
     log(f"after {cfg.qad_steps} QAD steps: held-out KD {kd_final:.4f}")
 
-    write_qrun(run, out, elastic, student, qcfg, quantizers, meta)
+    trained = gathered_student(engine, run, qcfg)
     summary = {"format": qcfg.format, "qad_steps": cfg.qad_steps, "lr": cfg.lr if cfg.qad_steps else None,
-               "kd_ptq": kd_ptq, "kd_final": kd_final,
-               "qad_loss_first": history[:5], "qad_loss_last": history[-5:]}
-    (out / "quantize_report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+               "kd_ptq": kd_ptq, "kd_final": kd_final, "qad_loss_first": history[:5], "qad_loss_last": history[-5:],
+               "parallel": mode, "world": world}
+    if rank == 0:
+        write_qrun(run, out, elastic, trained, qcfg, quantizers, meta)
+        (out / "quantize_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary | {"rank": rank}
 
 
 def write_qrun(run: Path, out: Path, elastic, student, qcfg: QuantConfig, quantizers, meta: dict) -> None:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from star_elastic.elastic.arch import IndexSets
+
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean over unmasked positions of KL(teacher ‖ student) at `temperature`, times T².
@@ -78,16 +80,25 @@ def chunked_distill_sums(h_s: torch.Tensor, h_t: torch.Tensor, head_s: nn.Module
 
 
 class DistillStep(nn.Module):
-    """Student side of one step: Gumbel-sampled forward of `elastic` → chunked KD (and LM) sums."""
+    """Student side of one step: a forward of `elastic` at `budget` → chunked KD (and LM) sums.
 
-    def __init__(self, elastic: nn.Module, chunk_tokens: int = 1024):
+    Elastification samples each step's architecture with the router (Gumbel, temperature `tau`);
+    with `architectures` (budget → Architecture, the router frozen: QAD) the budget's fixed
+    architecture runs instead, and `tau` / `generator` are None.
+    """
+
+    def __init__(self, elastic: nn.Module, chunk_tokens: int = 1024, architectures: dict | None = None):
         super().__init__()
-        self.elastic, self.chunk_tokens = elastic, chunk_tokens
+        self.elastic, self.chunk_tokens, self.architectures = elastic, chunk_tokens, architectures
 
-    def forward(self, ids, budget: float, tau: float, generator, teacher_hidden, teacher_head, kd_mask,
+    def forward(self, ids, budget: float, tau: float | None, generator, teacher_hidden, teacher_head, kd_mask,
                 temperature: float = 1.0, lm_mask=None):
-        """→ (KL sum, CE sum, picks); CE only when lm_mask is given."""
-        hidden, picks = self.elastic.forward_sampled(ids, budget, tau, generator, head=False)
+        """→ (KL sum, CE sum, picks); CE only when lm_mask is given; picks None for a fixed architecture."""
+        if self.architectures is None:
+            hidden, picks = self.elastic.forward_sampled(ids, budget, tau, generator, head=False)
+        else:
+            masks = IndexSets.prefix(self.elastic.config, self.architectures[budget]).masks(device=ids.device)
+            hidden, picks = self.elastic.model(ids, masks=masks, head=False), None
         kl, ce = chunked_distill_sums(hidden, teacher_hidden, self.elastic.model.lm_head, teacher_head, kd_mask,
                                       temperature, self.chunk_tokens, None if lm_mask is None else ids, lm_mask)
         return kl, ce, picks
