@@ -1,13 +1,15 @@
 """The parallel engines against one process, on CPU with gloo and two processes (torchrun).
 
 Two torchrun "nodes" (one process each, c10d rendezvous on 127.0.0.1) run every multi-process
-phase (FSDP2, DDP, DCP resume at the same and at a changed world size); the references run in this
-process. SGD, because AdamW divides by √v + eps and router gradients sit near eps, which turns
+phase (FSDP2 with the parent loaded on the meta device and with it loaded whole, DDP, DCP resume at
+the same and at a changed world size, QAD); the references run in this process. The kill -9 test
+starts `star-elastic elastify` itself, under torchrun and alone, and kills it mid-checkpoint. SGD, because AdamW divides by √v + eps and router gradients sit near eps, which turns
 ~1e-8 reduction-order differences into visible ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -87,11 +89,18 @@ def _kill_9_after(job: subprocess.Popen, ckpt_dir: Path, step: int, writing: boo
         time.sleep(0.002)
     pids = [job.pid] + _descendants(job.pid)
     for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     job.wait()
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-              for pid in pids):
+    while any(_alive(pid) for pid in pids):
         time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # state after "(comm)"
+    except FileNotFoundError:
+        return False
 
 
 def _two_nodes(phases: list[dict], root: Path) -> None:
