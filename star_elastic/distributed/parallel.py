@@ -215,7 +215,8 @@ def parallelize(step: nn.Module, teacher: nn.Module, mode: str, rank: int, world
         ddp = DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
         return Engine(mode, rank, world, device, ddp, step, teacher)
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
-    offload = CPUOffloadPolicy() if optimizer_offload else OffloadPolicy()
+    # pinned host memory speeds up copies to a GPU; without one there is none to pin for
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if optimizer_offload else OffloadPolicy()
     _shard(elastic.model.backbone.layers, step, [elastic.router], mp_policy=mp, offload_policy=offload)
     _materialise(elastic.model, torch.device("cpu") if optimizer_offload else device, fill)  # offload: shards on CPU
     return Engine(mode, rank, world, device, step, step, teacher)
