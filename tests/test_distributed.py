@@ -141,6 +141,7 @@ def runs(tmp_path_factory):
     phases = [
         {"name": "fsdp", "cfg": _cfg(p, root / "fsdp", activation_checkpointing=True, save_initial=True)},  # meta load
         {"name": "fsdp_full", "cfg": _cfg(p, root / "fsdp_full", activation_checkpointing=True, load="full")},
+        {"name": "fsdp_offload", "cfg": _cfg(p, root / "fsdp_offload", activation_checkpointing=True, optimizer_offload=True)},
         {"name": "fsdp_stop", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, stop_after=2),
          "copy_to": str(root / "two_to_one")},
         {"name": "fsdp_resume", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, resume=True)},
@@ -187,6 +188,10 @@ def test_meta_loaded_sharded_student_equals_load_then_sort(runs):
 def test_meta_loaded_training_equals_full_load(runs):
     assert _summary(runs, "fsdp_full")["load"] == "full" and _summary(runs, "fsdp_full")["world"] == 2
     assert _summary(runs, "fsdp")["state_sha256"] == _summary(runs, "fsdp_full")["state_sha256"]
+
+
+def test_optimizer_offload_is_bitwise_the_same_training(runs):
+    assert _summary(runs, "fsdp_offload")["state_sha256"] == _summary(runs, "fsdp")["state_sha256"]
 
 
 def _qad_numbers(summary) -> torch.Tensor:
