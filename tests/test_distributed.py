@@ -3,7 +3,8 @@
 Two torchrun "nodes" (one process each, c10d rendezvous on 127.0.0.1) run every multi-process
 phase (FSDP2 with the parent loaded on the meta device and with it loaded whole, DDP, DCP resume at
 the same and at a changed world size, QAD); the references run in this process. The kill -9 test
-starts `star-elastic elastify` itself, under torchrun and alone, and kills it mid-checkpoint. SGD, because AdamW divides by √v + eps and router gradients sit near eps, which turns
+starts `star-elastic elastify` itself, under torchrun and alone, and kills it mid-checkpoint.
+SGD, because AdamW divides by √v + eps and router gradients sit near eps, which turns
 ~1e-8 reduction-order differences into visible ones.
 """
 
@@ -141,7 +142,8 @@ def runs(tmp_path_factory):
     phases = [
         {"name": "fsdp", "cfg": _cfg(p, root / "fsdp", activation_checkpointing=True, save_initial=True)},  # meta load
         {"name": "fsdp_full", "cfg": _cfg(p, root / "fsdp_full", activation_checkpointing=True, load="full")},
-        {"name": "fsdp_offload", "cfg": _cfg(p, root / "fsdp_offload", activation_checkpointing=True, optimizer_offload=True)},
+        {"name": "fsdp_offload",
+         "cfg": _cfg(p, root / "fsdp_offload", activation_checkpointing=True, optimizer_offload=True)},
         {"name": "fsdp_stop", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, stop_after=2),
          "copy_to": str(root / "two_to_one")},
         {"name": "fsdp_resume", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, resume=True)},

@@ -106,7 +106,8 @@ def _read(path: Path, entry: Entry) -> torch.Tensor:
     except SafetensorError as err:
         raise CheckpointError(f"{path / fname}: unreadable safetensors file, truncated or corrupt ({err})") from None
     if tuple(t.shape) != shape:
-        raise CheckpointError(f"{path / fname}: tensor {_normalise_key(key)!r} has shape {tuple(t.shape)}, expected {shape}")
+        raise CheckpointError(f"{path / fname}: tensor {_normalise_key(key)!r} has shape {tuple(t.shape)}, "
+                              f"expected {shape}")
     return t
 
 

@@ -158,7 +158,8 @@ def gathered_student(engine, run: Path, qcfg: QuantConfig):
         return None
     plain = load_elastic(run).model
     apply_fake_quant(plain, qcfg)
-    plain.load_state_dict({k.removeprefix("elastic.model."): v for k, v in state.items() if k.startswith("elastic.model.")})
+    prefix = "elastic.model."
+    plain.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
     return plain
 
 

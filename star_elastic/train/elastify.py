@@ -263,11 +263,12 @@ def prepare_meta(cfg: ElastifyConfig, mode: str, rank: int, log, world: int):
     """The meta-device path: the teacher is sharded and filled from the files, importance runs on
     it, and the student is built on the meta device for the engine to shard and fill, each tensor
     sorted as it streams. Returns (elastic, teacher, seqs, fill for `parallelize`)."""
-    teacher = prepare_teacher(meta_model(cfg.model), mode, cfg.dtype, fill=partial(fill_from_checkpoint, path=cfg.model))
+    fill = partial(fill_from_checkpoint, path=cfg.model)
+    teacher = prepare_teacher(meta_model(cfg.model), mode, cfg.dtype, fill=fill)
     seqs = load_sequences(cfg.data, teacher.tokenizer, cfg.n_synthetic, cfg.seed, teacher.config.vocab_size)
     scores = importance_scores(cfg, teacher, seqs, rank, world, log)
     elastic = elastic_over(meta_model(cfg.model), cfg, scores)
-    return elastic, teacher, seqs, partial(fill_from_checkpoint, path=cfg.model, rule=sort_rules(elastic.config, scores))
+    return elastic, teacher, seqs, partial(fill, rule=sort_rules(elastic.config, scores))
 
 
 def check_plan(cfg: ElastifyConfig, world: int, log) -> dict:
