@@ -334,13 +334,9 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
 
     engine = parallelize(DistillStep(elastic, cfg.kd_chunk_tokens), teacher, mode, rank, world, cfg.dtype,
                          cfg.activation_checkpointing, cfg.optimizer_offload, fill)
-    log(f"engine: {mode}, {world} process(es), {cfg.dtype}, {load} load, device {engine.device}")
     if latest is None:
-        initial = gathered_elastic(elastic, engine, mode, rank)  # sorted, router fitted, untrained
-        if rank == 0:
-            save_run(initial, out)
-            if cfg.save_initial:
-                save_run(initial, out / "initial")
+        save_untrained(cfg, elastic, engine, mode, rank)
+    log(f"engine: {mode}, {world} process(es), {cfg.dtype}, {load} load, device {engine.device}")
     opt = make_optimizer(cfg, elastic)
     base_lrs = [g["lr"] for g in opt.param_groups]
     start = 0
@@ -430,6 +426,17 @@ def keep_metrics_until(path: Path, step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     tmp.replace(path)
+
+
+def save_untrained(cfg: ElastifyConfig, elastic: ElasticLM, engine, mode: str, rank: int) -> None:
+    """RUN (and RUN/initial with save_initial): the sorted, router-fitted, untrained state, gathered
+    from the engine (no rank holds the whole student with meta loading). The gathered copy is
+    dropped on return, before training."""
+    initial = gathered_elastic(elastic, engine, mode, rank)
+    if rank == 0:
+        save_run(initial, cfg.out)
+        if cfg.save_initial:
+            save_run(initial, Path(cfg.out) / "initial")
 
 
 def step_record(cfg, elastic, step, stage, budget, tau, picks, kl, ce, n_kd, n_lm, rl, t0) -> dict:
