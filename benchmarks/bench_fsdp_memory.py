@@ -5,8 +5,9 @@ on CPU with gloo. One run prints both ratios.
     .venv/bin/python benchmarks/bench_fsdp_memory.py [--out /tmp/bench_fsdp]
 
 Each configuration runs the real recipe (`train`) in fresh processes. A sampler thread reads the
-resident size every 20 ms; "steady" is the peak between the engine being ready and the first
-checkpoint save (i.e. over the training steps), minus the resident size before `train` started.
+resident size every 20 ms; "steady" is the peak between the engine being ready (the untrained run
+folder written) and the first checkpoint save (i.e. over the training steps), minus the resident
+size before `train` started; "loading" the peak before that (see bench_meta_load.py).
 Large tensors are served by mmap (fixed 64 KiB threshold) so freed memory leaves the process.
 Goals: 2-process ÷ 1-process ≤ 0.6; plan ÷ measured within 0.75–1.25.
 """
@@ -60,8 +61,16 @@ def worker(cfg: dict, result: Path) -> None:
             time.sleep(0.02)
 
     def log(msg):
-        if msg.startswith("engine:"):  # loading, importance and sharding are done
+        if msg.startswith("engine:"):  # the untrained run folder is written: training starts
             window["on"], window["loading"] = True, False
+
+    real_untrained = recipe.save_untrained
+
+    def untrained(*args, **kwargs):  # loading, importance and sharding are done; this gathers on rank 0
+        window["loading"] = False
+        return real_untrained(*args, **kwargs)
+
+    recipe.save_untrained = untrained
 
     recipe.save_checkpoint = save
     plans = []

@@ -6,7 +6,8 @@ CPU with gloo, the random 111M-parameter parent of bench_fsdp_memory.py. One run
     .venv/bin/python benchmarks/bench_meta_load.py [--out /tmp/bench_meta_load]
 
 "Loading" is everything from `train` starting to the engine being ready: parent load, importance
-on the calibration batches (a forward of the parent), sorting, sharding of teacher and student.
+on the calibration batches (a forward of the parent), sorting, sharding of teacher and student;
+not the untrained run folder's save that follows (gathered on rank 0 in both modes).
 The figure is the peak resident size in that window minus the resident size before `train`
 (sampled every 20 ms, large tensors served by mmap so freed memory leaves the process).
 """
