@@ -413,6 +413,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     from star_elastic.config import from_dict, merge_config
     from star_elastic.serve.app import ServeConfig, make_local_app, make_proxy_app
+    from star_elastic.slicing import checkpoint_dir
 
     keys = ("host", "port", "name", "api_key", "think_budget", "answer_budget", "max_think_tokens", "max_tokens",
             "max_batch")
@@ -426,7 +427,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             raise ConfigError("serve: a proxy needs --think-backend, --answer-backend and RUN (for its tokenizer)")
         from transformers import AutoTokenizer
 
-        model_dir = Path(args.run) / "model"
+        model_dir = checkpoint_dir(args.run)
         if not (model_dir / "tokenizer.json").is_file():
             raise ConfigError(f"serve: {model_dir} has no tokenizer.json (the proxy formats prompts with it)")
         app = make_proxy_app(args.think_backend, args.answer_backend, AutoTokenizer.from_pretrained(str(model_dir)),
@@ -438,7 +439,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
         from star_elastic.elastic.run import load_elastic
         from star_elastic.infer.budget import ElasticServer
-        from star_elastic.slicing import checkpoint_dir, read_archs
+        from star_elastic.slicing import read_archs
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.arch_file:
