@@ -41,7 +41,10 @@ MESSAGES = ["2+7-5-1=", "a=6 b=a+2 c=b+3 d=c*3 d?", "reverse abcdef", "12*3+4=",
 
 
 def model_with_tokenizer(seed: int = 0) -> HybridLM:
-    """check_vllm's parent, with the demo tokenizer's vocabulary (weights well away from zero: no greedy ties)."""
+    """check_vllm's parent, with the demo tokenizer's vocabulary (weights well away from zero: no greedy ties).
+
+    The </think> logit is scaled up 3x so that about half the traces close by themselves and the
+    rest hit the cap (both ways of ending phase 1 are compared)."""
     tok = build_tokenizer()
     torch.manual_seed(seed)
     model = HybridLM(ModelConfig(**(CONFIG | {"vocab_size": len(tok)}))).eval()
@@ -49,6 +52,7 @@ def model_with_tokenizer(seed: int = 0) -> HybridLM:
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.5 / p.shape[-1] ** 0.5)
+        model.lm_head.weight[tok.convert_tokens_to_ids("</think>")] *= 3
     model.tokenizer = tok
     return model
 
@@ -113,7 +117,7 @@ def reference(server: ElasticServer, msg: str, cap: int, n: int) -> tuple[str, s
 
 def compare(proxy_url: str, server: ElasticServer, cap: int, n: int) -> int:
     c = openai.OpenAI(base_url=proxy_url + "/v1", api_key="none", max_retries=0, timeout=600)
-    same = 0
+    same = ended = 0
     for msg in MESSAGES:
         r = c.chat.completions.create(model="proxy", messages=[{"role": "user", "content": msg}], temperature=0,
                                       max_tokens=n, extra_body={"max_think_tokens": cap, "skip_special_tokens": False})
@@ -122,6 +126,8 @@ def compare(proxy_url: str, server: ElasticServer, cap: int, n: int) -> int:
         want = reference(server, msg, cap, n)
         same += got == want
         print(f"{'ok ' if got == want else 'BAD'} {msg!r}: proxy {got} in-process {want}")
+        ended += not r.choices[0].forced_end_of_think
+    print(f"{ended} of {len(MESSAGES)} traces closed themselves, the others hit the cap (</think> forced)")
     print(f"proxy over vLLM (think: half slice, answer: full model) == in-process budget control on {same} of "
           f"{len(MESSAGES)} chat requests (think cap {cap}, answer cap {n}, greedy, token counts included)")
     return len(MESSAGES) - same
