@@ -176,7 +176,7 @@ def finish_fields(prog: Progress, spec: Spec) -> dict:
 
 
 async def final(engine, spec: Spec) -> Progress:
-    async with contextlib.aclosing(engine.run(spec)) as it:
+    async with contextlib.aclosing(engine.run(spec, partial=False)) as it:
         async for prog in it:
             if prog.finish is not None:
                 return prog

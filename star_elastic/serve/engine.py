@@ -1,7 +1,8 @@
 """What the HTTP layer asks of a generation backend, and the in-process one over the scheduler.
 
 A `Spec` is one sequence to generate (already validated); `Engine.run(spec)` yields `Progress`
-snapshots as text grows and a last one with `finish` set. `LocalEngine` runs specs on the
+snapshots as text grows and a last one with `finish` set (`run(spec, partial=False)`: the last one
+only, for non-streaming responses). `LocalEngine` runs specs on the
 scheduler (one weight copy, every budget); `star_elastic.serve.proxy.ProxyEngine` runs them on
 two OpenAI-compatible backends.
 """
@@ -107,7 +108,7 @@ class LocalEngine:
                 param="prompt", code="context_length_exceeded")
         return ids
 
-    async def run(self, spec: Spec) -> AsyncIterator[Progress]:
+    async def run(self, spec: Spec, partial: bool = True) -> AsyncIterator[Progress]:
         ids = self.encode(spec)
         mailbox = self._mailbox_for(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
@@ -129,8 +130,9 @@ class LocalEngine:
                         answer.append(value)
                     else:
                         prog.finish, prog.forced_end_of_think = value, job.forced_end_of_think
-                self._fill(prog, think, answer, spec.skip_special_tokens)
-                yield prog
+                if partial or prog.finish is not None:  # text is decoded only where it is read
+                    self._fill(prog, think, answer, spec.skip_special_tokens)
+                    yield prog
                 if prog.finish is not None:
                     return
         finally:
