@@ -1,7 +1,7 @@
 """`star-elastic serve` measured side by side: each server is its own `star-elastic serve` process
 on 127.0.0.1 (clients stay in this process, so they do not share the server's interpreter).
 
-    python benchmarks/bench_server.py [RUN] [--width-scale 1.0] [--requests 64] [--only memory]
+    python benchmarks/bench_server.py [RUN] [--width-scale 1.0] [--requests 64] [--only memory] [--threads 1]
 
 1. Throughput (completion tokens/s) with 1, 8 and 32 concurrent clients, mixed budgets, two-phase
    chat requests (greedy, think cap 16, answer cap 16); goal: 32 clients >= 8x one client. One
@@ -40,6 +40,7 @@ from star_elastic.model.hybrid import HybridLM
 from star_elastic.runtime import tune_cpu_allocator
 from star_elastic.train.parent import ParentConfig, model_config
 
+SERVE_FLAGS: list[str] = []  # flags every server gets (--threads N)
 PROMPTS = ["2+7-5-1=", "a=6 b=a+2 c=b+3 d=c*3 d?", "reverse abcdef", "12*3+4=", "x=3 y=x*x y?", "9-4+8="]
 
 
@@ -83,8 +84,8 @@ class Served:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "star_elastic.cli", "serve", *args, "--port",
-                                      str(self.port), "--name", "bench"])
+        self.proc = subprocess.Popen([sys.executable, "-m", "star_elastic.cli", "serve", *args, *SERVE_FLAGS,
+                                      "--port", str(self.port), "--name", "bench"])
 
     def __enter__(self) -> Served:
         deadline = time.monotonic() + 300
@@ -195,7 +196,10 @@ def main() -> None:
     ap.add_argument("--width-scale", type=float, default=1.0)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--only", choices=("throughput", "memory", "proxy"), help="run one of the three parts")
+    ap.add_argument("--threads", type=int, help="serve --threads N for every server (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        SERVE_FLAGS.extend(["--threads", str(args.threads)])
     tune_cpu_allocator()
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()

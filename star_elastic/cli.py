@@ -400,6 +400,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-think-tokens", type=int, help="default trace cap (</think> forced there), 256")
     p.add_argument("--max-tokens", type=int, help="default answer cap, 64")
     p.add_argument("--max-batch", type=int, help="requests decoding at once over all budgets, 32")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 suits small models "
+                                                "on a shared CPU)")
     p.add_argument("--think-backend", metavar="URL[#model]", help="proxy: run the think phase on this server")
     p.add_argument("--answer-backend", metavar="URL[#model]", help="proxy: run the answer phase on this server")
     p.add_argument("--backend-api-key", help="Bearer key sent to the backends")
@@ -416,7 +418,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from star_elastic.slicing import checkpoint_dir
 
     keys = ("host", "port", "name", "api_key", "think_budget", "answer_budget", "max_think_tokens", "max_tokens",
-            "max_batch")
+            "max_batch", "threads")
     data = merge_config(args.config, {k: getattr(args, k) for k in keys})
     if args.run and "name" not in data:
         data["name"] = Path(args.run).resolve().name

@@ -71,11 +71,12 @@ class Mailbox:
 class LocalEngine:
     """Specs → scheduler jobs on an ElasticServer-like object (`model(budget)`, `think_row`, ...)."""
 
-    def __init__(self, server, budgets: Sequence[float], max_batch: int, max_context: int):
+    def __init__(self, server, budgets: Sequence[float], max_batch: int, max_context: int,
+                 threads: int | None = None):
         self.server, self.budgets, self.max_context = server, list(budgets), max_context
         self.tokenizer = server.model(self.budgets[0]).tokenizer
         self.vocab_size = server.model(self.budgets[0]).config.vocab_size
-        self.scheduler = Scheduler(server, max_batch)
+        self.scheduler = Scheduler(server, max_batch, threads=threads)
         self._mailbox: Mailbox | None = None
 
     def close(self) -> None:

@@ -52,8 +52,8 @@ class Job:
 class Scheduler:
     """Owns the worker thread; `submit` is thread-safe and returns at once."""
 
-    def __init__(self, server, max_batch: int = 32, join_wait: int = 4):
-        self.server, self.max_batch, self.join_wait = server, max_batch, join_wait
+    def __init__(self, server, max_batch: int = 32, join_wait: int = 4, threads: int | None = None):
+        self.server, self.max_batch, self.join_wait, self.threads = server, max_batch, join_wait, threads
         self._lock = threading.Condition()
         self._incoming: deque[Job] = deque()
         self._batches: dict[float, DecodeBatch] = {}
@@ -88,6 +88,8 @@ class Scheduler:
 
     # --- the worker -------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # in this thread: OpenMP's thread count is per thread
         while True:
             with self._lock:
                 while not self._stopping and not self._incoming and not self._active:
