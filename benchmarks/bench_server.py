@@ -200,6 +200,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         SERVE_FLAGS.extend(["--threads", str(args.threads)])
+        torch.set_num_threads(args.threads)  # this process times the re-prefill
     tune_cpu_allocator()
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
