@@ -27,14 +27,15 @@ import openai
 import torch
 
 from star_elastic import HybridLM, ModelConfig
-from star_elastic.data.tokenizer import build_tokenizer, format_prompt
+from star_elastic.data.tokenizer import build_tokenizer
 from star_elastic.hf import save_model
 from star_elastic.infer.budget import ElasticServer
 from star_elastic.slicing import slice_model
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from check_vllm import CONFIG, nested_slice  # noqa: E402  (the same small model and slice as part 1)
+from check_vllm import CONFIG, nested_slice  # noqa: E402  (the same small model and slice as part 1; puts tests/ on the path)
+from server_helpers import reference  # noqa: E402  (the test suite's in-process reference)
 
 MESSAGES = ["2+7-5-1=", "a=6 b=a+2 c=b+3 d=c*3 d?", "reverse abcdef", "12*3+4=", "x=3 y=x*x y?", "9-4+8=",
             "what is 7-5?", "sort 3 1 2"]
@@ -103,18 +104,6 @@ def vllm_server(python: str, model: Path, name: str, work: Path) -> Process:
     return Process(cmd, port, work / f"vllm_{name}.log", env)
 
 
-def reference(server: ElasticServer, msg: str, cap: int, n: int) -> tuple[str, str, int, int]:
-    """In-process (reasoning text, answer text, reasoning tokens, completion tokens): half thinks, full answers."""
-    tok = server.parent.tokenizer
-    prompt = tok.encode(format_prompt(tok, msg), add_special_tokens=False)
-    res = server.generate([prompt], "half", "full", max_think_tokens=cap, max_answer_tokens=n).results[0]
-    closers = (server.think_end_id, server.eos_id)
-    trace = res.think_tokens[:-1] if res.think_tokens[-1] in closers else res.think_tokens
-    answer = res.answer_tokens[:-1] if res.answer_tokens and res.answer_tokens[-1] == server.eos_id else res.answer_tokens
-    text = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
-    return text(trace), text(answer), len(res.think_tokens), len(res.think_tokens) + len(res.answer_tokens)
-
-
 def compare(proxy_url: str, server: ElasticServer, cap: int, n: int) -> int:
     c = openai.OpenAI(base_url=proxy_url + "/v1", api_key="none", max_retries=0, timeout=600)
     same = ended = 0
@@ -123,7 +112,7 @@ def compare(proxy_url: str, server: ElasticServer, cap: int, n: int) -> int:
                                       max_tokens=n, extra_body={"max_think_tokens": cap, "skip_special_tokens": False})
         got = (r.choices[0].message.reasoning_content, r.choices[0].message.content,
                r.usage.completion_tokens_details.reasoning_tokens, r.usage.completion_tokens)
-        want = reference(server, msg, cap, n)
+        want = reference(server, (msg, "half", "full", cap, n))  # the half thinks, the full model answers
         same += got == want
         print(f"{'ok ' if got == want else 'BAD'} {msg!r}: proxy {got} in-process {want}")
         ended += not r.choices[0].forced_end_of_think
