@@ -47,8 +47,8 @@ class Progress:
 
 
 class Mailbox:
-    """Worker-thread events → asyncio queues of one loop, with one loop wake-up per batch of posts
-    (waking the loop once per job and step cost the worker its GIL ~30 times a step)."""
+    """Worker-thread events → asyncio queues of one loop: one loop wake-up per batch of posts
+    (about one per scheduler step) instead of one per job and step."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self._lock, self._items, self._scheduled = loop, threading.Lock(), [], False

@@ -136,8 +136,12 @@ class Scheduler:
         """Hand each job the events of this step in one call."""
         for job in self._told:
             events, job.events = job.events, []
-            if not job.cancelled:
+            if job.cancelled:
+                continue
+            try:
                 job.emit(events)
+            except RuntimeError:  # its event loop closed after the check above: the client is gone
+                job.cancel()
         self._told.clear()
 
     def _due(self, budget: float, waiting: int) -> bool:
