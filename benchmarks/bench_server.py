@@ -1,10 +1,11 @@
 """`star-elastic serve` measured side by side: each server is its own `star-elastic serve` process
 on 127.0.0.1 (clients stay in this process, so they do not share the server's interpreter).
 
-    python benchmarks/bench_server.py [RUN] [--width-scale 1.0] [--requests 64] [--only memory]
+    python benchmarks/bench_server.py [RUN] [--width-scale 1.0] [--requests 64] [--only memory] [--threads 1]
 
 1. Throughput (completion tokens/s) with 1, 8 and 32 concurrent clients, mixed budgets, two-phase
-   chat requests (greedy, think cap 16, answer cap 16); goal: 32 clients >= 8x one client.
+   chat requests (greedy, think cap 16, answer cap 16); goal: 32 clients >= 8x one client. One
+   client is measured first and last; tokens per server CPU second are printed too.
 2. Resident memory of the server process after requests on every budget ÷ after requests on the
    parent alone (goal <= 1.1), plus the weight bytes the budget views own (counted in-process).
 3. Proxy overhead: the same sequential requests in-process (think 0.5 → answer 1.0) and through the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -38,6 +40,7 @@ from star_elastic.model.hybrid import HybridLM
 from star_elastic.runtime import tune_cpu_allocator
 from star_elastic.train.parent import ParentConfig, model_config
 
+SERVE_FLAGS: list[str] = []  # flags every server gets (--threads N)
 PROMPTS = ["2+7-5-1=", "a=6 b=a+2 c=b+3 d=c*3 d?", "reverse abcdef", "12*3+4=", "x=3 y=x*x y?", "9-4+8="]
 
 
@@ -81,8 +84,8 @@ class Served:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "star_elastic.cli", "serve", *args, "--port",
-                                      str(self.port), "--name", "bench"])
+        self.proc = subprocess.Popen([sys.executable, "-m", "star_elastic.cli", "serve", *args, *SERVE_FLAGS,
+                                      "--port", str(self.port), "--name", "bench"])
 
     def __enter__(self) -> Served:
         deadline = time.monotonic() + 300
@@ -100,21 +103,35 @@ class Served:
         with open(f"/proc/{self.proc.pid}/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (all its threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
 
 def throughput(run: str, budgets: list[float], n_requests: int) -> None:
+    """Rates at 1, 8, 32 clients; one client runs first and last (the ratio uses their mean, so a
+    machine whose load drifts during the run biases neither side). Server CPU seconds are read from
+    /proc: tokens per server CPU second hold even when other jobs share the cores."""
     with Served(run, "--max-batch", "32") as srv:
         asyncio.run(clients(srv.url, 4, 8, budgets))  # warm-up: views built, allocator primed
         for label, bs in (("mixed budgets", budgets), ("one budget (1.0)", [max(budgets)])):
-            rates = {}
-            for n in (1, 8, 32):
+            runs = []
+            for n in (1, 8, 32, 1):
+                cpu0 = srv.cpu_seconds()
                 tokens, secs = asyncio.run(clients(srv.url, n, n_requests if n > 1 else n_requests // 4, bs))
-                rates[n] = tokens / secs
-                print(f"  {label:16s} {n:2d} clients: {tokens:5d} tokens in {secs:6.2f} s = {rates[n]:7.1f} "
-                      f"tokens/s ({rates[n] / rates[1]:.2f}x one client)")
+                runs.append((n, tokens, secs, srv.cpu_seconds() - cpu0))
+            one = (runs[0][1] / runs[0][2] + runs[-1][1] / runs[-1][2]) / 2
+            one_cpu = (runs[0][1] + runs[-1][1]) / (runs[0][3] + runs[-1][3])
+            for n, tokens, secs, cpu in runs:
+                print(f"  {label:16s} {n:2d} clients: {tokens:5d} tokens in {secs:6.2f} s = {tokens / secs:7.1f} "
+                      f"tokens/s ({tokens / secs / one:.2f}x one client); server CPU {cpu:6.2f} s = "
+                      f"{tokens / cpu:7.1f} tokens/CPU-s ({tokens / cpu / one_cpu:.2f}x)")
 
 
 def memory(run: str, server, budgets: list[float]) -> None:
@@ -179,7 +196,11 @@ def main() -> None:
     ap.add_argument("--width-scale", type=float, default=1.0)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--only", choices=("throughput", "memory", "proxy"), help="run one of the three parts")
+    ap.add_argument("--threads", type=int, help="serve --threads N for every server (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        SERVE_FLAGS.extend(["--threads", str(args.threads)])
+        torch.set_num_threads(args.threads)  # this process times the re-prefill
     tune_cpu_allocator()
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()

@@ -412,6 +412,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-think-tokens", type=int, help="default trace cap (</think> forced there), 256")
     p.add_argument("--max-tokens", type=int, help="default answer cap, 64")
     p.add_argument("--max-batch", type=int, help="requests decoding at once over all budgets, 32")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 suits small models "
+                                                "on a shared CPU)")
     p.add_argument("--think-backend", metavar="URL[#model]", help="proxy: run the think phase on this server")
     p.add_argument("--answer-backend", metavar="URL[#model]", help="proxy: run the answer phase on this server")
     p.add_argument("--backend-api-key", help="Bearer key sent to the backends")
@@ -425,9 +427,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     from star_elastic.config import from_dict, merge_config
     from star_elastic.serve.app import ServeConfig, make_local_app, make_proxy_app
+    from star_elastic.slicing import checkpoint_dir
 
     keys = ("host", "port", "name", "api_key", "think_budget", "answer_budget", "max_think_tokens", "max_tokens",
-            "max_batch")
+            "max_batch", "threads")
     data = merge_config(args.config, {k: getattr(args, k) for k in keys})
     if args.run and "name" not in data:
         data["name"] = Path(args.run).resolve().name
@@ -438,7 +441,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             raise ConfigError("serve: a proxy needs --think-backend, --answer-backend and RUN (for its tokenizer)")
         from transformers import AutoTokenizer
 
-        model_dir = Path(args.run) / "model"
+        model_dir = checkpoint_dir(args.run)
         if not (model_dir / "tokenizer.json").is_file():
             raise ConfigError(f"serve: {model_dir} has no tokenizer.json (the proxy formats prompts with it)")
         app = make_proxy_app(args.think_backend, args.answer_backend, AutoTokenizer.from_pretrained(str(model_dir)),
@@ -450,7 +453,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
         from star_elastic.elastic.run import load_elastic
         from star_elastic.infer.budget import ElasticServer
-        from star_elastic.slicing import checkpoint_dir, read_archs
+        from star_elastic.slicing import read_archs
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.arch_file:

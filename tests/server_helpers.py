@@ -6,7 +6,7 @@ import functools
 
 from conftest import tiny_elastic
 
-from star_elastic.data.tokenizer import build_tokenizer
+from star_elastic.data.tokenizer import build_tokenizer, format_prompt
 from star_elastic.infer.budget import ElasticServer
 from star_elastic.serve.app import BackgroundServer, ServeConfig, make_local_app
 
@@ -30,3 +30,17 @@ def serve(server: ElasticServer, **cfg) -> BackgroundServer:
 
 def scheduler_of(bg: BackgroundServer):
     return bg.app.state.engine.scheduler
+
+
+def reference(server, case) -> tuple[str, str, int, int]:
+    """In-process two-phase result: (reasoning text, answer text, reasoning tokens, completion tokens).
+
+    case = (user message, think budget, answer budget, think cap, answer cap); budgets may be variant names."""
+    msg, tb, ab, cap, n = case
+    tok = server.parent.tokenizer
+    prompt = tok.encode(format_prompt(tok, msg), add_special_tokens=False)
+    res = server.generate([prompt], tb, ab, max_think_tokens=cap, max_answer_tokens=n).results[0]
+    trace = res.think_tokens[:-1] if res.think_tokens[-1] in (server.think_end_id, server.eos_id) else res.think_tokens
+    answer = res.answer_tokens[:-1] if res.answer_tokens and res.answer_tokens[-1] == server.eos_id else res.answer_tokens
+    text = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    return text(trace), text(answer), len(res.think_tokens), len(res.think_tokens) + len(res.answer_tokens)

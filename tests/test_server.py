@@ -12,9 +12,8 @@ import time
 import httpx
 import openai
 import pytest
-from server_helpers import NAME, scheduler_of, serve, tiny_budget_server
+from server_helpers import NAME, reference, scheduler_of, serve, tiny_budget_server
 
-from star_elastic.data.tokenizer import format_prompt
 from star_elastic.infer.generate import DecodeBatch, GenerationConfig, generate
 from star_elastic.serve.app import BackgroundServer, ServeConfig, make_local_app, make_proxy_app
 
@@ -45,18 +44,6 @@ def chat_kwargs(case, **extra):
     body = {"think_budget": tb, "answer_budget": ab, "max_think_tokens": cap} | RAW
     return dict(model=NAME, messages=[{"role": "user", "content": msg}], temperature=0, max_tokens=n,
                 extra_body=body, **extra)
-
-
-def reference(server, case) -> tuple[str, str, int, int]:
-    """In-process two-phase result: (reasoning text, answer text, reasoning tokens, completion tokens)."""
-    msg, tb, ab, cap, n = case
-    tok = server.elastic.model.tokenizer
-    prompt = tok.encode(format_prompt(tok, msg), add_special_tokens=False)
-    res = server.generate([prompt], tb, ab, max_think_tokens=cap, max_answer_tokens=n).results[0]
-    trace = res.think_tokens[:-1] if res.think_tokens[-1] in (server.think_end_id, server.eos_id) else res.think_tokens
-    answer = res.answer_tokens[:-1] if res.answer_tokens and res.answer_tokens[-1] == server.eos_id else res.answer_tokens
-    text = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
-    return text(trace), text(answer), len(res.think_tokens), len(res.think_tokens) + len(res.answer_tokens)
 
 
 def test_models_lists_the_elastic_model_and_every_budget(live, budget_server):

@@ -116,6 +116,7 @@ def test_serve_config_yaml_flags_and_cli_errors(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     assert main(["serve", str(tmp_path), "--think-backend", "http://127.0.0.1:1"]) == 2
     assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
+    assert main(["serve", str(tmp_path), "--threads", "0"]) == 2
     err = capsys.readouterr().err
     assert "give an elastic run folder" in err and "no run.json" in err and "needs --think-backend, --answer-backend" in err
-    assert "max_batch >= 1" in err and "Traceback" not in err
+    assert "max_batch >= 1" in err and "--threads must be >= 1, got 0" in err and "Traceback" not in err

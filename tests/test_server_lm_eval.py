@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from server_helpers import NAME, serve, tiny_budget_server
-from test_server import reference
+from server_helpers import NAME, reference, serve, tiny_budget_server
 
 pytest.importorskip("tenacity")  # lm_eval's API models need the lm_eval[api] extra
 lm_eval = pytest.importorskip("lm_eval")

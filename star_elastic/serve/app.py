@@ -50,8 +50,14 @@ class ServeConfig:
     """Default answer cap (max_tokens of a request overrides it)."""
     max_batch: int = 32
     """Jobs decoding at once, over every budget; more wait in a queue."""
+    threads: int | None = None
+    """torch intra-op threads of the worker; None keeps torch's default. On a small shared CPU, 1
+    is faster for small models: two threads wait on each other in every op whenever another
+    process holds a core."""
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"serve: --threads must be >= 1, got {self.threads}")
         if self.max_think_tokens < 0 or self.max_tokens < 1 or self.max_batch < 1:
             raise ConfigError(f"serve: need max_think_tokens >= 0, max_tokens >= 1, max_batch >= 1 (got "
                               f"{self.max_think_tokens}, {self.max_tokens}, {self.max_batch})")
@@ -176,7 +182,7 @@ def finish_fields(prog: Progress, spec: Spec) -> dict:
 
 
 async def final(engine, spec: Spec) -> Progress:
-    async with contextlib.aclosing(engine.run(spec)) as it:
+    async with contextlib.aclosing(engine.run(spec, partial=False)) as it:
         async for prog in it:
             if prog.finish is not None:
                 return prog
@@ -337,7 +343,7 @@ def make_local_app(server, cfg: ServeConfig, budgets: list[float | str] | None =
     if budgets is None:
         budgets = list(server.variants) if hasattr(server, "variants") else list(server.elastic.ecfg.budgets)
     context = max_context or server.model(budgets[0]).config.max_position_embeddings
-    return build_app(LocalEngine(server, budgets, cfg.max_batch, context), cfg, budgets)
+    return build_app(LocalEngine(server, budgets, cfg.max_batch, context, cfg.threads), cfg, budgets)
 
 
 class BackgroundServer:

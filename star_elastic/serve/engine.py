@@ -1,7 +1,8 @@
 """What the HTTP layer asks of a generation backend, and the in-process one over the scheduler.
 
 A `Spec` is one sequence to generate (already validated); `Engine.run(spec)` yields `Progress`
-snapshots as text grows and a last one with `finish` set. `LocalEngine` runs specs on the
+snapshots as text grows and a last one with `finish` set (`run(spec, partial=False)`: the last one
+only, for non-streaming responses). `LocalEngine` runs specs on the
 scheduler (one weight copy, every budget); `star_elastic.serve.proxy.ProxyEngine` runs them on
 two OpenAI-compatible backends.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import AsyncIterator, Sequence
 
 from star_elastic.infer.generate import GenerationConfig
@@ -44,14 +46,38 @@ class Progress:
     stop_reason: str | None = None  # the stop string that ended the answer, if one did
 
 
+class Mailbox:
+    """Worker-thread events → asyncio queues of one loop: one loop wake-up per batch of posts
+    (about one per scheduler step) instead of one per job and step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self._lock, self._items, self._scheduled = loop, threading.Lock(), [], False
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class LocalEngine:
     """Specs → scheduler jobs on an ElasticServer-like object (`model(budget)`, `think_row`, ...)."""
 
-    def __init__(self, server, budgets: Sequence[float], max_batch: int, max_context: int):
+    def __init__(self, server, budgets: Sequence[float], max_batch: int, max_context: int,
+                 threads: int | None = None):
         self.server, self.budgets, self.max_context = server, list(budgets), max_context
         self.tokenizer = server.model(self.budgets[0]).tokenizer
         self.vocab_size = server.model(self.budgets[0]).config.vocab_size
-        self.scheduler = Scheduler(server, max_batch)
+        self.scheduler = Scheduler(server, max_batch, threads=threads)
+        self._mailbox: Mailbox | None = None
 
     def close(self) -> None:
         self.scheduler.close()
@@ -83,12 +109,12 @@ class LocalEngine:
                 param="prompt", code="context_length_exceeded")
         return ids
 
-    async def run(self, spec: Spec) -> AsyncIterator[Progress]:
+    async def run(self, spec: Spec, partial: bool = True) -> AsyncIterator[Progress]:
         ids = self.encode(spec)
-        loop = asyncio.get_running_loop()
+        mailbox = self._mailbox_for(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
         job = Job(ids, spec.answer_budget, spec.max_tokens, spec.sampling,
-                  emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                  emit=lambda evs: mailbox.post(events, evs),
                   think_budget=spec.think_budget, max_think_tokens=spec.max_think_tokens)
         self.scheduler.submit(job)
         think: list[int] = []
@@ -96,21 +122,27 @@ class LocalEngine:
         prog = Progress(prompt_tokens=len(ids))
         try:
             while True:
-                kind, value = await events.get()
-                if kind == "error":
-                    raise RuntimeError(value)
-                if kind == "think":
-                    think.append(value)
-                elif kind == "answer":
-                    answer.append(value)
-                else:
-                    prog.finish, prog.forced_end_of_think = value, job.forced_end_of_think
-                self._fill(prog, think, answer, spec.skip_special_tokens)
-                yield prog
+                for kind, value in await events.get():  # one scheduler step's events
+                    if kind == "error":
+                        raise RuntimeError(value)
+                    if kind == "think":
+                        think.append(value)
+                    elif kind == "answer":
+                        answer.append(value)
+                    else:
+                        prog.finish, prog.forced_end_of_think = value, job.forced_end_of_think
+                if partial or prog.finish is not None:  # text is decoded only where it is read
+                    self._fill(prog, think, answer, spec.skip_special_tokens)
+                    yield prog
                 if prog.finish is not None:
                     return
         finally:
             job.cancel()  # a client gone mid-stream frees its slot at the next step boundary
+
+    def _mailbox_for(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        if self._mailbox is None or self._mailbox.loop is not loop:  # one loop serves the app; tests may start others
+            self._mailbox = Mailbox(loop)
+        return self._mailbox
 
     def _fill(self, prog: Progress, think: list[int], answer: list[int], skip_special: bool) -> None:
         closers = (self.server.think_end_id, self.server.eos_id)

@@ -91,12 +91,13 @@ class ProxyEngine:
             body["seed"] = spec.sampling.seed
         return await self._call("POST", backend, "/completions", body)
 
-    async def run(self, spec: Spec) -> AsyncIterator[Progress]:
+    async def run(self, spec: Spec, partial: bool = True) -> AsyncIterator[Progress]:
         self.check(spec)
         prog, prompt = Progress(), spec.prompt
         if spec.think_budget is not None:
             prompt = await self._think(spec, prog)
-            yield prog
+            if partial:
+                yield prog
         r = await self._complete(self.answer, prompt, spec.max_tokens, spec, list(spec.sampling.stop_strings),
                                  spec.skip_special_tokens)
         choice = r["choices"][0]

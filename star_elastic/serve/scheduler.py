@@ -2,14 +2,18 @@
 
 One worker thread owns the model. Between decode steps it admits new jobs (a batched prefill
 per budget, the rows stacked onto that budget's running `DecodeBatch`), drops cancelled ones,
-then steps every budget's batch once: each budget's view decodes its own sub-batch. A two-phase
+then steps every budget's batch once, back to back: each budget's view decodes its own sub-batch.
+A prefill costs several decode steps whatever its batch (per-op overhead dominates small models),
+so rows waiting to join a budget that is already decoding are prefilled together: once they
+are as many as its running rows, or the oldest has waited `join_wait` steps. A two-phase
 job leaves the think budget's batch when its trace ends and joins the answer budget's batch at
 the next step boundary, exactly as `ElasticServer.generate` runs it (same `think_row`,
 `close_trace`, `answer_row`, same `DecodeBatch.step`). Rows never influence each other, so a
 greedy job's tokens are the same alone or under load.
 
-Events reach the asyncio side through `Job.emit`: ("think", id), ("answer", id), ("done", reason)
-or ("error", message).
+Events reach the asyncio side through `Job.emit`, once per step with that step's list of events
+(one cross-thread wake-up per job and step, not per token): ("think", id), ("answer", id),
+("done", reason) or ("error", message).
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ class Job:
     answer_budget: float
     max_tokens: int
     sampling: GenerationConfig
-    emit: Callable[[tuple[str, object]], None]
+    emit: Callable[[list[tuple[str, object]]], None]  # called from the worker thread
     think_budget: float | None = None
     max_think_tokens: int = 0
     cancelled: bool = False
     think: Row | None = None
     answer: Row | None = None
     forced_end_of_think: bool = False
+    events: list[tuple[str, object]] = dataclasses.field(default_factory=list)  # this step's, not yet emitted
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the worker at the next step boundary
@@ -47,12 +52,15 @@ class Job:
 class Scheduler:
     """Owns the worker thread; `submit` is thread-safe and returns at once."""
 
-    def __init__(self, server, max_batch: int = 32):
-        self.server, self.max_batch = server, max_batch
+    def __init__(self, server, max_batch: int = 32, join_wait: int = 4, threads: int | None = None):
+        self.server, self.max_batch, self.join_wait, self.threads = server, max_batch, join_wait, threads
         self._lock = threading.Condition()
         self._incoming: deque[Job] = deque()
         self._batches: dict[float, DecodeBatch] = {}
         self._joining: dict[float, list[Row]] = defaultdict(list)
+        self._waiting_since: dict[float, int] = {}  # budget -> step its oldest waiting row arrived
+        self._steps = 0
+        self._told: dict[Job, None] = {}  # jobs with events to emit after this step (insertion-ordered)
         self._jobs: dict[int, Job] = {}  # id(row) -> job, for rows in a batch or about to join
         self._active: set[Job] = set()
         self._stopping = False
@@ -80,6 +88,8 @@ class Scheduler:
 
     # --- the worker -------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # in this thread: OpenMP's thread count is per thread
         while True:
             with self._lock:
                 while not self._stopping and not self._incoming and not self._active:
@@ -92,6 +102,8 @@ class Scheduler:
             for budget, batch in list(self._batches.items()):
                 if batch.rows:
                     self._guarded(budget, lambda: self._finished(batch.step()))
+            self._steps += 1
+            self._emit()
 
     def _admit(self) -> None:
         """Move queued jobs into their first phase while slots are free (lock held)."""
@@ -111,16 +123,41 @@ class Scheduler:
                 self._enqueue(job, job.think, job.think_budget, "think")
 
     def _enqueue(self, job: Job, row: Row, budget: float, phase: str) -> None:
-        row.on_token = lambda tok: job.emit((phase, tok))
+        row.on_token = lambda tok: self._tell(job, (phase, tok))
         self._jobs[id(row)] = job
         self._joining[budget].append(row)
+        self._waiting_since.setdefault(budget, self._steps)
+
+    def _tell(self, job: Job, event: tuple[str, object]) -> None:
+        job.events.append(event)
+        self._told[job] = None
+
+    def _emit(self) -> None:
+        """Hand each job the events of this step in one call."""
+        for job in self._told:
+            events, job.events = job.events, []
+            if job.cancelled:
+                continue
+            try:
+                job.emit(events)
+            except RuntimeError:  # its event loop closed after the check above: the client is gone
+                job.cancel()
+        self._told.clear()
+
+    def _due(self, budget: float, waiting: int) -> bool:
+        """Prefill now, or let more rows gather for one batched prefill."""
+        batch = self._batches.get(budget)
+        running = len(batch.rows) if batch is not None else 0
+        waited = self._steps - self._waiting_since[budget]
+        return waiting >= running or waited >= self.join_wait
 
     def _join_waiting(self) -> None:
         """Batched prefill of the rows waiting for each budget; rows with 0 tokens to go finish here."""
         for budget, rows in list(self._joining.items()):
-            if not rows:
+            if not rows or not self._due(budget, len(rows)):
                 continue
             self._joining[budget] = []
+            del self._waiting_since[budget]
             batch = self._batches.get(budget)
             if batch is None:
                 model = self.server.model(budget)
@@ -140,7 +177,7 @@ class Scheduler:
                 self._enqueue(job, job.answer, job.answer_budget, "answer")
             else:
                 self._release(job)
-                job.emit(("done", row.finish))
+                self._tell(job, ("done", row.finish))
 
     def _release(self, job: Job) -> None:
         with self._lock:
@@ -155,6 +192,8 @@ class Scheduler:
             batch.leave([r for r in batch.rows if id(r) in rows])
         for budget in self._joining:
             self._joining[budget] = [r for r in self._joining[budget] if id(r) not in rows]
+            if not self._joining[budget]:
+                self._waiting_since.pop(budget, None)
         for key in rows:
             self._jobs.pop(key, None)
         for job in gone:
@@ -172,6 +211,6 @@ class Scheduler:
                 job = self._jobs.pop(id(row), None)
                 if job is not None:
                     self._release(job)
-                    job.emit(("error", f"generation failed: {type(err).__name__}: {err}"))
+                    self._tell(job, ("error", f"generation failed: {type(err).__name__}: {err}"))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
