@@ -340,7 +340,7 @@ def render_markdown(r: dict) -> str:
               f"decode tok/s batch {nb} | speedup batch {nb} × active ratio (1 = in proportion) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for b in r["budgets"]:
-        held = "" if b["held"] else f" (outside the {b['budget_mode']} window)"
+        held = f" (outside the {b['budget_mode']} window)" if b["held"] is False else ""
         lines.append(f"| {b['budget']:g} | {b['target']:.3f} → {b['achieved']:.3f}{held} | {b['total_params']:,} | "
                      f"{b['active_params']:,} | "
                      f"{b['accuracy_before_training']:.1%} | {b['accuracy']:.1%} | {b['latency_s']:.3f} | "
