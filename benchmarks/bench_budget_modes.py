@@ -5,7 +5,7 @@
     python benchmarks/bench_budget_modes.py --out OUT --table                         # the table of what OUT holds
 
 Variants (ElasticConfig overrides; everything else is the demo's elastify, `DemoConfig().elastify`,
-seed 0, so runs differ only in how budgets are held):
+with one seed, --seed, default 0, so runs differ only in how budgets are held):
     none     budget_mode none: plain squared router loss, no projection after training (the
              behaviour before budgets were held)
     band     the default: dead-zone loss, projection onto ±2% of the target
@@ -31,7 +31,7 @@ KEYS = ("target", "achieved", "budget_type", "held", "total_params", "active_par
         "active_fraction", "architecture")
 
 
-def run_variant(parent: str, out: Path, elastic: dict, steps: int | None) -> dict:
+def run_variant(parent: str, out: Path, elastic: dict, steps: int | None, seed: int) -> dict:
     from star_elastic.config import from_dict
     from star_elastic.demo import DemoConfig, evaluate_budgets
     from star_elastic.elastic.run import load_elastic
@@ -39,7 +39,7 @@ def run_variant(parent: str, out: Path, elastic: dict, steps: int | None) -> dic
     from star_elastic.train.elastify import ElastifyConfig, train
 
     demo = DemoConfig()
-    overrides = dict(demo.elastify, model=parent, out=str(out / "run"), elastic=elastic)
+    overrides = dict(demo.elastify, model=parent, out=str(out / "run"), elastic=elastic, seed=seed)
     if steps is not None:
         overrides["steps"] = steps
     t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def run_variant(parent: str, out: Path, elastic: dict, steps: int | None) -> dic
     rows = evaluate_budgets(out / "run", load_eval_examples(None, demo.n_test), demo)
     budgets = [{"budget": b, **{k: elastic_lm.describe(b)[k] for k in KEYS}, "accuracy": row["accuracy"]}
                for b, row in zip(elastic_lm.ecfg.budgets, rows)]
-    return {"elastic": elastic, "steps": overrides["steps"], "elastify_seconds": round(t1 - t0, 1),
+    return {"elastic": elastic, "steps": overrides["steps"], "seed": seed, "elastify_seconds": round(t1 - t0, 1),
             "evaluate_seconds": round(time.perf_counter() - t1, 1), "n_test": demo.n_test, "budgets": budgets}
 
 
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     ap.add_argument("--steps", type=int, help="elastify steps (default: the demo's)")
+    ap.add_argument("--seed", type=int, default=0, help="elastify seed (data order, calibration, Gumbel noise)")
     ap.add_argument("--table", action="store_true", help="only print the table of what OUT holds")
     args = ap.parse_args()
     out = Path(args.out)
@@ -93,7 +94,7 @@ def main() -> None:
                 ap.error(f"--variants: unknown variant {name!r}; use some of {list(VARIANTS)}")
             if (out / name / "result.json").is_file():
                 continue
-            result = run_variant(args.parent, out / name, VARIANTS[name], args.steps)
+            result = run_variant(args.parent, out / name, VARIANTS[name], args.steps, args.seed)
             (out / name / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(out))
 
