@@ -58,9 +58,17 @@ def contained(small: dict, large: dict) -> bool:
     return all(small[a] <= large[a] for a in AXES) and set(small["layers"]) <= set(large["layers"])
 
 
+def late_sampled_cost(run: Path, budget: float, share: float = 0.1) -> float | None:
+    """Mean relative cost of the Gumbel-sampled architectures of `budget` over the last `share` of
+    training (metrics.jsonl): where training held the budget before any final projection."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r["relative_cost"] for r in records[int(len(records) * (1 - share)):] if r["budget"] == budget]
+    return sum(last) / len(last) if last else None
+
+
 def table(out: Path) -> str:
-    lines = ["| variant | budget | target → achieved | total params | active params | nested in the larger | "
-             "accuracy | elastify (s) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | budget | target → achieved | sampled in the last 10% of steps | total params | "
+             "active params | nested in the larger | accuracy | elastify (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for name in [*VARIANTS, *sorted(p.parent.name for p in out.glob("*/result.json") if p.parent.name not in VARIANTS)]:
         path = out / name / "result.json"
         if not path.is_file():
@@ -68,9 +76,11 @@ def table(out: Path) -> str:
         r = json.loads(path.read_text())
         for prev, b in zip([None, *r["budgets"]], r["budgets"]):
             nest = "" if prev is None else ("yes" if contained(b["architecture"], prev["architecture"]) else "no")
+            late = late_sampled_cost(out / name / "run", b["budget"])
             lines.append(
                 f"| {name} | {b['budget']:g} | {b['target']:.3f} → {b['achieved']:.3f} "
-                f"({b['achieved'] / b['target'] - 1:+.1%}) | {b['total_params']:,} ({b['total_fraction']:.3f}) | "
+                f"({b['achieved'] / b['target'] - 1:+.1%}) | {'' if late is None else f'{late:.3f}'} | "
+                f"{b['total_params']:,} ({b['total_fraction']:.3f}) | "
                 f"{b['active_params']:,} ({b['active_fraction']:.3f}) | {nest} | {b['accuracy']:.1%} | "
                 f"{r['elastify_seconds']:.0f} |")
     return "\n".join(lines)
