@@ -174,7 +174,7 @@ def test_budget_mode_none_is_the_plain_square_and_the_closest_fit():
         assert abs(info["achieved"] - b) == pytest.approx(min(abs(r - b) for r in ref.values()), abs=1e-12)
         assert info["held"] is None
         assert cost_line(info) == (f"target {b:.3f} active_params, achieved {info['achieved']:.3f} "
-                                   f"(not held: {info['achieved'] / b - 1:+.1%})")
+                                   f"(budget_mode none: {info['achieved'] / b - 1:+.1%})")
 
 
 def test_bad_budget_settings_name_the_key():

@@ -89,9 +89,9 @@ class ElasticLM(nn.Module):
 
 def cost_line(info: dict) -> str:
     """`describe` → "target 0.500 active_params, achieved 0.497 (band ±2%: held)"; budget_mode none
-    (no window) gives the deviation instead: "achieved 0.588 (not held: +17.6%)"."""
+    (no window) gives the deviation instead: "achieved 0.793 (budget_mode none: +5.7%)"."""
     head = f"target {info['target']:.3f} {info['budget_type']}, achieved {info['achieved']:.3f}"
     if info["budget_mode"] == "none":
-        return f"{head} (not held: {info['achieved'] / info['target'] - 1:+.1%})"
+        return f"{head} (budget_mode none: {info['achieved'] / info['target'] - 1:+.1%})"
     mode = "ceiling" if info["budget_mode"] == "ceiling" else f"band ±{info['budget_tolerance'] * 100:g}%"
     return f"{head} ({mode}: {'held' if info['held'] else 'NOT held'})"
