@@ -1,6 +1,6 @@
 """Budgets that hold, measured: elastify one parent once per budget mode, evaluate every budget.
 
-    python benchmarks/bench_budget_modes.py --parent PARENT --out OUT                 # all four variants, then the table
+    python benchmarks/bench_budget_modes.py --parent PARENT --out OUT                 # all variants, then the table
     python benchmarks/bench_budget_modes.py --parent PARENT --out OUT --variants none,band
     python benchmarks/bench_budget_modes.py --out OUT --table                         # the table of what OUT holds
 
@@ -68,7 +68,7 @@ def late_sampled_cost(run: Path, budget: float, share: float = 0.1) -> float | N
 
 def table(out: Path) -> str:
     lines = ["| variant | budget | target → achieved | sampled in the last 10% of steps | total params | "
-             "active params | nested in the larger | accuracy | elastify (s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "active params | nested in the larger | accuracy | elastify (s) |", "|---" * 9 + "|"]
     for name in [*VARIANTS, *sorted(p.parent.name for p in out.glob("*/result.json") if p.parent.name not in VARIANTS)]:
         path = out / name / "result.json"
         if not path.is_file():
