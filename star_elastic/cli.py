@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from star_elastic.config import ConfigError, check_out_dir
+from star_elastic.config import BUDGET_MODES, BUDGET_TYPES, ConfigError, check_out_dir
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -89,9 +89,10 @@ def _add_elastify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help='jsonl / parquet (text, messages or input_ids) or "synthetic"')
     p.add_argument("--out", help="run folder")
     p.add_argument("--budgets", type=_floats, help="e.g. 1.0,0.75,0.5")
-    p.add_argument("--budget-type", choices=["total_params", "active_params", "memory", "latency"])
-    p.add_argument("--budget-mode", choices=["band", "ceiling"],
-                   help="band (default): final costs within ±tolerance of the targets; ceiling: never above them")
+    p.add_argument("--budget-type", choices=list(BUDGET_TYPES))
+    p.add_argument("--budget-mode", choices=list(BUDGET_MODES),
+                   help="band (default): final costs within ±tolerance of the targets; ceiling: never above them; "
+                        "none: not held (the behaviour before; for comparison)")
     p.add_argument("--budget-tolerance", type=float, help="relative tolerance of --budget-mode (default 0.02)")
     p.add_argument("--nested-budgets", action="store_true", default=None,
                    help="a smaller budget's architecture is contained in every larger one's on every axis")

@@ -356,7 +356,7 @@ def _pattern_from_hf(d: dict[str, Any], source: str) -> str:
 
 
 BUDGET_TYPES = ("total_params", "active_params", "memory", "latency")
-BUDGET_MODES = ("band", "ceiling")
+BUDGET_MODES = ("band", "ceiling", "none")
 ELASTIC_AXES = ("hidden", "attn_heads", "mamba_heads", "experts", "expert_inter", "shared_inter", "mlp_inter", "depth")
 
 
@@ -384,7 +384,9 @@ class ElasticConfig:
     """Width of each axis's router MLP."""
     budget_mode: str = "band"
     """band: every trained budget's final architecture costs within ±budget_tolerance of its target;
-    ceiling: it costs at most the target (memory budgets are ceilings), preferably within 2·tolerance below."""
+    ceiling: it costs at most the target (memory budgets are ceilings), preferably within 2·tolerance below;
+    none: budgets are not held (plain squared router loss, the cost fit ends on the grid's closest
+    architecture and training's drift is kept): the behaviour before budgets were held, for comparison."""
     budget_tolerance: float = 0.02
     """Relative tolerance of `budget_mode` (0.02: ±2% of the target cost)."""
     nested: bool = False
@@ -416,6 +418,9 @@ class ElasticConfig:
             raise ConfigError(f"budget_tolerance must be in (0, 0.5) (0.02 = ±2%), got {self.budget_tolerance}")
         if not isinstance(self.nested, bool):
             raise ConfigError(f"nested must be true or false, got {self.nested!r}")
+        if self.nested and self.budget_mode == "none":
+            raise ConfigError("nested budgets are chosen by projection, which budget_mode 'none' skips; "
+                              "use budget_mode band or ceiling")
 
 
 # Module-name patterns (fnmatch) of the linears quantized by default: the hybrid-MoE practice of

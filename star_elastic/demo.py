@@ -316,8 +316,9 @@ def plot_baselines(report: dict, path: Path) -> None:
     for i, (name, accs) in enumerate(series.items()):
         ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(budgets))], accs, width, label=name)
     ax.axhline(report["parent"]["accuracy"], color="k", ls="--", lw=1, label="parent")
-    ax.set_xticks(range(len(budgets)), [f"{b:g}" for b in budgets])
-    ax.set_xlabel("budget (target fraction of active parameters)")
+    achieved = {b["budget"]: b["achieved"] for b in report["budgets"]}
+    ax.set_xticks(range(len(budgets)), [f"{b:g}\n(achieved {achieved[b]:.3f})" for b in budgets])
+    ax.set_xlabel("budget: target fraction of active parameters (achieved)")
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -340,13 +341,15 @@ def render_markdown(r: dict) -> str:
               f"decode tok/s batch {nb} | speedup batch {nb} × active ratio (1 = in proportion) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for b in r["budgets"]:
-        held = "" if b["held"] else f" (outside the {b['budget_mode']} window)"
+        held = f" (outside the {b['budget_mode']} window)" if b["held"] is False else ""
         lines.append(f"| {b['budget']:g} | {b['target']:.3f} → {b['achieved']:.3f}{held} | {b['total_params']:,} | "
                      f"{b['active_params']:,} | "
                      f"{b['accuracy_before_training']:.1%} | {b['accuracy']:.1%} | {b['latency_s']:.3f} | "
                      f"{b['decode_tok_s_batch1']:.0f} | {b[f'decode_tok_s_batch{nb}']:.0f} | "
                      f"{b[f'speedup_vs_ideal_batch{nb}']:.2f} |")
     lines += ["", "![accuracy per budget](budgets.png)", "", "## Budget control", "",
+              "Budgets are named by their target; achieved " + kind + ": "
+              + ", ".join(f"{b['budget']:g} → {b['achieved']:.3f}" for b in r["budgets"]) + ".", "",
               "| think → answer | think cap | accuracy | latency/query (s) | think tokens | on front |",
               "|---|---|---|---|---|---|"]
     for q in r["budget_control"]:
@@ -377,7 +380,7 @@ def render_markdown(r: dict) -> str:
         kd_cell = f"{kd['kd_ptq']:.5f} → {kd['kd_final']:.5f}" if kd["qad_steps"] else f"{kd['kd_ptq']:.5f}"
         lines.append(f"| {name} | {q['bytes']:,} | {q['bytes'] / cb['elastic']:.2f} | {kd_cell} | {cells} |")
     if "baselines" in r:
-        lines += _baseline_lines(r["baselines"])
+        lines += _baseline_lines(r["baselines"], {b["budget"]: b["achieved"] for b in r["budgets"]}, kind)
     lines += ["", f"Wall time {r['wall_seconds']} s; stages: " + ", ".join(f"{k} {v} s" for k, v in r["timings_s"].items()), "",
               _story(r), ""]
     return "\n".join(lines)
@@ -401,22 +404,25 @@ def _small_think_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _baseline_lines(base: dict) -> list[str]:
+def _baseline_lines(base: dict, achieved: dict[float, float], budget_type: str) -> list[str]:
+    """Every baseline trains the elastic run's architecture for its budget, so it costs what that one achieved."""
     e = base["elastic"]
     lines = ["", "## Baselines", "",
              f"The elastic run: {e['steps']} steps, {e['tokens']:,} tokens for {e['sizes']} sizes "
              f"({e['tokens_per_size']:,.0f} per size).", "",
-             "| budget | active params | model | accuracy | steps | tokens | tokens ÷ elastic tokens per size |",
+             f"| budget ({budget_type}: target → achieved) | active params | model | accuracy | steps | tokens | "
+             "tokens ÷ elastic tokens per size |",
              "|---|---|---|---|---|---|---|"]
     for i, row in enumerate(base["independent"]):
-        lines.append(f"| {row['budget']:g} | {row['active_params']:,} | elastic (one run, all sizes) | "
+        budget = f"{row['budget']:g} → {achieved[row['budget']]:.3f}"
+        lines.append(f"| {budget} | {row['active_params']:,} | elastic (one run, all sizes) | "
                      f"{row['elastic_accuracy']:.1%} | {e['steps']} | {e['tokens']:,} | {e['sizes']:.2f} |")
         for kind in KINDS:
             x = base[kind][i]
             ratio = f"{x['tokens'] / e['tokens_per_size']:.2f}"
             if kind == "compression_to_match" and not x["matched"]:
                 ratio = f"> {ratio} (not matched)"
-            lines.append(f"| {x['budget']:g} | {x['active_params']:,} | {kind} | {x['accuracy']:.1%} | {x['steps']} | "
+            lines.append(f"| {budget} | {x['active_params']:,} | {kind} | {x['accuracy']:.1%} | {x['steps']} | "
                          f"{x['tokens']:,} | {ratio} |")
     return lines + ["", "![baselines](baselines.png)"]
 

@@ -155,9 +155,33 @@ def test_router_loss_is_zero_inside_the_dead_zone_and_pulls_from_outside():
             assert (float(loss.detach()) + 1e-2 * capacity == pytest.approx(0, abs=1e-12)) == zero, (mode, dev)
 
 
+def test_budget_mode_none_is_the_plain_square_and_the_closest_fit():
+    """budget_mode none (the behaviour before budgets were held): the router loss is the squared relative
+    deviation, and the cost fit's picks are the grid's closest architecture, with no window to hold."""
+    budgets = (1.0, 0.75, 0.5)
+    elastic = perturbed_elastic(3, {}, budgets=budgets, budget_mode="none")
+    ref = reference_costs(elastic)
+    totals = reference_costs(perturbed_elastic(3, {}, budgets=budgets, budget_type="total_params"))
+    space = elastic.space
+    for idx in list(ref)[::7]:
+        picks = {a: F.one_hot(torch.tensor(i), len(space.choices[a])).double() for a, i in zip(space.axes, idx)}
+        for b in budgets[1:]:
+            expected = (ref[idx] / b - 1) ** 2 - 1e-2 * totals[idx]
+            assert float(router_loss(elastic.cost, picks, b).detach()) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    settle_router(elastic.router, elastic.cost, budgets)
+    for b in budgets[1:]:
+        info = elastic.describe(b)
+        assert abs(info["achieved"] - b) == pytest.approx(min(abs(r - b) for r in ref.values()), abs=1e-12)
+        assert info["held"] is None
+        assert cost_line(info) == (f"target {b:.3f} active_params, achieved {info['achieved']:.3f} "
+                                   f"(budget_mode none: {info['achieved'] / b - 1:+.1%})")
+
+
 def test_bad_budget_settings_name_the_key():
-    with pytest.raises(ConfigError, match=r"budget_mode 'floor' unknown; use one of \['band', 'ceiling'\]"):
+    with pytest.raises(ConfigError, match=r"budget_mode 'floor' unknown; use one of \['band', 'ceiling', 'none'\]"):
         ElasticConfig(budget_mode="floor")
+    with pytest.raises(ConfigError, match="nested budgets are chosen by projection, which budget_mode 'none' skips"):
+        ElasticConfig(budget_mode="none", nested=True)
     with pytest.raises(ConfigError, match=r"budget_tolerance must be in \(0, 0.5\)"):
         ElasticConfig(budget_tolerance=0)
     with pytest.raises(ConfigError, match="nested must be true or false"):

@@ -86,6 +86,9 @@ def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
     for b in budgets:  # target vs achieved, side by side, from the run's own accounting
         assert b["achieved"] == pytest.approx(b["active_params"] / budgets[0]["active_params"], rel=1e-9)
         assert f"| {b['target']:.3f} → {b['achieved']:.3f}" in md
+    assert ("achieved active_params: " + ", ".join(f"{b['budget']:g} → {b['achieved']:.3f}" for b in budgets)) in md
+    for b in budgets[1:]:  # the baselines train the elastic architecture: its achieved cost, next to the target
+        assert f"| {b['budget']:g} → {b['achieved']:.3f} | {b['active_params']:,} | elastic (one run" in md
     control = report["budget_control"]
     assert len(control) == 3 * 3 * 2  # every (think, answer) pair of budgets at each of 2 caps
     assert any(c["on_front"] for c in control)

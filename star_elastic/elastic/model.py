@@ -64,7 +64,7 @@ class ElasticLM(nn.Module):
             "total_params": counts.total_params, "active_params": counts.active_params,
             "target": budget, "achieved": achieved, "relative_cost": achieved,
             "budget_mode": self.ecfg.budget_mode, "budget_tolerance": self.ecfg.budget_tolerance,
-            "held": lo - 1e-9 <= achieved / budget - 1 <= hi + 1e-9,
+            "held": None if self.ecfg.budget_mode == "none" else lo - 1e-9 <= achieved / budget - 1 <= hi + 1e-9,
             "total_fraction": counts.total_params / full.total_params,
             "active_fraction": counts.active_params / full.active_params,
         }
@@ -88,7 +88,10 @@ class ElasticLM(nn.Module):
 
 
 def cost_line(info: dict) -> str:
-    """`describe` → "target 0.500 active_params, achieved 0.497 (band ±2%: held)"."""
+    """`describe` → "target 0.500 active_params, achieved 0.497 (band ±2%: held)"; budget_mode none
+    (no window) gives the deviation instead: "achieved 0.793 (budget_mode none: +5.7%)"."""
+    head = f"target {info['target']:.3f} {info['budget_type']}, achieved {info['achieved']:.3f}"
+    if info["budget_mode"] == "none":
+        return f"{head} (budget_mode none: {info['achieved'] / info['target'] - 1:+.1%})"
     mode = "ceiling" if info["budget_mode"] == "ceiling" else f"band ±{info['budget_tolerance'] * 100:g}%"
-    return (f"target {info['target']:.3f} {info['budget_type']}, achieved {info['achieved']:.3f} "
-            f"({mode}: {'held' if info['held'] else 'NOT held'})")
+    return f"{head} ({mode}: {'held' if info['held'] else 'NOT held'})"

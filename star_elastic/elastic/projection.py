@@ -8,6 +8,8 @@ relative cost lies in the budget's window:
 
     band     target·(1 − tol) ≤ cost ≤ target·(1 + tol)          (default, tol = 0.02)
     ceiling  target·(1 − 2·tol) ≤ cost ≤ target                   (never above the target)
+    none     cost = target: only the router fit's picks are projected, onto the closest architecture
+             (the behaviour before budgets were held; training's drift is kept)
 
 The search is exact: every architecture of the grid is costed in batched chunks. Where the grid
 has nothing in a window, the closest architecture is taken (never above the target in ceiling
@@ -51,7 +53,7 @@ class Outcome:
 
 def window(mode: str, tol: float) -> tuple[float, float]:
     """Allowed relative deviation `cost / target − 1` of the final architecture."""
-    return (-tol, tol) if mode == "band" else (-2 * tol, 0.0)
+    return {"band": (-tol, tol), "ceiling": (-2 * tol, 0.0), "none": (0.0, 0.0)}[mode]
 
 
 def dead_zone(mode: str, tol: float) -> tuple[float, float]:

@@ -172,11 +172,13 @@ def router_loss(cost_model: CostModel, picks: dict[str, torch.Tensor], budget: f
     Zero inside the inner half of the budget's window (`projection.dead_zone`: ±tol/2 in band mode,
     [−1.5·tol, −0.5·tol] in ceiling mode), linear plus quadratic outside: unlike a plain square,
     whose pull vanishes near the target and lets distillation drag the picks up (+9% on the demo),
-    the pull stays ≥ 1 per unit of deviation. Minus a small reward for capacity (ties between
-    equal-cost architectures go to the larger one)."""
+    the pull stays ≥ 1 per unit of deviation (budget_mode none keeps that plain square). Minus a
+    small reward for capacity (ties between equal-cost architectures go to the larger one)."""
     ecfg = cost_model.ecfg
-    lo, hi = dead_zone(ecfg.budget_mode, ecfg.budget_tolerance)
     dev = cost_model.relative(picks) / budget - 1.0
+    if ecfg.budget_mode == "none":
+        return dev ** 2 - CAPACITY_WEIGHT * cost_model.capacity(picks)
+    lo, hi = dead_zone(ecfg.budget_mode, ecfg.budget_tolerance)
     excess = F.relu(lo - dev) + F.relu(dev - hi)
     return excess + excess ** 2 - CAPACITY_WEIGHT * cost_model.capacity(picks)
 

@@ -469,8 +469,10 @@ def gathered_elastic(elastic: ElasticLM, engine, mode: str, rank: int) -> Elasti
 
 def settle(elastic: ElasticLM) -> None:
     """Project the router's picks onto the budgets' windows (on a plain copy of the router: the
-    engines' hooks stay out of it)."""
+    engines' hooks stay out of it); budget_mode none keeps the picks training left."""
     ecfg = elastic.ecfg
+    if ecfg.budget_mode == "none":
+        return
     on_full_copy(elastic.router, lambda: BudgetRouter(elastic.space, len(ecfg.budgets), ecfg.router_hidden),
                  lambda router: settle_router(router, elastic.cost, ecfg.budgets))
 
@@ -479,7 +481,7 @@ def log_settled(elastic, log) -> None:
     """One line per trained budget: target vs achieved cost; a warning where the grid misses it."""
     for b in elastic.ecfg.budgets:
         info = elastic.describe(b)
-        if info["held"]:
+        if info["held"] is not False:  # held, or budget_mode none (no window)
             log(f"budget {b:g}: {cost_line(info)}")
         else:
             log(f"warning: budget {b:g}: {cost_line(info)}: no architecture of the choice grid lies in the window, "
