@@ -51,7 +51,9 @@ class DemoConfig:
     """Queries per batch for accuracy, latency and decode speed (one batch: compute-bound timings)."""
     think_caps: tuple[int, ...] = (64, 40, 24)
     """Think-token caps of the sweep; the largest (above every trace) is the cap of the per-budget tables."""
-    qad_steps: int = 60
+    timing_rounds: int = 3
+    """Passes over the sweep's configurations; each latency is the median of its rounds."""
+    qad_steps: int = 40
     formats: tuple[str, ...] = ("fp8", "nvfp4")
     baselines: dict = dataclasses.field(default_factory=dict)
     """BaselineConfig overrides (used with --baselines)."""
@@ -65,7 +67,7 @@ QUICK = DemoConfig(
                            moe_shared_expert_intermediate_size=32)),
     elastify=dict(steps=12, batch_size=8, n_synthetic=500, calibration_batches=2, router_fit_steps=60,
                   stage1_seq_len=48, stage2_seq_len=64),
-    n_test=24, eval_batch_size=24, think_caps=(64, 16), qad_steps=4,
+    n_test=24, eval_batch_size=24, think_caps=(64, 16), timing_rounds=2, qad_steps=4,
     baselines=dict(eval_every=4, eval_batch_size=24, max_new_tokens=64),
 )
 
@@ -137,19 +139,23 @@ def _bf16(model):
 
 
 def stage_speed(out: Path, batch: int) -> list[dict]:
-    """Decode tokens/s of each budget's submodel (served as views) vs the parent's, at batch 1
-    (per-op overhead dominates a model this small) and at the evaluation batch size."""
+    """Decode tokens/s of each budget's submodel vs the parent's, at batch 1 (per-op overhead
+    dominates a model this small) and at the evaluation batch size; served as views of the
+    parent's storage (what ElasticServer runs) and, side by side at the evaluation batch, as
+    contiguous slices (what `star-elastic slice` writes), to show what the views cost."""
     elastic = load_elastic(out / "run")
     full = count_params(elastic.config)
-    models = {b: view_model(elastic.model, elastic.architecture(b)) for b in elastic.ecfg.budgets}
     rows = []
-    for b, model in models.items():
-        active = count_params(model.config).active_params / full.active_params
-        rows.append({"budget": b, "active_ratio": active, "decode_tok_s_batch1": decode_speed(model, batch=1),
-                     f"decode_tok_s_batch{batch}": decode_speed(model, batch=batch)})
+    for b in elastic.ecfg.budgets:
+        arch = elastic.architecture(b)
+        views, sliced = view_model(elastic.model, arch), slice_model(elastic.model, arch)
+        rows.append({"budget": b, "active_ratio": count_params(views.config).active_params / full.active_params,
+                     "decode_tok_s_batch1": decode_speed(views, batch=1),
+                     f"decode_tok_s_batch{batch}": decode_speed(views, batch=batch),
+                     f"decode_tok_s_batch{batch}_slices": decode_speed(sliced, batch=batch)})
     parent = rows[0]
     for row in rows:
-        for key in ("decode_tok_s_batch1", f"decode_tok_s_batch{batch}"):
+        for key in ("decode_tok_s_batch1", f"decode_tok_s_batch{batch}", f"decode_tok_s_batch{batch}_slices"):
             speedup = row[key] / parent[key]
             row[key.replace("decode_tok_s", "speedup")] = speedup
             row[key.replace("decode_tok_s", "speedup_vs_ideal")] = speedup * row["active_ratio"]
@@ -193,7 +199,8 @@ def stage_evaluate(cfg: DemoConfig, out: Path, examples: list[dict]) -> dict:
     t1 = time.perf_counter()
     _log("budget-control sweep")
     server = ElasticServer.from_elastic(load_elastic(out / "run"))
-    ev["points"] = sweep(server, examples, sorted(cfg.think_caps, reverse=True), cfg.eval_batch_size)
+    ev["points"] = sweep(server, examples, sorted(cfg.think_caps, reverse=True), cfg.eval_batch_size,
+                         timing_rounds=cfg.timing_rounds)
     ev["seconds"] = {"evaluate": t1 - t0, "sweep": time.perf_counter() - t1}
     path.write_text(json.dumps(ev, indent=2) + "\n")
     return ev
@@ -316,8 +323,9 @@ def plot_baselines(report: dict, path: Path) -> None:
     for i, (name, accs) in enumerate(series.items()):
         ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(budgets))], accs, width, label=name)
     ax.axhline(report["parent"]["accuracy"], color="k", ls="--", lw=1, label="parent")
-    ax.set_xticks(range(len(budgets)), [f"{b:g}" for b in budgets])
-    ax.set_xlabel("budget (target fraction of active parameters)")
+    achieved = {b["budget"]: b["active_fraction"] for b in report["budgets"]}
+    ax.set_xticks(range(len(budgets)), [f"{achieved[b]:.3f}\n(target {b:g})" for b in budgets])
+    ax.set_xlabel("achieved fraction of the parent's active parameters")
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -337,15 +345,17 @@ def render_markdown(r: dict) -> str:
     kind = r["budgets"][0]["budget_type"]
     lines += ["## Nested models", "", f"| budget | {kind}: target → achieved | total params | active params | "
               f"accuracy before training | accuracy after | latency/query (s) | decode tok/s batch 1 | "
-              f"decode tok/s batch {nb} | speedup batch {nb} × active ratio (1 = in proportion) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"decode tok/s batch {nb}: views / slices | speedup batch {nb} × active ratio (1 = in proportion): "
+              f"views / slices |", "|---|---|---|---|---|---|---|---|---|---|"]
     for b in r["budgets"]:
         held = "" if b["held"] else f" (outside the {b['budget_mode']} window)"
         lines.append(f"| {b['budget']:g} | {b['target']:.3f} → {b['achieved']:.3f}{held} | {b['total_params']:,} | "
                      f"{b['active_params']:,} | "
                      f"{b['accuracy_before_training']:.1%} | {b['accuracy']:.1%} | {b['latency_s']:.3f} | "
-                     f"{b['decode_tok_s_batch1']:.0f} | {b[f'decode_tok_s_batch{nb}']:.0f} | "
-                     f"{b[f'speedup_vs_ideal_batch{nb}']:.2f} |")
+                     f"{b['decode_tok_s_batch1']:.0f} | {b[f'decode_tok_s_batch{nb}']:.0f} / "
+                     f"{b[f'decode_tok_s_batch{nb}_slices']:.0f} | "
+                     f"{b[f'speedup_vs_ideal_batch{nb}']:.2f} / "
+                     f"{b[f'speedup_vs_ideal_batch{nb}_slices']:.2f} |")
     lines += ["", "![accuracy per budget](budgets.png)", "", "## Budget control", "",
               "| think → answer | think cap | accuracy | latency/query (s) | think tokens | on front |",
               "|---|---|---|---|---|---|"]
