@@ -368,7 +368,7 @@ def render_markdown(r: dict) -> str:
     if "at_equal_accuracy" in h:
         a = h["at_equal_accuracy"]
         lines.append(f"- At accuracy ≥ the parent's default ({h['parent']['accuracy']:.1%}): {a['config']} reaches "
-                     f"{a['accuracy']:.1%} with {a['latency_reduction']:.2f}x lower latency.")
+                     f"{a['accuracy']:.1%} {_speed(a['latency_reduction'])}.")
     if "at_equal_latency" in h:
         a = h["at_equal_latency"]
         lines.append(f"- At latency ≤ the parent's default: {a['config']} reaches {a['accuracy']:.1%} "
@@ -393,6 +393,11 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _speed(reduction: float) -> str:
+    """A latency ratio (parent ÷ config) in words: below 1 the configuration is slower."""
+    return f"at {reduction:.2f}x lower latency" if reduction >= 1 else f"at {1 / reduction:.2f}x higher latency"
+
+
 def _small_think_lines(rows: list[dict]) -> list[str]:
     """Small thinker, large answerer against the parent at each of its think caps (paper: +16%, 1.9x)."""
     lines = ["Small think → large answer against the parent (1 → 1) at each of its think caps:", ""]
@@ -400,7 +405,7 @@ def _small_think_lines(rows: list[dict]) -> list[str]:
         cells = [f"front points: {', '.join(row['on_front']) or 'none'}"]
         if "at_equal_accuracy" in row:
             a = row["at_equal_accuracy"]
-            cells.append(f"at ≥ its accuracy, {a['config']} is {a['latency_reduction']:.2f}x faster")
+            cells.append(f"at ≥ its accuracy, {a['config']} is {_speed(a['latency_reduction'])}")
         else:
             cells.append("none reaches its accuracy")
         if "at_equal_latency" in row:
@@ -449,8 +454,8 @@ def _story(r: dict) -> str:
             f"all budgets in one run gives " + "; ".join(parts) + ". ")
     if "at_equal_accuracy" in h:
         a = h["at_equal_accuracy"]
-        text += (f"Budget control: {a['config']} matches or beats the parent's default accuracy at "
-                 f"{a['latency_reduction']:.2f}x lower latency. ")
+        text += (f"Budget control: {a['config']} matches or beats the parent's default accuracy "
+                 f"{_speed(a['latency_reduction'])}. ")
     text += (f"All budgets live in one checkpoint ({cb['elastic']:,} bytes in BF16, vs {cb['separate']:,} for "
              f"separate slices) and are served from one copy of the weights.")
     recoveries = {name: [x["recovery"] for x in q["budgets"] if x["recovery"] is not None]
