@@ -51,6 +51,8 @@ class DemoConfig:
     """Queries per batch for accuracy, latency and decode speed (one batch: compute-bound timings)."""
     think_caps: tuple[int, ...] = (64, 40, 24)
     """Think-token caps of the sweep; the largest (above every trace) is the cap of the per-budget tables."""
+    timing_rounds: int = 3
+    """Passes over the sweep's configurations; each latency is the median of its rounds."""
     qad_steps: int = 60
     formats: tuple[str, ...] = ("fp8", "nvfp4")
     baselines: dict = dataclasses.field(default_factory=dict)
@@ -65,7 +67,7 @@ QUICK = DemoConfig(
                            moe_shared_expert_intermediate_size=32)),
     elastify=dict(steps=12, batch_size=8, n_synthetic=500, calibration_batches=2, router_fit_steps=60,
                   stage1_seq_len=48, stage2_seq_len=64),
-    n_test=24, eval_batch_size=24, think_caps=(64, 16), qad_steps=4,
+    n_test=24, eval_batch_size=24, think_caps=(64, 16), timing_rounds=2, qad_steps=4,
     baselines=dict(eval_every=4, eval_batch_size=24, max_new_tokens=64),
 )
 
@@ -137,19 +139,23 @@ def _bf16(model):
 
 
 def stage_speed(out: Path, batch: int) -> list[dict]:
-    """Decode tokens/s of each budget's submodel (served as views) vs the parent's, at batch 1
-    (per-op overhead dominates a model this small) and at the evaluation batch size."""
+    """Decode tokens/s of each budget's submodel vs the parent's, at batch 1 (per-op overhead
+    dominates a model this small) and at the evaluation batch size; served as views of the
+    parent's storage (what ElasticServer runs) and, side by side at the evaluation batch, as
+    contiguous slices (what `star-elastic slice` writes), to show what the views cost."""
     elastic = load_elastic(out / "run")
     full = count_params(elastic.config)
-    models = {b: view_model(elastic.model, elastic.architecture(b)) for b in elastic.ecfg.budgets}
     rows = []
-    for b, model in models.items():
-        active = count_params(model.config).active_params / full.active_params
-        rows.append({"budget": b, "active_ratio": active, "decode_tok_s_batch1": decode_speed(model, batch=1),
-                     f"decode_tok_s_batch{batch}": decode_speed(model, batch=batch)})
+    for b in elastic.ecfg.budgets:
+        arch = elastic.architecture(b)
+        views, sliced = view_model(elastic.model, arch), slice_model(elastic.model, arch)
+        rows.append({"budget": b, "active_ratio": count_params(views.config).active_params / full.active_params,
+                     "decode_tok_s_batch1": decode_speed(views, batch=1),
+                     f"decode_tok_s_batch{batch}": decode_speed(views, batch=batch),
+                     f"decode_tok_s_batch{batch}_slices": decode_speed(sliced, batch=batch)})
     parent = rows[0]
     for row in rows:
-        for key in ("decode_tok_s_batch1", f"decode_tok_s_batch{batch}"):
+        for key in ("decode_tok_s_batch1", f"decode_tok_s_batch{batch}", f"decode_tok_s_batch{batch}_slices"):
             speedup = row[key] / parent[key]
             row[key.replace("decode_tok_s", "speedup")] = speedup
             row[key.replace("decode_tok_s", "speedup_vs_ideal")] = speedup * row["active_ratio"]
@@ -193,7 +199,8 @@ def stage_evaluate(cfg: DemoConfig, out: Path, examples: list[dict]) -> dict:
     t1 = time.perf_counter()
     _log("budget-control sweep")
     server = ElasticServer.from_elastic(load_elastic(out / "run"))
-    ev["points"] = sweep(server, examples, sorted(cfg.think_caps, reverse=True), cfg.eval_batch_size)
+    ev["points"] = sweep(server, examples, sorted(cfg.think_caps, reverse=True), cfg.eval_batch_size,
+                         timing_rounds=cfg.timing_rounds)
     ev["seconds"] = {"evaluate": t1 - t0, "sweep": time.perf_counter() - t1}
     path.write_text(json.dumps(ev, indent=2) + "\n")
     return ev
@@ -316,9 +323,9 @@ def plot_baselines(report: dict, path: Path) -> None:
     for i, (name, accs) in enumerate(series.items()):
         ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(budgets))], accs, width, label=name)
     ax.axhline(report["parent"]["accuracy"], color="k", ls="--", lw=1, label="parent")
-    achieved = {b["budget"]: b["achieved"] for b in report["budgets"]}
-    ax.set_xticks(range(len(budgets)), [f"{b:g}\n(achieved {achieved[b]:.3f})" for b in budgets])
-    ax.set_xlabel("budget: target fraction of active parameters (achieved)")
+    achieved = {b["budget"]: b["active_fraction"] for b in report["budgets"]}
+    ax.set_xticks(range(len(budgets)), [f"{achieved[b]:.3f}\n(target {b:g})" for b in budgets])
+    ax.set_xlabel("achieved fraction of the parent's active parameters")
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -338,15 +345,17 @@ def render_markdown(r: dict) -> str:
     kind = r["budgets"][0]["budget_type"]
     lines += ["## Nested models", "", f"| budget | {kind}: target → achieved | total params | active params | "
               f"accuracy before training | accuracy after | latency/query (s) | decode tok/s batch 1 | "
-              f"decode tok/s batch {nb} | speedup batch {nb} × active ratio (1 = in proportion) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"decode tok/s batch {nb}: views / slices | speedup batch {nb} × active ratio (1 = in proportion): "
+              f"views / slices |", "|---|---|---|---|---|---|---|---|---|---|"]
     for b in r["budgets"]:
         held = f" (outside the {b['budget_mode']} window)" if b["held"] is False else ""
         lines.append(f"| {b['budget']:g} | {b['target']:.3f} → {b['achieved']:.3f}{held} | {b['total_params']:,} | "
                      f"{b['active_params']:,} | "
                      f"{b['accuracy_before_training']:.1%} | {b['accuracy']:.1%} | {b['latency_s']:.3f} | "
-                     f"{b['decode_tok_s_batch1']:.0f} | {b[f'decode_tok_s_batch{nb}']:.0f} | "
-                     f"{b[f'speedup_vs_ideal_batch{nb}']:.2f} |")
+                     f"{b['decode_tok_s_batch1']:.0f} | {b[f'decode_tok_s_batch{nb}']:.0f} / "
+                     f"{b[f'decode_tok_s_batch{nb}_slices']:.0f} | "
+                     f"{b[f'speedup_vs_ideal_batch{nb}']:.2f} / "
+                     f"{b[f'speedup_vs_ideal_batch{nb}_slices']:.2f} |")
     lines += ["", "![accuracy per budget](budgets.png)", "", "## Budget control", "",
               "Budgets are named by their target; achieved " + kind + ": "
               + ", ".join(f"{b['budget']:g} → {b['achieved']:.3f}" for b in r["budgets"]) + ".", "",
@@ -361,7 +370,7 @@ def render_markdown(r: dict) -> str:
     if "at_equal_accuracy" in h:
         a = h["at_equal_accuracy"]
         lines.append(f"- At accuracy ≥ the parent's default ({h['parent']['accuracy']:.1%}): {a['config']} reaches "
-                     f"{a['accuracy']:.1%} with {a['latency_reduction']:.2f}x lower latency.")
+                     f"{a['accuracy']:.1%} {_speed(a['latency_reduction'])}.")
     if "at_equal_latency" in h:
         a = h["at_equal_latency"]
         lines.append(f"- At latency ≤ the parent's default: {a['config']} reaches {a['accuracy']:.1%} "
@@ -386,6 +395,11 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _speed(reduction: float) -> str:
+    """A latency ratio (parent ÷ config) in words: below 1 the configuration is slower."""
+    return f"at {reduction:.2f}x lower latency" if reduction >= 1 else f"at {1 / reduction:.2f}x higher latency"
+
+
 def _small_think_lines(rows: list[dict]) -> list[str]:
     """Small thinker, large answerer against the parent at each of its think caps (paper: +16%, 1.9x)."""
     lines = ["Small think → large answer against the parent (1 → 1) at each of its think caps:", ""]
@@ -393,7 +407,7 @@ def _small_think_lines(rows: list[dict]) -> list[str]:
         cells = [f"front points: {', '.join(row['on_front']) or 'none'}"]
         if "at_equal_accuracy" in row:
             a = row["at_equal_accuracy"]
-            cells.append(f"at ≥ its accuracy, {a['config']} is {a['latency_reduction']:.2f}x faster")
+            cells.append(f"at ≥ its accuracy, {a['config']} is {_speed(a['latency_reduction'])}")
         else:
             cells.append("none reaches its accuracy")
         if "at_equal_latency" in row:
@@ -445,8 +459,8 @@ def _story(r: dict) -> str:
             f"all budgets in one run gives " + "; ".join(parts) + ". ")
     if "at_equal_accuracy" in h:
         a = h["at_equal_accuracy"]
-        text += (f"Budget control: {a['config']} matches or beats the parent's default accuracy at "
-                 f"{a['latency_reduction']:.2f}x lower latency. ")
+        text += (f"Budget control: {a['config']} matches or beats the parent's default accuracy "
+                 f"{_speed(a['latency_reduction'])}. ")
     text += (f"All budgets live in one checkpoint ({cb['elastic']:,} bytes in BF16, vs {cb['separate']:,} for "
              f"separate slices) and are served from one copy of the weights.")
     recoveries = {name: [x["recovery"] for x in q["budgets"] if x["recovery"] is not None]

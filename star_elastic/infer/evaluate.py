@@ -196,11 +196,12 @@ def plot_front(points: list[dict], parent: dict, path: Path, title: str = "Accur
                        s=28, alpha=0.8, label=f"{name}, cap {cap}")
     front = sorted((p for p in points if p["on_front"]), key=lambda p: p["latency_s"])
     ax.plot([p["latency_s"] for p in front], [p["accuracy"] for p in front], c="tab:red", lw=1.5, label="Pareto front")
-    for i, p in enumerate(front):  # only the front is labelled; alternate sides so neighbours do not collide
+    labelled = [p for p in front if _label(p) != _label(parent)]  # the parent default has its own label
+    for i, p in enumerate(labelled):  # only the front is labelled; alternate sides so neighbours do not collide
         ax.annotate(_label(p), (p["latency_s"], p["accuracy"]), fontsize=7, textcoords="offset points",
                     xytext=(6, -12 if i % 2 else 6), arrowprops=dict(arrowstyle="-", lw=0.5, color="0.4"))
     ax.annotate(f"parent default: {_label(parent)}", (parent["latency_s"], parent["accuracy"]), fontsize=7,
-                textcoords="offset points", xytext=(-10, 14), ha="right")
+                textcoords="offset points", xytext=(8, 10), arrowprops=dict(arrowstyle="-", lw=0.5, color="0.4"))
     ax.scatter([parent["latency_s"]], [parent["accuracy"]], marker="*", s=220, c="gold", edgecolors="k",
                zorder=5, label="parent default")
     ax.margins(x=0.06, y=0.12)  # room for the labels inside the axes
