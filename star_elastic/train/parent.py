@@ -49,7 +49,7 @@ class ParentConfig:
     n_val: int = 256
     n_test: int = 400
     """Held-out problems for the reported accuracy."""
-    steps: int = 800
+    steps: int = 1200
     batch_size: int = 48
     lr: float = 4e-3
     min_lr_ratio: float = 0.05
