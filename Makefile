@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_hybrid.py --config demo
 	$(BIN)/python benchmarks/bench_elastic_step.py
 	$(BIN)/python benchmarks/bench_serving_memory.py demo_out/run
+	$(BIN)/python benchmarks/bench_views_speed.py demo_out/run
 	$(BIN)/python benchmarks/bench_slice_streaming.py
 	$(BIN)/python benchmarks/bench_server.py demo_out/run --threads 1
 	$(BIN)/python benchmarks/bench_kd_memory.py
