@@ -11,6 +11,9 @@ with one seed, --seed, default 0, so runs differ only in how budgets are held):
     band     the default: dead-zone loss, projection onto ±2% of the target
     ceiling  budget_mode ceiling: never above the target
     nested   band + nested: a smaller budget's architecture is contained in every larger one's
+    band-boundary, nested-boundary
+             band / nested with settle_every 0: the picks are projected onto the windows only at the
+             stage boundary and after training, not every 50 steps (how budgets were held before)
 Each variant trains into OUT/VARIANT/run, evaluates every budget as the demo does
 (`demo.evaluate_budgets`: the demo's 300 held-out problems, greedy, think cap 64) and writes
 OUT/VARIANT/result.json; a variant whose result.json exists is not run again.
@@ -25,13 +28,15 @@ import time
 from pathlib import Path
 
 VARIANTS = {"none": {"budget_mode": "none"}, "band": {}, "ceiling": {"budget_mode": "ceiling"},
-            "nested": {"nested": True}}
+            "nested": {"nested": True}, "band-boundary": {"settle_every": 0}, "nested-boundary": {"nested": True, "settle_every": 0}}
+ELASTIFY_KEYS = ("settle_every",)
+"""Variant keys that are ElastifyConfig fields; the others are ElasticConfig fields."""
 AXES = ("hidden", "attn_heads", "mamba_heads", "experts", "expert_inter", "shared_inter", "mlp_inter")
 KEYS = ("target", "achieved", "budget_type", "held", "total_params", "active_params", "total_fraction",
         "active_fraction", "architecture")
 
 
-def run_variant(parent: str, out: Path, elastic: dict, steps: int | None, seed: int) -> dict:
+def run_variant(parent: str, out: Path, variant: dict, steps: int | None, seed: int) -> dict:
     from star_elastic.config import from_dict
     from star_elastic.demo import DemoConfig, evaluate_budgets
     from star_elastic.elastic.run import load_elastic
@@ -39,7 +44,9 @@ def run_variant(parent: str, out: Path, elastic: dict, steps: int | None, seed: 
     from star_elastic.train.elastify import ElastifyConfig, train
 
     demo = DemoConfig()
-    overrides = dict(demo.elastify, model=parent, out=str(out / "run"), elastic=elastic, seed=seed)
+    elastic = {k: v for k, v in variant.items() if k not in ELASTIFY_KEYS}
+    overrides = dict(demo.elastify, model=parent, out=str(out / "run"), elastic=elastic, seed=seed,
+                     **{k: v for k, v in variant.items() if k in ELASTIFY_KEYS})
     if steps is not None:
         overrides["steps"] = steps
     t0 = time.perf_counter()
@@ -49,7 +56,8 @@ def run_variant(parent: str, out: Path, elastic: dict, steps: int | None, seed: 
     rows = evaluate_budgets(out / "run", load_eval_examples(None, demo.n_test), demo)
     budgets = [{"budget": b, **{k: elastic_lm.describe(b)[k] for k in KEYS}, "accuracy": row["accuracy"]}
                for b, row in zip(elastic_lm.ecfg.budgets, rows)]
-    return {"elastic": elastic, "steps": overrides["steps"], "seed": seed, "elastify_seconds": round(t1 - t0, 1),
+    return {"elastic": elastic, "settle_every": overrides.get("settle_every", ElastifyConfig.settle_every),
+            "steps": overrides["steps"], "seed": seed, "elastify_seconds": round(t1 - t0, 1),
             "evaluate_seconds": round(time.perf_counter() - t1, 1), "n_test": demo.n_test, "budgets": budgets}
 
 

@@ -96,6 +96,9 @@ def _add_elastify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-tolerance", type=float, help="relative tolerance of --budget-mode (default 0.02)")
     p.add_argument("--nested-budgets", action="store_true", default=None,
                    help="a smaller budget's architecture is contained in every larger one's on every axis")
+    p.add_argument("--settle-every", type=int,
+                   help="project the router's picks onto the budgets' windows every N steps (default 50; "
+                        "0: only at the stage boundary and at the end)")
     p.add_argument("--steps", type=int)
     p.add_argument("--seq-len", type=int, help="stage-2 sequence length (stage 1 uses half)")
     p.add_argument("--batch-size", type=int)
@@ -133,7 +136,7 @@ def _run_elastify(args: argparse.Namespace) -> int:
         "lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every, "stop_after": args.stop_after,
         "resume": args.resume, "elastic.budgets": args.budgets, "elastic.budget_type": args.budget_type,
         "elastic.budget_mode": args.budget_mode, "elastic.budget_tolerance": args.budget_tolerance,
-        "elastic.nested": args.nested_budgets,
+        "elastic.nested": args.nested_budgets, "settle_every": args.settle_every,
         "parallel": args.parallel, "dtype": args.dtype, "activation_checkpointing": args.activation_checkpointing,
         "optimizer_offload": args.optimizer_offload, "gpu_memory_gb": args.gpu_memory_gb, "load": args.load,
     }

@@ -39,16 +39,41 @@ def config(parent_dir, out, **changes) -> ElastifyConfig:
     return from_dict(ElastifyConfig, base | changes)
 
 
-def test_resume_equals_uninterrupted_bit_for_bit(parent_dir, tmp_path):
-    whole = train(config(parent_dir, tmp_path / "a"), log=lambda m: None)
-    first = train(config(parent_dir, tmp_path / "b", stop_after=3), log=lambda m: None)
+@pytest.mark.parametrize("stop_after", [2, 3])  # settle_every 2: resumed at a projection step, and between two
+def test_resume_equals_uninterrupted_bit_for_bit(parent_dir, tmp_path, stop_after):
+    whole = train(config(parent_dir, tmp_path / "a", settle_every=2), log=lambda m: None)
+    first = train(config(parent_dir, tmp_path / "b", settle_every=2, stop_after=stop_after), log=lambda m: None)
     assert not first["finished"]
-    resumed = train(config(parent_dir, tmp_path / "b", resume=True), log=lambda m: None)
+    resumed = train(config(parent_dir, tmp_path / "b", settle_every=2, resume=True), log=lambda m: None)
     assert resumed["finished"]
     assert resumed["state_sha256"] == whole["state_sha256"]
     assert state_digest(load_elastic(tmp_path / "a")) == state_digest(load_elastic(tmp_path / "b"))
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("settle_every, expected", [(2, [2, 3, 4, 6]), (0, [3, 6])])
+def test_budgets_are_projected_every_settle_every_steps_and_hold(parent_dir, tmp_path, monkeypatch, settle_every,
+                                                                 expected):
+    """The loop projects the router's picks onto the windows at every multiple of settle_every, at
+    the stage boundary (step 3 of 6) and after training; after each projection every budget's
+    architecture costs within ±2% of its target (budgets the tiny grid can hold)."""
+    import star_elastic.train.elastify as recipe
+
+    run, calls = tmp_path / "run", []
+
+    def spy(elastic):
+        recipe_settle(elastic)
+        metrics = run / "metrics.jsonl"
+        calls.append(len(metrics.read_text().splitlines()) if metrics.is_file() else 0)  # steps done so far
+        for b in (0.75, 0.5):
+            info = elastic.describe(b)
+            assert info["held"] and abs(info["achieved"] / b - 1) <= 0.02 + 1e-9
+
+    recipe_settle = recipe.settle
+    monkeypatch.setattr(recipe, "settle", spy)
+    train(config(parent_dir, run, settle_every=settle_every, elastic={"budgets": [1.0, 0.75, 0.5]}), log=lambda m: None)
+    assert calls == expected
 
 
 def test_interrupted_checkpoint_write_keeps_previous(parent_dir, tmp_path):

@@ -11,7 +11,7 @@ from test_elastic_core import random_arch
 
 from star_elastic import HybridLM
 from star_elastic.infer.budget import ElasticServer
-from star_elastic.infer.generate import GenerationConfig, generate
+from star_elastic.infer.generate import DecodeBatch, GenerationConfig, generate, prefill
 from star_elastic.infer.views import SegmentedLinear, runs, view_model
 from star_elastic.slicing import slice_model
 
@@ -68,16 +68,37 @@ def manual_two_phase(elastic, prompt, think_b, answer_b, cap, answer_cap):
     return trace, answer
 
 
-@pytest.mark.parametrize("think_b,answer_b", [(0.5, 1.0), (1.0, 0.5), (0.75, 0.75)])
-def test_budget_control_equals_manual_two_phase(think_b, answer_b):
+@pytest.mark.parametrize("think_b,answer_b,cap,answer_cap", [
+    (0.5, 1.0, 12, 6), (1.0, 0.5, 12, 6), (0.75, 0.75, 12, 6), (0.5, 0.5, 3, 6), (0.5, 0.5, 0, 4), (1.0, 1.0, 12, 0)])
+def test_budget_control_equals_manual_two_phase(think_b, answer_b, cap, answer_cap):
+    """Also where think == answer budget and the answer continues the trace's cache in place
+    (caps 0 on either side take the prefill way): the same tokens as re-prefilling prompt + trace."""
     elastic = tiny_elastic(seed=1)
     server = ElasticServer(elastic, THINK_END, EOS)
     prompts = [[5, 9, 11, 3], [4, 4, 8], [20, 21, 22, 23, 24, 25]]
-    run = server.generate(prompts, think_b, answer_b, max_think_tokens=12, max_answer_tokens=6)
+    run = server.generate(prompts, think_b, answer_b, max_think_tokens=cap, max_answer_tokens=answer_cap)
     for prompt, res in zip(prompts, run.results):
-        trace, answer = manual_two_phase(elastic, prompt, think_b, answer_b, 12, 6)
+        trace, answer = manual_two_phase(elastic, prompt, think_b, answer_b, cap, answer_cap)
         assert res.think_tokens == trace
         assert res.answer_tokens == answer
+
+
+@pytest.mark.parametrize("cap", [3, 40])  # the trace forced to close at the cap / closed by the model
+def test_answer_in_place_has_the_logits_of_a_prefill_of_prompt_and_trace(cap):
+    elastic = tiny_elastic(seed=3)
+    server = ElasticServer(elastic, THINK_END, EOS)
+    model, prompt = server.model(0.5), [5, 9, 11, 3, 8]
+    think = server.think_row(prompt, cap)
+    batch = DecodeBatch(model, continuation=lambda r: server.answer_in_place(r, server.close_trace(r), 4))
+    batch.join([think])
+    while think.finish is None:
+        batch.step()
+    answer = batch.rows[0]
+    assert answer is not think and answer.prompt == prompt + think.tokens and think.tokens[-1] in (THINK_END, EOS)
+    while answer.forced:
+        batch.step()
+    _, ref = prefill(model, [prompt + think.tokens])
+    torch.testing.assert_close(batch.logits[0], ref[0], atol=1e-5, rtol=1e-5)
 
 
 def test_forced_end_of_think_happens_exactly_at_the_cap():

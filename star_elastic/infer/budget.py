@@ -2,9 +2,10 @@
 
 Phase 1: the `think_budget` submodel decodes the trace until it emits `</think>` (or eos), or
 until `max_think_tokens`, where `</think>` is forced (the parent's default budget control).
-Phase 2: the `answer_budget` submodel prefills prompt + trace in one pass and decodes the answer
-(also when both budgets are the same: the trace's cache belongs to the think model, and keeping
-phase 1 state would tie the answer to the thinker's batch).
+Phase 2: the `answer_budget` submodel prefills prompt + trace in one pass and decodes the answer.
+When both budgets are the same submodel, the answer instead continues the trace's own cache in
+place (`answer_in_place`: no second prefill; the row feeds the trace's last token, and `</think>`
+where it was forced, then decodes the answer in the same batch).
 The phases are built per request (`think_row`, `close_trace`, `answer_row`) so that `generate`
 here and the HTTP server's scheduler (`star_elastic.serve`) run the same protocol on the same
 `DecodeBatch` step.
@@ -119,6 +120,18 @@ class ElasticServer:
         cfg = dataclasses.replace(base, max_new_tokens=max_answer_tokens, stop_token_ids=(self.eos_id,))
         return Row(think.prompt + think.tokens, cfg, think.generator, on_token)
 
+    def answer_in_place(self, think: Row, forced_end: bool, max_answer_tokens: int,
+                        sampling: GenerationConfig | None = None, on_token=None) -> Row | None:
+        """Phase 2 on the think model's own cache (think budget == answer budget): the answer row
+        takes the finished think row's place in its batch and first feeds what that cache has not
+        seen: the trace's last sampled token, and the `</think>` that `close_trace` forced. None when
+        the answer may have no tokens (it then goes through `answer_row` and a prefill)."""
+        if max_answer_tokens == 0:
+            return None
+        row = self.answer_row(think, max_answer_tokens, sampling, on_token)
+        row.forced = list(think.tokens[-(2 if forced_end else 1):])
+        return row
+
     @torch.inference_mode()
     def generate(
         self,
@@ -135,6 +148,8 @@ class ElasticServer:
 
         t0 = time.perf_counter()
         thinks = [self.think_row(p, max_think_tokens, on_token=tap("think", i)) for i, p in enumerate(prompts)]
+        if think_budget == answer_budget:
+            return self._generate_in_place(thinks, think_budget, max_answer_tokens, tap, t0)
         batch = DecodeBatch(self.model(think_budget))
         batch.join(thinks)
         decode_to_end(batch)
@@ -144,6 +159,43 @@ class ElasticServer:
         batch = DecodeBatch(self.model(answer_budget))
         batch.join(answers)
         decode_to_end(batch)
+        t2 = time.perf_counter()
+        results = [PhaseResult(t.tokens, a.tokens, f) for t, a, f in zip(thinks, answers, forced)]
+        return BudgetRun(results, t1 - t0, t2 - t1)
+
+    def _generate_in_place(self, thinks: list[Row], budget: float | str, max_answer_tokens: int, tap,
+                           t0: float) -> BudgetRun:
+        """One batch: each answer continues its trace's cache (`answer_in_place`) where it can, or
+        is prefilled into the batch after the step (a trace that never decoded, an empty answer);
+        the think time ends when the last trace closes."""
+        index = {id(t): i for i, t in enumerate(thinks)}
+        answers: list[Row | None] = [None] * len(thinks)
+        forced = [False] * len(thinks)
+        t1 = t0
+
+        def close(i: int, in_place: bool) -> Row | None:
+            nonlocal t1
+            forced[i] = self.close_trace(thinks[i])
+            if in_place:
+                answers[i] = self.answer_in_place(thinks[i], forced[i], max_answer_tokens, on_token=tap("answer", i))
+            else:
+                answers[i] = self.answer_row(thinks[i], max_answer_tokens, on_token=tap("answer", i))
+            if all(a is not None for a in answers):
+                t1 = time.perf_counter()
+            return answers[i]
+
+        def continuation(row: Row) -> Row | None:
+            i = index.get(id(row))
+            return None if i is None or max_answer_tokens == 0 else close(i, in_place=True)
+
+        batch = DecodeBatch(self.model(budget), continuation=continuation)
+        batch.join(thinks)
+        pending = [i for i, t in enumerate(thinks) if t.finish is not None]  # no think tokens to decode
+        while True:
+            batch.join([close(i, in_place=False) for i in pending])
+            if not batch.rows:
+                break
+            pending = [index[id(r)] for r in batch.step() if id(r) in index and answers[index[id(r)]] is None]
         t2 = time.perf_counter()
         results = [PhaseResult(t.tokens, a.tokens, f) for t, a, f in zip(thinks, answers, forced)]
         return BudgetRun(results, t1 - t0, t2 - t1)

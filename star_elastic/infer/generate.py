@@ -159,6 +159,9 @@ class Row:
     tokens: list[int] = dataclasses.field(default_factory=list)
     finish: str | None = None
     """None while decoding; "stop" (stop token or string) or "length" (max_new_tokens) when done."""
+    forced: list[int] = dataclasses.field(default_factory=list)
+    """Tokens still to feed, one per step, before the row samples again (a continuation's context
+    that its cache has not seen yet); they are not outputs."""
 
 
 class DecodeBatch:
@@ -166,8 +169,12 @@ class DecodeBatch:
     (cache rows selected) between steps; each row's tokens do not depend on the other rows.
     """
 
-    def __init__(self, model: HybridLM, masks: Masks | None = None, tokenizer=None):
+    def __init__(self, model: HybridLM, masks: Masks | None = None, tokenizer=None,
+                 continuation: Callable[[Row], Row | None] | None = None):
         self.model, self.masks, self.tokenizer = model, masks, tokenizer
+        self.continuation = continuation
+        """Called on each row that finishes in `step`: a returned row takes its place and its cache
+        (feeding its `forced` tokens first); None lets the finished row leave."""
         self.rows: list[Row] = []
         self.cache: HybridCache | None = None
         self.logits: torch.Tensor | None = None  # (B, V) next-token logits of each row
@@ -204,9 +211,14 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def step(self) -> list[Row]:
-        """Sample one token per row, drop finished rows, feed the rest; return the rows that finished."""
+        """Sample one token per row (or feed its next forced token), drop finished rows or put
+        their continuations in their place, feed the rest; return the rows that finished."""
         tokens = self._sample()
-        for r, tok in zip(self.rows, tokens):
+        finished, feed = [], []
+        for i, (r, tok) in enumerate(zip(self.rows, tokens)):
+            if r.forced:
+                feed.append(r.forced.pop(0))
+                continue
             r.tokens.append(tok)
             if r.on_token is not None:
                 r.on_token(tok)
@@ -214,19 +226,28 @@ class DecodeBatch:
                 r.finish = "stop"
             elif len(r.tokens) >= r.cfg.max_new_tokens:
                 r.finish = "length"
-        finished = [r for r in self.rows if r.finish is not None]
-        fed = [tok for r, tok in zip(self.rows, tokens) if r.finish is None]
-        self.leave(finished)
+            if r.finish is None:
+                feed.append(tok)
+                continue
+            finished.append(r)
+            nxt = self.continuation(r) if self.continuation is not None else None
+            if nxt is None:
+                feed.append(None)
+            else:  # the continuation takes over the row's cache; its context's first token is fed now
+                self.rows[i] = nxt
+                feed.append(nxt.forced.pop(0))
+        self.leave([r for r, tok in zip(self.rows, feed) if tok is None])
         if self.rows:
-            feed = torch.tensor(fed, device=self.logits.device)[:, None]  # (B, 1)
-            self.logits = self.model(feed, cache=self.cache, masks=self.masks, last_only=True)[:, -1]
+            fed = torch.tensor([tok for tok in feed if tok is not None], device=self.logits.device)[:, None]  # (B, 1)
+            self.logits = self.model(fed, cache=self.cache, masks=self.masks, last_only=True)[:, -1]
         return finished
 
     def _sample(self) -> list[int]:
-        """Greedy rows take one batched argmax; sampled rows draw from their own generator."""
+        """Greedy rows take one batched argmax; sampled rows draw from their own generator (rows
+        with forced tokens draw nothing)."""
         out = self.logits.argmax(-1).tolist()
         for i, r in enumerate(self.rows):
-            if r.cfg.temperature > 0:
+            if r.cfg.temperature > 0 and not r.forced:
                 out[i] = int(sample_next(self.logits[i : i + 1], r.cfg, r.generator)[0])
         return out
 

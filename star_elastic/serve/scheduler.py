@@ -7,8 +7,9 @@ A prefill costs several decode steps whatever its batch (per-op overhead dominat
 so rows waiting to join a budget that is already decoding are prefilled together: once they
 are as many as its running rows, or the oldest has waited `join_wait` steps. A two-phase
 job leaves the think budget's batch when its trace ends and joins the answer budget's batch at
-the next step boundary, exactly as `ElasticServer.generate` runs it (same `think_row`,
-`close_trace`, `answer_row`, same `DecodeBatch.step`). Rows never influence each other, so a
+the next step boundary; when both budgets are the same, its answer row takes the trace's place
+and cache in the batch instead (no second prefill). Both exactly as `ElasticServer.generate` runs
+them (same `think_row`, `close_trace`, `answer_row` / `answer_in_place`, same `DecodeBatch.step`). Rows never influence each other, so a
 greedy job's tokens are the same alone or under load.
 
 Events reach the asyncio side through `Job.emit`, once per step with that step's list of events
@@ -161,10 +162,26 @@ class Scheduler:
             batch = self._batches.get(budget)
             if batch is None:
                 model = self.server.model(budget)
-                batch = self._batches[budget] = DecodeBatch(model, tokenizer=model.tokenizer)
+                batch = self._batches[budget] = DecodeBatch(model, tokenizer=model.tokenizer,
+                                                            continuation=self._continue)
             self._guarded(budget, lambda: batch.join(rows), rows)
             self._finished([r for r in rows if r.finish is not None])
         self.peak_rows = max(self.peak_rows, sum(len(b.rows) for b in self._batches.values()))
+
+    def _continue(self, row: Row) -> Row | None:
+        """A trace that ends in its own answer budget's batch: the answer continues its cache there
+        (called inside `DecodeBatch.step`; the think row then reaches `_finished` unmapped)."""
+        job = self._jobs.get(id(row))
+        if (job is None or job.cancelled or row is not job.think or job.think_budget != job.answer_budget
+                or job.max_tokens == 0):  # an empty answer goes the prefill way (`_finished`), as in generate
+            return None
+        forced = self.server.close_trace(row)
+        answer = self.server.answer_in_place(row, forced, job.max_tokens, job.sampling)
+        job.forced_end_of_think, job.answer = forced, answer
+        del self._jobs[id(row)]
+        self._jobs[id(answer)] = job
+        answer.on_token = lambda tok: self._tell(job, ("answer", tok))
+        return answer
 
     def _finished(self, rows: list[Row]) -> None:
         for row in rows:

@@ -101,6 +101,10 @@ class ElastifyConfig:
     """Optional next-token loss on the data (0: distillation only)."""
     tau: tuple[float, float] = (1.0, 0.1)
     """Gumbel temperature, annealed geometrically from first to second over training."""
+    settle_every: int = 50
+    """Project the router's picks onto the budgets' windows every this many steps, in both stages,
+    so that training samples the architectures the budgets end with (0: only at the stage boundary
+    and after training). budget_mode none never projects."""
     router_fit_steps: int = 300
     calibration_batches: int = 8
     calibration_seq_len: int = 128
@@ -137,6 +141,8 @@ class ElastifyConfig:
             raise ConfigError(f"steps must be >= 0 (0: importance, sorting and the cost-fitted router only), got {self.steps}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.settle_every < 0:
+            raise ConfigError(f"settle_every must be >= 0 (0: project only at the stage boundary), got {self.settle_every}")
         for name in ("batch_size", "kd_chunk_tokens", "stage1_seq_len", "stage2_seq_len", "checkpoint_every",
                      "calibration_batches"):
             if getattr(self, name) <= 0:
@@ -355,8 +361,8 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     t0 = time.perf_counter()
     for step in bar:
         stage = 1 if step < stage1_steps else 2
-        if step == stage1_steps > 0:  # stage 2 trains the architectures the budgets will end with
-            settle(elastic)
+        if step == stage1_steps > 0 or (step > 0 and cfg.settle_every and step % cfg.settle_every == 0):
+            settle(elastic)  # hold the budgets' windows: stage 2 trains the architectures they end with
         seq_len = cfg.stage1_seq_len if stage == 1 else cfg.stage2_seq_len
         budget = budget_for_step(cfg, ecfg.budgets, step, stage)
         tau = tau_at(cfg, step)
