@@ -187,7 +187,8 @@ def proxy_overhead(run: str, server, n: int) -> None:
     pre = (time.perf_counter() - t0) / 10
     print(f"  re-prefill of prompt+trace ({len(prompt) + len(trace)} tokens) on the answer model, in this process: "
           f"{pre * 1e3:.1f} ms = {pre / local_s:.1%} of an in-process request. In-process budget control pays it "
-          "too: the answer budget's submodel cannot reuse the think submodel's state.")
+          "too when the budgets differ (as here): the answer budget's submodel cannot reuse the think submodel's "
+          "state; with equal budgets the answer continues the trace's cache in place.")
 
 
 def main() -> None:
