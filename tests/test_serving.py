@@ -89,7 +89,7 @@ def test_answer_in_place_has_the_logits_of_a_prefill_of_prompt_and_trace(cap):
     server = ElasticServer(elastic, THINK_END, EOS)
     model, prompt = server.model(0.5), [5, 9, 11, 3, 8]
     think = server.think_row(prompt, cap)
-    batch = DecodeBatch(model, continuation=lambda r: server.answer_in_place(r, server.close_trace(r), 4))
+    batch = DecodeBatch(model, continuation=lambda r: server.answer_in_place(r, 4)[1])
     batch.join([think])
     while think.finish is None:
         batch.step()

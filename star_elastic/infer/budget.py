@@ -120,17 +120,19 @@ class ElasticServer:
         cfg = dataclasses.replace(base, max_new_tokens=max_answer_tokens, stop_token_ids=(self.eos_id,))
         return Row(think.prompt + think.tokens, cfg, think.generator, on_token)
 
-    def answer_in_place(self, think: Row, forced_end: bool, max_answer_tokens: int,
-                        sampling: GenerationConfig | None = None, on_token=None) -> Row | None:
-        """Phase 2 on the think model's own cache (think budget == answer budget): the answer row
-        takes the finished think row's place in its batch and first feeds what that cache has not
-        seen: the trace's last sampled token, and the `</think>` that `close_trace` forced. None when
-        the answer may have no tokens (it then goes through `answer_row` and a prefill)."""
+    def answer_in_place(self, think: Row, max_answer_tokens: int, sampling: GenerationConfig | None = None,
+                        on_token=None) -> tuple[bool, Row] | None:
+        """Phase 2 on the think model's own cache (think budget == answer budget): close the finished
+        trace (`close_trace`) and return (forced, answer row). The row takes the think row's place in
+        its batch and first feeds what that cache has not seen: the trace's last sampled token, and
+        the forced `</think>`. None, trace left open, when the answer may have no tokens (it then
+        goes through `close_trace`, `answer_row` and a prefill)."""
         if max_answer_tokens == 0:
             return None
+        forced = self.close_trace(think)
         row = self.answer_row(think, max_answer_tokens, sampling, on_token)
-        row.forced = list(think.tokens[-(2 if forced_end else 1):])
-        return row
+        row.forced = list(think.tokens[-(2 if forced else 1):])
+        return forced, row
 
     @torch.inference_mode()
     def generate(
@@ -171,28 +173,30 @@ class ElasticServer:
         index = {id(t): i for i, t in enumerate(thinks)}
         answers: list[Row | None] = [None] * len(thinks)
         forced = [False] * len(thinks)
-        t1 = t0
+        open_traces, t1 = len(thinks), t0
 
-        def close(i: int, in_place: bool) -> Row | None:
-            nonlocal t1
-            forced[i] = self.close_trace(thinks[i])
-            if in_place:
-                answers[i] = self.answer_in_place(thinks[i], forced[i], max_answer_tokens, on_token=tap("answer", i))
-            else:
-                answers[i] = self.answer_row(thinks[i], max_answer_tokens, on_token=tap("answer", i))
-            if all(a is not None for a in answers):
+        def closed(i: int, forced_end: bool, answer: Row) -> Row:
+            nonlocal open_traces, t1
+            forced[i], answers[i] = forced_end, answer
+            open_traces -= 1
+            if open_traces == 0:
                 t1 = time.perf_counter()
-            return answers[i]
+            return answer
+
+        def prefilled(i: int) -> Row:
+            forced_end = self.close_trace(thinks[i])
+            return closed(i, forced_end, self.answer_row(thinks[i], max_answer_tokens, on_token=tap("answer", i)))
 
         def continuation(row: Row) -> Row | None:
             i = index.get(id(row))
-            return None if i is None or max_answer_tokens == 0 else close(i, in_place=True)
+            done = None if i is None else self.answer_in_place(row, max_answer_tokens, on_token=tap("answer", i))
+            return None if done is None else closed(i, *done)
 
         batch = DecodeBatch(self.model(budget), continuation=continuation)
         batch.join(thinks)
         pending = [i for i, t in enumerate(thinks) if t.finish is not None]  # no think tokens to decode
         while True:
-            batch.join([close(i, in_place=False) for i in pending])
+            batch.join([prefilled(i) for i in pending])
             if not batch.rows:
                 break
             pending = [index[id(r)] for r in batch.step() if id(r) in index and answers[index[id(r)]] is None]

@@ -172,12 +172,13 @@ class Scheduler:
         """A trace that ends in its own answer budget's batch: the answer continues its cache there
         (called inside `DecodeBatch.step`; the think row then reaches `_finished` unmapped)."""
         job = self._jobs.get(id(row))
-        if (job is None or job.cancelled or row is not job.think or job.think_budget != job.answer_budget
-                or job.max_tokens == 0):  # an empty answer goes the prefill way (`_finished`), as in generate
+        if job is None or job.cancelled or row is not job.think or job.think_budget != job.answer_budget:
             return None
-        forced = self.server.close_trace(row)
-        answer = self.server.answer_in_place(row, forced, job.max_tokens, job.sampling)
-        job.forced_end_of_think, job.answer = forced, answer
+        done = self.server.answer_in_place(row, job.max_tokens, job.sampling)
+        if done is None:  # an empty answer goes the prefill way (`_finished`), as in generate
+            return None
+        job.forced_end_of_think, answer = done
+        job.answer = answer
         del self._jobs[id(row)]
         self._jobs[id(answer)] = job
         answer.on_token = lambda tok: self._tell(job, ("answer", tok))
