@@ -83,6 +83,22 @@ def test_budget_control_equals_manual_two_phase(think_b, answer_b, cap, answer_c
         assert res.answer_tokens == answer
 
 
+@pytest.mark.parametrize("cap", [0, 3, 12])
+def test_one_trace_answered_by_several_budgets_equals_separate_runs(cap):
+    """The sweep thinks once per (thinker, cap) and answers that trace with every other budget
+    (`ElasticServer.think` then `answer`): each answer is the one of its own two-phase run."""
+    elastic = tiny_elastic(seed=2)
+    server = ElasticServer(elastic, THINK_END, EOS)
+    prompts = [[5, 9, 11, 3], [4, 4, 8], [20, 21, 22, 23, 24, 25]]
+    thinks, forced = server.think(prompts, 0.5, cap)
+    for answer_b in (1.0, 0.75):
+        answers = server.answer(thinks, answer_b, 6)
+        for prompt, t, f, a in zip(prompts, thinks, forced, answers):
+            trace, answer = manual_two_phase(elastic, prompt, 0.5, answer_b, cap, 6)
+            assert (t.tokens, a.tokens) == (trace, answer)
+            assert f == (len(t.tokens) == cap + 1)  # forced: the cap's tokens, then </think>
+
+
 @pytest.mark.parametrize("cap", [3, 40])  # the trace forced to close at the cap / closed by the model
 def test_answer_in_place_has_the_logits_of_a_prefill_of_prompt_and_trace(cap):
     elastic = tiny_elastic(seed=3)

@@ -149,21 +149,37 @@ class ElasticServer:
             return None if on_token is None else functools.partial(on_token, phase, i)
 
         t0 = time.perf_counter()
-        thinks = [self.think_row(p, max_think_tokens, on_token=tap("think", i)) for i, p in enumerate(prompts)]
         if think_budget == answer_budget:
+            thinks = [self.think_row(p, max_think_tokens, on_token=tap("think", i)) for i, p in enumerate(prompts)]
             return self._generate_in_place(thinks, think_budget, max_answer_tokens, tap, t0)
-        batch = DecodeBatch(self.model(think_budget))
-        batch.join(thinks)
-        decode_to_end(batch)
-        forced = [self.close_trace(t) for t in thinks]
+        thinks, forced = self.think(prompts, think_budget, max_think_tokens, tap)
         t1 = time.perf_counter()
-        answers = [self.answer_row(t, max_answer_tokens, on_token=tap("answer", i)) for i, t in enumerate(thinks)]
-        batch = DecodeBatch(self.model(answer_budget))
-        batch.join(answers)
-        decode_to_end(batch)
+        answers = self.answer(thinks, answer_budget, max_answer_tokens, tap)
         t2 = time.perf_counter()
         results = [PhaseResult(t.tokens, a.tokens, f) for t, a, f in zip(thinks, answers, forced)]
         return BudgetRun(results, t1 - t0, t2 - t1)
+
+    @torch.inference_mode()
+    def think(self, prompts: Sequence[Sequence[int]], budget: float | str, max_think_tokens: int,
+              tap=lambda phase, i: None) -> tuple[list[Row], list[bool]]:
+        """Phase 1 of a batch on its own: the closed traces (rows whose tokens end with `</think>`
+        or eos) and whether each `</think>` was forced. A trace can be answered by several budgets
+        (`answer` leaves it as it is)."""
+        thinks = [self.think_row(p, max_think_tokens, on_token=tap("think", i)) for i, p in enumerate(prompts)]
+        batch = DecodeBatch(self.model(budget))
+        batch.join(thinks)
+        decode_to_end(batch)
+        return thinks, [self.close_trace(t) for t in thinks]
+
+    @torch.inference_mode()
+    def answer(self, thinks: Sequence[Row], budget: float | str, max_answer_tokens: int,
+               tap=lambda phase, i: None) -> list[Row]:
+        """Phase 2 of a batch of closed traces: prompt + trace prefilled by `budget`'s model."""
+        answers = [self.answer_row(t, max_answer_tokens, on_token=tap("answer", i)) for i, t in enumerate(thinks)]
+        batch = DecodeBatch(self.model(budget))
+        batch.join(answers)
+        decode_to_end(batch)
+        return answers
 
     def _generate_in_place(self, thinks: list[Row], budget: float | str, max_answer_tokens: int, tap,
                            t0: float) -> BudgetRun:

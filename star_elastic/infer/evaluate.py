@@ -54,28 +54,75 @@ def load_eval_examples(path: str | None, n_test: int = 400, seed: int = 0) -> li
 def evaluate_config(server: ElasticServer, examples: list[dict], cfg: BudgetConfig, batch_size: int = 100,
                     max_answer_tokens: int = 24) -> dict:
     """Accuracy, latency and token counts of one budget configuration."""
+    if cfg.think_budget != cfg.answer_budget:
+        return evaluate_answers(server, examples, cfg.think_budget, cfg.max_think_tokens, [cfg.answer_budget],
+                                batch_size, max_answer_tokens)[0]
+    tally = _Tally(cfg)
+    for chunk, prompts in _batches(server, examples, batch_size):
+        run = server.generate(prompts, cfg.think_budget, cfg.answer_budget, cfg.max_think_tokens, max_answer_tokens)
+        tally.add(server, chunk, [(r.think_tokens, r.answer_tokens) for r in run.results],
+                  run.think_seconds, run.answer_seconds)
+    return tally.point(len(examples), batch_size)
+
+
+def evaluate_answers(server: ElasticServer, examples: list[dict], think_budget: float | str, max_think_tokens: int,
+                     answer_budgets: list[float | str], batch_size: int = 100, max_answer_tokens: int = 24) -> list[dict]:
+    """(think_budget → a, max_think_tokens) for every answer budget a ≠ think_budget, thinking once:
+    each batch's traces (greedy, so the same for every answerer) are decoded once and answered by
+    every budget in turn. Each configuration's latency is the shared think time plus its own answer
+    time, as if it ran alone."""
+    if think_budget in answer_budgets:
+        raise ConfigError(f"think budget {think_budget} answers in place (evaluate_config), not from a shared trace")
+    tallies = [_Tally(BudgetConfig(think_budget, a, max_think_tokens)) for a in answer_budgets]
+    for chunk, prompts in _batches(server, examples, batch_size):
+        t0 = time.perf_counter()
+        thinks, _ = server.think(prompts, think_budget, max_think_tokens)
+        think_s = time.perf_counter() - t0
+        for a, tally in zip(answer_budgets, tallies):
+            t1 = time.perf_counter()
+            answers = server.answer(thinks, a, max_answer_tokens)
+            tally.add(server, chunk, [(t.tokens, r.tokens) for t, r in zip(thinks, answers)], think_s,
+                      time.perf_counter() - t1)
+    return [tally.point(len(examples), batch_size) for tally in tallies]
+
+
+def _batches(server: ElasticServer, examples: list[dict], batch_size: int):
     tok = server.parent.tokenizer
-    correct, latencies, think_tokens, answer_tokens, think_s, answer_s = [], [], 0, 0, 0.0, 0.0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prompts = [tok.encode(format_prompt(tok, ex["prompt"]), add_special_tokens=False) for ex in chunk]
-        run = server.generate(prompts, cfg.think_budget, cfg.answer_budget, cfg.max_think_tokens, max_answer_tokens)
-        for ex, res in zip(chunk, run.results):
-            text = "<think>" + tok.decode(res.think_tokens + res.answer_tokens, skip_special_tokens=False)
-            correct.append(synthetic.check_answer(text, ex["answer"]))
-            think_tokens += len(res.think_tokens)
-            answer_tokens += len(res.answer_tokens)
-        latencies += [run.think_seconds + run.answer_seconds] * len(chunk)
-        think_s += run.think_seconds
-        answer_s += run.answer_seconds
-    n = max(1, len(examples))
-    return {
-        "think_budget": cfg.think_budget, "answer_budget": cfg.answer_budget, "max_think_tokens": cfg.max_think_tokens,
-        "accuracy": sum(correct) / n, "latency_s": sum(latencies) / n,
-        "think_tokens": think_tokens / n, "answer_tokens": answer_tokens / n,
-        "tokens_per_s": (think_tokens + answer_tokens) / max(1e-9, think_s + answer_s),
-        "think_seconds": think_s, "answer_seconds": answer_s, "n": len(examples), "batch_size": batch_size,
-    }
+        yield chunk, [tok.encode(format_prompt(tok, ex["prompt"]), add_special_tokens=False) for ex in chunk]
+
+
+class _Tally:
+    """Exact-match answers, token counts and phase times of one configuration, batch by batch."""
+
+    def __init__(self, cfg: BudgetConfig):
+        self.cfg, self.correct, self.latencies = cfg, [], []
+        self.think_tokens = self.answer_tokens = 0
+        self.think_s = self.answer_s = 0.0
+
+    def add(self, server: ElasticServer, chunk: list[dict], outputs: list[tuple[list[int], list[int]]],
+            think_s: float, answer_s: float) -> None:
+        tok = server.parent.tokenizer
+        for ex, (think, answer) in zip(chunk, outputs):
+            text = "<think>" + tok.decode(think + answer, skip_special_tokens=False)
+            self.correct.append(synthetic.check_answer(text, ex["answer"]))
+            self.think_tokens += len(think)
+            self.answer_tokens += len(answer)
+        self.latencies += [think_s + answer_s] * len(chunk)
+        self.think_s += think_s
+        self.answer_s += answer_s
+
+    def point(self, n_examples: int, batch_size: int) -> dict:
+        n = max(1, n_examples)
+        return {
+            "think_budget": self.cfg.think_budget, "answer_budget": self.cfg.answer_budget,
+            "max_think_tokens": self.cfg.max_think_tokens,
+            "accuracy": sum(self.correct) / n, "latency_s": sum(self.latencies) / n,
+            "think_tokens": self.think_tokens / n, "answer_tokens": self.answer_tokens / n,
+            "tokens_per_s": (self.think_tokens + self.answer_tokens) / max(1e-9, self.think_s + self.answer_s),
+            "think_seconds": self.think_s, "answer_seconds": self.answer_s, "n": n_examples, "batch_size": batch_size,
+        }
 
 
 def pareto_front(points: list[dict], x: str = "latency_s", y: str = "accuracy") -> list[bool]:
@@ -148,29 +195,36 @@ def decode_speed(model, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
 
 
 def sweep(server: ElasticServer, examples: list[dict], caps: list[int], batch_size: int = 100,
-          progress: bool = True, timing_rounds: int = 3) -> list[dict]:
+          progress: bool = True, timing_rounds: int = 2) -> list[dict]:
     """Every (think, answer) pair of trained budgets at every think cap; think = answer is the
     one-budget baseline (budget 1 is the parent's default budget control).
 
-    Latency is the median over `timing_rounds` passes that visit the configurations in turn, so
-    that slow spells of the machine do not land on one configuration only.
+    Each thinker's trace at each cap is decoded once and answered by every budget
+    (`evaluate_answers`). Latency is the fastest of `timing_rounds` passes that visit the
+    configurations in turn: the round least disturbed by the machine's other work.
     """
     budgets = server.variants
-    configs = [BudgetConfig(b, b, c) for b in budgets for c in caps]
-    configs += [BudgetConfig(t, a, c) for t in budgets for a in budgets if t != a for c in caps]
-    bar = tqdm(total=len(configs) * timing_rounds, desc="budget sweep", file=sys.stderr, disable=not progress)
-    points, times = [], [[] for _ in configs]
-    for i, c in enumerate(configs):
-        points.append(evaluate_config(server, examples, c, batch_size))
-        times[i].append(points[-1]["latency_s"])
-        bar.update()
-    for _ in range(timing_rounds - 1):
-        for i, c in enumerate(configs):
-            times[i].append(evaluate_config(server, examples, c, batch_size)["latency_s"])
+    # one pass per thinker and cap: its in-place configuration, then its trace answered by every other budget
+    passes = [(b, c) for b in budgets for c in caps]
+    bar = tqdm(total=2 * len(passes) * timing_rounds, desc="budget sweep", file=sys.stderr, disable=not progress)
+    rounds = []
+    for _ in range(timing_rounds):
+        points = []
+        for b, c in passes:
+            points.append(evaluate_config(server, examples, BudgetConfig(b, b, c), batch_size))
             bar.update()
+            others = [a for a in budgets if a != b]
+            points += evaluate_answers(server, examples, b, c, others, batch_size) if others else []
+            bar.update()
+        rounds.append(points)
     bar.close()
-    for p, t in zip(points, times):
-        p["latency_s"] = sorted(t)[len(t) // 2]
+    key = lambda p: (p["think_budget"] != p["answer_budget"], budgets.index(p["think_budget"]),  # noqa: E731
+                     budgets.index(p["answer_budget"]), caps.index(p["max_think_tokens"]))
+    points = sorted(rounds[0], key=key)
+    times = [[p["latency_s"] for p in sorted(r, key=key)] for r in rounds]
+    for i, p in enumerate(points):
+        t = [r[i] for r in times]
+        p["latency_s"] = min(t)
         p["latency_rounds"] = t
     for p, on in zip(points, pareto_front(points)):
         p["on_front"] = on
