@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from star_elastic.config import ConfigError, from_dict, load_yaml
+from star_elastic.demo import DemoConfig
 from star_elastic.quant.qad import QuantizeConfig
 from star_elastic.train.elastify import load_elastify_config
 from star_elastic.train.parent import DEFAULT_PARENT, ParentConfig, load_parent_config
@@ -22,8 +23,11 @@ def test_parent_yaml_equals_embedded_defaults():
 
 
 def test_elastify_yaml_and_flag_overrides():
+    demo = load_elastify_config(str(CONFIGS / "elastify.yaml"), {})
+    for key, value in DemoConfig().elastify.items():  # the file writes out the demo's elastify
+        assert getattr(demo, key) == pytest.approx(value), key
     cfg = load_elastify_config(str(CONFIGS / "elastify.yaml"), {"steps": 7, "elastic.budget_type": "total_params"})
-    assert cfg.steps == 7 and cfg.stage2_probs == (0.5, 0.3, 0.2)
+    assert cfg.steps == 7 and cfg.stage2_probs == (0.2, 0.3, 0.5)
     assert cfg.elastic_config().budgets == (1.0, 0.75, 0.5)
     assert cfg.elastic_config().budget_type == "total_params"
     with pytest.raises(ConfigError, match="stage2_probs has 3 entries for 2 budgets"):
