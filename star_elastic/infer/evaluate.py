@@ -220,12 +220,11 @@ def sweep(server: ElasticServer, examples: list[dict], caps: list[int], batch_si
     bar.close()
     key = lambda p: (p["think_budget"] != p["answer_budget"], budgets.index(p["think_budget"]),  # noqa: E731
                      budgets.index(p["answer_budget"]), caps.index(p["max_think_tokens"]))
-    points = sorted(rounds[0], key=key)
-    times = [[p["latency_s"] for p in sorted(r, key=key)] for r in rounds]
+    points = rounds[0]  # every round visits the configurations in the same order
     for i, p in enumerate(points):
-        t = [r[i] for r in times]
-        p["latency_s"] = min(t)
-        p["latency_rounds"] = t
+        t = [r[i]["latency_s"] for r in rounds]
+        p["latency_s"], p["latency_rounds"] = min(t), t
+    points.sort(key=key)  # the one-budget configurations first, then thinker, answerer, cap as given
     for p, on in zip(points, pareto_front(points)):
         p["on_front"] = on
     return points
