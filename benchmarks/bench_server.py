@@ -1,13 +1,15 @@
 """`star-elastic serve` measured side by side: each server is its own `star-elastic serve` process
 on 127.0.0.1 (clients stay in this process, so they do not share the server's interpreter).
 
-    python benchmarks/bench_server.py [RUN] [--width-scale 1.0] [--requests 64] [--only memory] [--threads 1]
+    python benchmarks/bench_server.py [RUN] [--width-scale 1.0] [--requests 64] [--rounds 3] [--only memory] [--threads 1]
 
-1. Throughput (completion tokens/s) with 1, 8 and 32 concurrent clients, mixed budgets, two-phase
-   chat requests (greedy, think cap 16, answer cap 16); goal: 32 clients >= 8x one client. One
-   client is measured first and last; tokens per server CPU second are printed too.
-2. Resident memory of the server process after requests on every budget ÷ after requests on the
-   parent alone (goal <= 1.1), plus the weight bytes the budget views own (counted in-process).
+1. Throughput (completion tokens/s) with 1, 8 and 32 concurrent clients, mixed budgets and one
+   budget, two-phase chat requests (greedy, think cap 16, answer cap 16); goal: 32 clients >= 8x
+   one client. Passes over the client counts are interleaved, medians compared; tokens per server
+   CPU second are printed too.
+2. Memory of the server (proportional set size summed over its HTTP and engine processes: the
+   weights they share count once) after requests on every budget ÷ after requests on the parent
+   alone (goal <= 1.1), plus the weight bytes the budget views own (counted in-process).
 3. Proxy overhead: the same sequential requests in-process (think 0.5 → answer 1.0) and through the
    proxy over two servers; and the answer phase's re-prefill of prompt + trace, timed on its own.
 Without RUN a random model of the demo parent's shape is saved to a temporary run folder
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,54 +102,75 @@ class Served:
                 break
         raise RuntimeError(f"server on port {self.port} did not start")
 
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    def pids(self) -> list[int]:
+        """The server process and its descendants (the engine process): the server is all of them."""
+        out, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        return out
+
+    def pss_bytes(self) -> int:
+        """Proportional set size over the process tree: pages shared by both processes (the weights,
+        in shared memory) count once in the sum."""
+        total = 0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        return total
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (all its threads)."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the server's processes so far (all their threads)."""
+        total = 0.0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
 
-def throughput(run: str, budgets: list[float], n_requests: int) -> None:
-    """Rates at 1, 8, 32 clients; one client runs first and last (the ratio uses their mean, so a
-    machine whose load drifts during the run biases neither side). Server CPU seconds are read from
-    /proc: tokens per server CPU second hold even when other jobs share the cores."""
+def throughput(run: str, budgets: list[float], n_requests: int, rounds: int) -> None:
+    """Rates at 1, 8, 32 clients, measured in `rounds` interleaved passes (1, 8, 32, 1, 8, 32, ...); each
+    count's rate is the median of its passes, so drift in the machine's speed over the run (other jobs on a
+    shared CPU) lands on every count alike. Server CPU seconds (its HTTP and engine processes, from /proc)
+    give tokens per server CPU second too, which hold when other jobs share the cores."""
     with Served(run, "--max-batch", "32") as srv:
-        asyncio.run(clients(srv.url, 4, 8, budgets))  # warm-up: views built, allocator primed
+        asyncio.run(clients(srv.url, 4, 8, budgets))  # warm-up: allocator primed
         for label, bs in (("mixed budgets", budgets), ("one budget (1.0)", [max(budgets)])):
-            runs = []
-            for n in (1, 8, 32, 1):
-                cpu0 = srv.cpu_seconds()
-                tokens, secs = asyncio.run(clients(srv.url, n, n_requests if n > 1 else n_requests // 4, bs))
-                runs.append((n, tokens, secs, srv.cpu_seconds() - cpu0))
-            one = (runs[0][1] / runs[0][2] + runs[-1][1] / runs[-1][2]) / 2
-            one_cpu = (runs[0][1] + runs[-1][1]) / (runs[0][3] + runs[-1][3])
-            for n, tokens, secs, cpu in runs:
-                print(f"  {label:16s} {n:2d} clients: {tokens:5d} tokens in {secs:6.2f} s = {tokens / secs:7.1f} "
-                      f"tokens/s ({tokens / secs / one:.2f}x one client); server CPU {cpu:6.2f} s = "
-                      f"{tokens / cpu:7.1f} tokens/CPU-s ({tokens / cpu / one_cpu:.2f}x)")
+            rates: dict[int, list[tuple[float, float]]] = {1: [], 8: [], 32: []}
+            for _ in range(rounds):
+                for n in rates:
+                    cpu0 = srv.cpu_seconds()
+                    tokens, secs = asyncio.run(clients(srv.url, n, n_requests if n > 1 else n_requests // 4, bs))
+                    rates[n].append((tokens / secs, tokens / (srv.cpu_seconds() - cpu0)))
+            one, one_cpu = (statistics.median(r[i] for r in rates[1]) for i in (0, 1))
+            for n, runs in rates.items():
+                wall, cpu = (statistics.median(r[i] for r in runs) for i in (0, 1))
+                passes = " / ".join(f"{r[0]:.0f}" for r in runs)
+                print(f"  {label:16s} {n:2d} clients: {wall:7.1f} tokens/s ({wall / one:.2f}x one client; passes "
+                      f"{passes}); {cpu:7.1f} tokens per server CPU-s ({cpu / one_cpu:.2f}x)")
 
 
 def memory(run: str, server, budgets: list[float]) -> None:
     top = max(budgets)
     with Served(run) as srv:
         asyncio.run(clients(srv.url, 4, 8, [top]))
-        alone = srv.rss_bytes()
+        alone = srv.pss_bytes()
         asyncio.run(clients(srv.url, 4, 8 * len(budgets), budgets))
-        every = srv.rss_bytes()
+        every = srv.pss_bytes()
     parent = server.model(top)
     storages = {p.untyped_storage().data_ptr() for p in parent.parameters()}
     weights = sum(p.numel() * p.element_size() for p in parent.parameters())
     owned = sum(p.numel() * p.element_size() for b in budgets for p in server.model(b).parameters()
                 if p.untyped_storage().data_ptr() not in storages)
-    print(f"  server RSS after parent-only requests {alone / 2**20:.0f} MiB, after every budget "
+    print(f"  server memory (PSS of its processes) after parent-only requests {alone / 2**20:.0f} MiB, after every budget "
           f"{every / 2**20:.0f} MiB: ratio {every / alone:.3f}")
     print(f"  weights {weights / 2**20:.1f} MiB; the budget views own {owned / 2**20:.2f} MiB ({owned / weights:.2%})")
 
@@ -195,7 +219,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", nargs="?")
     ap.add_argument("--width-scale", type=float, default=1.0)
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=64, help="requests per 8- or 32-client pass (a quarter for one client)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved passes over 1, 8, 32 clients (median of each)")
     ap.add_argument("--only", choices=("throughput", "memory", "proxy"), help="run one of the three parts")
     ap.add_argument("--threads", type=int, help="serve --threads N for every server (default: torch's)")
     args = ap.parse_args()
@@ -216,7 +241,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     if args.only in (None, "throughput"):
         print("throughput (two-phase chat):")
-        throughput(run, budgets, args.requests)
+        throughput(run, budgets, args.requests, args.rounds)
     if args.only in (None, "memory"):
         print("memory:")
         memory(run, server, budgets)

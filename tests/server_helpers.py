@@ -1,8 +1,10 @@
-"""A tiny elastic model with the demo tokenizer, served on 127.0.0.1 from a thread."""
+"""A tiny elastic model with the demo tokenizer, served on 127.0.0.1 from a thread (its scheduler
+in an engine process)."""
 
 from __future__ import annotations
 
 import functools
+import time
 
 from conftest import tiny_elastic
 
@@ -21,6 +23,24 @@ def tiny_budget_server(seed: int = 3) -> ElasticServer:
     elastic = tiny_elastic(seed=seed, vocab_size=len(tok), fit_steps=15)  # 3 distinct architectures  # every id decodes to text and back
     elastic.model.tokenizer = tok
     return ElasticServer.from_elastic(elastic)
+
+
+class SlowServer(ElasticServer):
+    """Every forward of every submodel first sleeps `DELAY` s: decoding slower than a client's
+    patience on any machine. A subclass, not a monkeypatch: the server is pickled to the engine
+    process, where a patch made in the test process would not reach."""
+
+    DELAY = 0.1
+
+    def model(self, key):
+        view = super().model(key)
+        if not view._forward_pre_hooks:
+            view.register_forward_pre_hook(functools.partial(_sleep, self.DELAY))
+        return view
+
+
+def _sleep(seconds: float, *_):
+    time.sleep(seconds)
 
 
 def serve(server: ElasticServer, **cfg) -> BackgroundServer:

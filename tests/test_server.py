@@ -7,14 +7,17 @@ and `generate()` run in-process on the same weights.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import time
 
 import httpx
 import openai
 import pytest
-from server_helpers import NAME, reference, scheduler_of, serve, tiny_budget_server
+from server_helpers import NAME, SlowServer, reference, scheduler_of, serve, tiny_budget_server
 
-from star_elastic.infer.generate import DecodeBatch, GenerationConfig, generate
+from star_elastic.infer.generate import GenerationConfig, generate
 from star_elastic.serve.app import BackgroundServer, ServeConfig, make_local_app, make_proxy_app
 
 RAW = {"skip_special_tokens": False}  # exact text: every token id decodes to text and back
@@ -130,24 +133,19 @@ def test_seeded_sampling_repeats_and_seeds_differ(live):
     assert len(others | {a}) > 1
 
 
-@pytest.fixture
-def slow_decode(monkeypatch):
+@pytest.fixture(scope="module")
+def slow_live(budget_server):
     """Decode steps slower than a client's patience, whatever the machine's speed."""
-    step = DecodeBatch.step
-
-    def slow_step(self):
-        time.sleep(0.1)
-        return step(self)
-
-    monkeypatch.setattr(DecodeBatch, "step", slow_step)
+    with serve(SlowServer.from_elastic(budget_server.elastic), max_batch=32) as bg:
+        yield bg
 
 
-def test_client_disconnect_mid_stream_frees_the_slot(live, slow_decode):
-    sched = scheduler_of(live)
+def test_client_disconnect_mid_stream_frees_the_slot(slow_live):
+    sched = scheduler_of(slow_live)
     dropped = sched.dropped
     with httpx.Client(timeout=30) as h:
         body = {"model": f"{NAME}@1", "prompt": "1", "max_tokens": 150, "temperature": 0, "stream": True}
-        with h.stream("POST", live.url + "/v1/completions", json=body) as r:
+        with h.stream("POST", slow_live.url + "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
             assert sched.active_jobs() == 1
@@ -156,21 +154,40 @@ def test_client_disconnect_mid_stream_frees_the_slot(live, slow_decode):
         time.sleep(0.02)
     assert sched.active_jobs() == 0
     assert sched.dropped == dropped + 1
-    r = client(live).completions.create(model=f"{NAME}@1", prompt="1", max_tokens=2, temperature=0)
+    r = client(slow_live).completions.create(model=f"{NAME}@1", prompt="1", max_tokens=2, temperature=0)
     assert r.choices[0].finish_reason == "length"
 
 
-def test_client_gone_before_a_non_streaming_answer_frees_the_slot(live, slow_decode):
-    sched = scheduler_of(live)
+def test_client_gone_before_a_non_streaming_answer_frees_the_slot(slow_live):
+    sched = scheduler_of(slow_live)
     dropped = sched.dropped
     body = {"model": f"{NAME}@1", "prompt": "1", "max_tokens": 150, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(live.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+        httpx.post(slow_live.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
     deadline = time.monotonic() + 10
     while sched.active_jobs() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sched.active_jobs() == 0
     assert sched.dropped == dropped + 1  # cancelled, not run to its end
+
+
+def test_a_dead_engine_process_ends_requests_with_errors_and_reports_503(budget_server):
+    """The engine process killed mid-stream: the open stream ends with an in-band error, /health and
+    new requests answer 503 with the reason at once (no hang, no 200)."""
+    with serve(SlowServer.from_elastic(budget_server.elastic)) as bg:
+        body = {"model": f"{NAME}@1", "prompt": "1", "max_tokens": 150, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=30) as h, h.stream("POST", bg.url + "/v1/completions", json=body) as r:
+            lines = (line for line in r.iter_lines() if line)
+            assert "choices" in json.loads(next(lines)[len("data: "):])
+            os.kill(scheduler_of(bg).pid, signal.SIGKILL)
+            rest = [line[len("data: "):] for line in lines]
+        assert rest[-1] == "[DONE]"
+        assert "engine process exited" in json.loads(rest[-2])["error"]["message"]
+        health = httpx.get(bg.url + "/health")
+        assert health.status_code == 503 and "exit code -9" in health.json()["error"]["message"]
+        with pytest.raises(openai.APIStatusError, match="engine process exited") as err:
+            client(bg).completions.create(model=f"{NAME}@1", prompt="1", max_tokens=2)
+        assert err.value.status_code == 503
 
 
 def test_api_key_is_required_when_set(budget_server):
@@ -181,11 +198,11 @@ def test_api_key_is_required_when_set(budget_server):
         assert [m.id for m in client(bg, api_key="s3cret").models.list().data][0] == NAME
 
 
-def test_proxy_over_two_servers_equals_in_process(budget_server):
+def test_proxy_over_two_servers_equals_in_process(budget_server, live):
     """Think on one server's 0.5 slice, answer on another's 1.0: same as in-process 0.5 → 1.0."""
     tok = budget_server.elastic.model.tokenizer
-    with serve(budget_server) as thinker, serve(budget_server) as answerer:
-        app = make_proxy_app(f"{thinker.url}#{NAME}@0.5", f"{answerer.url}/v1#{NAME}@1", tok,
+    with serve(budget_server) as answerer:  # the thinker is `live`
+        app = make_proxy_app(f"{live.url}#{NAME}@0.5", f"{answerer.url}/v1#{NAME}@1", tok,
                              ServeConfig(name="proxy"))
         with BackgroundServer(app) as proxy:
             for msg, cap in (("1+2=?", 10), ("abc", 3), ("12*3=?", 0), ("x", 30)):

@@ -295,7 +295,10 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
         return {"object": "list", "data": entries}
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
+        failure = engine.failure()
+        if failure is not None:  # orchestrators restart a server whose engine died
+            return errors.error_response(failure, 503, code="engine_unavailable")
         return {"status": "ok"}
 
     @app.post("/v1/completions")
@@ -337,7 +340,9 @@ def make_local_app(server, cfg: ServeConfig, budgets: list[float | str] | None =
                    max_context: int | None = None) -> FastAPI:
     """The app over an ElasticServer-like object: `model(key)` gives a HybridLM (a view) per variant key,
     plus `think_row` / `close_trace` / `answer_row` / `think_end_id` / `eos_id`. Keys default to the
-    server's `variants` (named explicit architectures) if it has them, else its trained budgets."""
+    server's `variants` (named explicit architectures) if it has them, else its trained budgets.
+    Starts the engine process (serve/worker.py; picklable server, and a script that calls this needs
+    the `if __name__ == "__main__":` guard); the app's shutdown stops it."""
     from star_elastic.serve.engine import LocalEngine
 
     if budgets is None:

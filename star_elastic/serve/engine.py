@@ -3,7 +3,7 @@
 A `Spec` is one sequence to generate (already validated); `Engine.run(spec)` yields `Progress`
 snapshots as text grows and a last one with `finish` set (`run(spec, partial=False)`: the last one
 only, for non-streaming responses). `LocalEngine` runs specs on the
-scheduler (one weight copy, every budget); `star_elastic.serve.proxy.ProxyEngine` runs them on
+scheduler (one weight copy, every budget; in its own process, serve/worker.py); `star_elastic.serve.proxy.ProxyEngine` runs them on
 two OpenAI-compatible backends.
 """
 
@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Sequence
 
 from star_elastic.infer.generate import GenerationConfig
 from star_elastic.serve.errors import RequestError
-from star_elastic.serve.scheduler import Job, Scheduler
+from star_elastic.serve.scheduler import Job
+from star_elastic.serve.worker import EngineProcess
 
 
 @dataclasses.dataclass
@@ -76,7 +77,9 @@ class LocalEngine:
         self.server, self.budgets, self.max_context = server, list(budgets), max_context
         self.tokenizer = server.model(self.budgets[0]).tokenizer
         self.vocab_size = server.model(self.budgets[0]).config.vocab_size
-        self.scheduler = Scheduler(server, max_batch, threads=threads)
+        for budget in self.budgets:  # every view built here, pickled with the server: the engine process builds none
+            server.model(budget)
+        self.scheduler = EngineProcess(server, max_batch, threads=threads)  # the decode loop, in its own process
         self._mailbox: Mailbox | None = None
 
     def close(self) -> None:
@@ -88,9 +91,18 @@ class LocalEngine:
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def failure(self) -> str | None:
+        """Why no request can be served now (the engine process is gone), else None."""
+        return self.scheduler.failure
+
     def check(self, spec: Spec) -> None:
-        """Raise the request's 4xx now (before a stream opens)."""
+        """Raise the request's 4xx (or the dead engine's 503) now, before a stream opens."""
         self.encode(spec)
+        self._check_alive()
+
+    def _check_alive(self) -> None:
+        if self.failure() is not None:
+            raise RequestError(self.failure(), status=503, code="engine_unavailable")
 
     def encode(self, spec: Spec) -> list[int]:
         if isinstance(spec.prompt, str):
@@ -111,6 +123,7 @@ class LocalEngine:
 
     async def run(self, spec: Spec, partial: bool = True) -> AsyncIterator[Progress]:
         ids = self.encode(spec)
+        self._check_alive()
         mailbox = self._mailbox_for(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
         job = Job(ids, spec.answer_budget, spec.max_tokens, spec.sampling,
@@ -137,7 +150,7 @@ class LocalEngine:
                 if prog.finish is not None:
                     return
         finally:
-            job.cancel()  # a client gone mid-stream frees its slot at the next step boundary
+            self.scheduler.cancel(job)  # a client gone mid-stream frees its slot at the next step boundary
 
     def _mailbox_for(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
         if self._mailbox is None or self._mailbox.loop is not loop:  # one loop serves the app; tests may start others

@@ -8,11 +8,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error"}
+         405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
+         503: "server_error"}
 
 
 class RequestError(Exception):
-    """Bad input, reported to the client with `status` (4xx)."""
+    """Bad input, reported to the client with `status` (4xx); or 503 when the server cannot serve now."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
         super().__init__(message)

@@ -47,6 +47,9 @@ class ProxyEngine:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(headers=headers, timeout=timeout_s)
 
+    def failure(self) -> str | None:
+        return None  # each backend reports its own health
+
     def check(self, spec: Spec) -> None:
         if not isinstance(spec.prompt, str):
             raise RequestError("the proxy takes text prompts, not token ids", param="prompt")

@@ -1,6 +1,6 @@
 """Continuous batching over every budget's view of the one set of elastic weights.
 
-One worker thread owns the model. Between decode steps it admits new jobs (a batched prefill
+One worker thread owns the model (in the server's engine process: serve/worker.py). Between decode steps it admits new jobs (a batched prefill
 per budget, the rows stacked onto that budget's running `DecodeBatch`), drops cancelled ones,
 then steps every budget's batch once, back to back: each budget's view decodes its own sub-batch.
 A prefill costs several decode steps whatever its batch (per-op overhead dominates small models),
@@ -44,6 +44,7 @@ class Job:
     think: Row | None = None
     answer: Row | None = None
     forced_end_of_think: bool = False
+    key: int | None = None  # its id between the HTTP process and the engine process (serve/worker.py)
     events: list[tuple[str, object]] = dataclasses.field(default_factory=list)  # this step's, not yet emitted
 
     def cancel(self) -> None:
@@ -51,10 +52,13 @@ class Job:
 
 
 class Scheduler:
-    """Owns the worker thread; `submit` is thread-safe and returns at once."""
+    """Owns the worker thread; `submit` and `cancel` are thread-safe and return at once.
+    `after_step` (optional) is called by the worker after each step's events are emitted."""
 
-    def __init__(self, server, max_batch: int = 32, join_wait: int = 4, threads: int | None = None):
+    def __init__(self, server, max_batch: int = 32, join_wait: int = 4, threads: int | None = None,
+                 after_step: Callable[[], None] | None = None):
         self.server, self.max_batch, self.join_wait, self.threads = server, max_batch, join_wait, threads
+        self.after_step = after_step
         self._lock = threading.Condition()
         self._incoming: deque[Job] = deque()
         self._batches: dict[float, DecodeBatch] = {}
@@ -75,6 +79,9 @@ class Scheduler:
         with self._lock:
             self._incoming.append(job)
             self._lock.notify()
+
+    def cancel(self, job: Job) -> None:
+        job.cancel()
 
     def active_jobs(self) -> int:
         """Jobs holding a batch slot (admitted, not yet finished or dropped)."""
@@ -105,6 +112,8 @@ class Scheduler:
                     self._guarded(budget, lambda: self._finished(batch.step()))
             self._steps += 1
             self._emit()
+            if self.after_step is not None:
+                self.after_step()
 
     def _admit(self) -> None:
         """Move queued jobs into their first phase while slots are free (lock held)."""
