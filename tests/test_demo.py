@@ -101,6 +101,12 @@ def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
     check_baselines(report, tmp_path)
     for name in ("pareto.png", "budgets.png", "baselines.png", "report.md"):
         assert (tmp_path / name).stat().st_size > 1000
-    # a second run reuses every artifact
+    assert report["reused_stages_s"] == {}
+    # a second run reuses every artifact; its wall time line gives the reused stages' earlier times
     assert main(["demo", "--out", str(tmp_path), "--quick", "--baselines"]) == 0
     assert "reusing" in capsys.readouterr().err
+    again = json.loads((tmp_path / "report.json").read_text())
+    assert again["reused_stages_s"] == {"parent": report["parent"]["train_seconds"],
+                                        "elastify": report["elastify_seconds"]}
+    assert (f"parent reused (took {report['parent']['train_seconds']} s then), elastify reused "
+            f"(took {report['elastify_seconds']} s then)") in (tmp_path / "report.md").read_text()
