@@ -1,7 +1,8 @@
 """`star-elastic serve` measured side by side: each server is its own `star-elastic serve` process
 on 127.0.0.1 (clients stay in this process, so they do not share the server's interpreter).
 
-    python benchmarks/bench_server.py [RUN] [--width-scale 1.0] [--requests 64] [--rounds 3] [--only memory] [--threads 1]
+    python benchmarks/bench_server.py [RUN] [--width-scale 1.0] [--requests 64] [--rounds 3]
+                                      [--only memory] [--threads 1]
 
 1. Throughput (completion tokens/s) with 1, 8 and 32 concurrent clients, mixed budgets and one
    budget, two-phase chat requests (greedy, think cap 16, answer cap 16); goal: 32 clients >= 8x
@@ -170,8 +171,8 @@ def memory(run: str, server, budgets: list[float]) -> None:
     weights = sum(p.numel() * p.element_size() for p in parent.parameters())
     owned = sum(p.numel() * p.element_size() for b in budgets for p in server.model(b).parameters()
                 if p.untyped_storage().data_ptr() not in storages)
-    print(f"  server memory (PSS of its processes) after parent-only requests {alone / 2**20:.0f} MiB, after every budget "
-          f"{every / 2**20:.0f} MiB: ratio {every / alone:.3f}")
+    print(f"  server memory (PSS of its processes) after parent-only requests {alone / 2**20:.0f} MiB, "
+          f"after every budget {every / 2**20:.0f} MiB: ratio {every / alone:.3f}")
     print(f"  weights {weights / 2**20:.1f} MiB; the budget views own {owned / 2**20:.2f} MiB ({owned / weights:.2%})")
 
 
@@ -219,7 +220,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", nargs="?")
     ap.add_argument("--width-scale", type=float, default=1.0)
-    ap.add_argument("--requests", type=int, default=64, help="requests per 8- or 32-client pass (a quarter for one client)")
+    ap.add_argument("--requests", type=int, default=64,
+                    help="requests per 8- or 32-client pass (a quarter for one client)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved passes over 1, 8, 32 clients (median of each)")
     ap.add_argument("--only", choices=("throughput", "memory", "proxy"), help="run one of the three parts")
     ap.add_argument("--threads", type=int, help="serve --threads N for every server (default: torch's)")

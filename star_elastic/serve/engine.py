@@ -2,9 +2,9 @@
 
 A `Spec` is one sequence to generate (already validated); `Engine.run(spec)` yields `Progress`
 snapshots as text grows and a last one with `finish` set (`run(spec, partial=False)`: the last one
-only, for non-streaming responses). `LocalEngine` runs specs on the
-scheduler (one weight copy, every budget; in its own process, serve/worker.py); `star_elastic.serve.proxy.ProxyEngine` runs them on
-two OpenAI-compatible backends.
+only, for non-streaming responses). `LocalEngine` runs specs on the scheduler (one weight copy,
+every budget; in its own process, serve/worker.py); `star_elastic.serve.proxy.ProxyEngine` runs
+them on two OpenAI-compatible backends.
 """
 
 from __future__ import annotations

@@ -1,16 +1,17 @@
 """Continuous batching over every budget's view of the one set of elastic weights.
 
-One worker thread owns the model (in the server's engine process: serve/worker.py). Between decode steps it admits new jobs (a batched prefill
-per budget, the rows stacked onto that budget's running `DecodeBatch`), drops cancelled ones,
-then steps every budget's batch once, back to back: each budget's view decodes its own sub-batch.
+One worker thread owns the model (in the server's engine process: serve/worker.py). Between
+decode steps it admits new jobs (a batched prefill per budget, the rows stacked onto that budget's
+running `DecodeBatch`), drops cancelled ones, then steps every budget's batch once, back to back:
+each budget's view decodes its own sub-batch.
 A prefill costs several decode steps whatever its batch (per-op overhead dominates small models),
 so rows waiting to join a budget that is already decoding are prefilled together: once they
 are as many as its running rows, or the oldest has waited `join_wait` steps. A two-phase
 job leaves the think budget's batch when its trace ends and joins the answer budget's batch at
 the next step boundary; when both budgets are the same, its answer row takes the trace's place
 and cache in the batch instead (no second prefill). Both exactly as `ElasticServer.generate` runs
-them (same `think_row`, `close_trace`, `answer_row` / `answer_in_place`, same `DecodeBatch.step`). Rows never influence each other, so a
-greedy job's tokens are the same alone or under load.
+them (same `think_row`, `close_trace`, `answer_row` / `answer_in_place`, same `DecodeBatch.step`).
+Rows never influence each other, so a greedy job's tokens are the same alone or under load.
 
 Events reach the asyncio side through `Job.emit`, once per step with that step's list of events
 (one cross-thread wake-up per job and step, not per token): ("think", id), ("answer", id),
