@@ -254,3 +254,54 @@ def test_serves_a_checkpoint_with_named_architectures(budget_server, tmp_path):
         with pytest.raises(openai.BadRequestError, match="full, nano-12b"):
             c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "1"}],
                                       extra_body={"think_budget": 0.5})
+
+def test_serve_cli_answers_like_in_process_and_stops_cleanly_on_ctrl_c(budget_server, tmp_path):
+    """`star-elastic serve RUN` in its own process group: a chat answer equals in-process budget control;
+    Ctrl-C (SIGINT to the whole group, as a terminal sends it) stops the server and its engine process with
+    exit code 0 and no traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    from star_elastic.elastic.run import save_run
+
+    save_run(budget_server.elastic, tmp_path / "run")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "star_elastic.cli", "serve", str(tmp_path / "run"), "--port",
+                             str(port), "--threads", "1"], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        engine = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        case = ("1+2=?", 0.5, 1.0, 10, 6)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        r = c.chat.completions.create(**(chat_kwargs(case) | {"model": "run"}))
+        answer = (r.choices[0].message.reasoning_content, r.choices[0].message.content)
+        assert answer == reference(budget_server, case)[:2]
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "Traceback" not in proc.stderr.read()
+    deadline = time.monotonic() + 20  # the engine and multiprocessing's resource tracker exit after the server
+    while any(_running(pid) for pid in engine) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine and not any(_running(pid) for pid in engine)
+
+
+def _running(pid: int) -> bool:
+    """A live process (an exited one whose parent is gone may linger as a zombie until init reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

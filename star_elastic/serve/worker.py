@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -191,6 +192,7 @@ def _child_main(conn, server, max_batch: int, join_wait: int, threads: int | Non
     until the parent is gone; the scheduler's worker sends each step's events (`_Outbox.flush`)."""
     from star_elastic.runtime import tune_cpu_allocator
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
     tune_cpu_allocator()  # this process is the server's compute: reuse freed heap (see runtime.py)
     try:
         outbox = _Outbox(conn)
