@@ -12,7 +12,8 @@ on 127.0.0.1 (clients stay in this process, so they do not share the server's in
    weights they share count once) after requests on every budget ÷ after requests on the parent
    alone (goal <= 1.1), plus the weight bytes the budget views own (counted in-process).
 3. Proxy overhead: the same sequential requests in-process (think 0.5 → answer 1.0) and through the
-   proxy over two servers; and the answer phase's re-prefill of prompt + trace, timed on its own.
+   proxy over two servers, interleaved passes, medians; and the answer phase's re-prefill of prompt
+   + trace, timed on its own.
 Without RUN a random model of the demo parent's shape is saved to a temporary run folder
 (weights do not change the cost).
 """
@@ -191,16 +192,18 @@ def sequential(url: str, n: int, proxied: bool) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def proxy_overhead(run: str, server, n: int) -> None:
+def proxy_overhead(run: str, server, n: int, rounds: int) -> None:
+    """Per-request time in-process and through the proxy, `rounds` interleaved passes of n requests each
+    (medians compared, as for throughput)."""
     with Served(run) as local, Served(run) as answerer:
         with Served(run, "--think-backend", f"{local.url}#bench@0.5", "--answer-backend",
                     f"{answerer.url}#bench@1") as proxy:
             sequential(local.url, 2, False), sequential(proxy.url, 2, True)  # warm-up
-            inproc = [sequential(local.url, n, False), None, sequential(local.url, n, False)]
-            inproc[1] = sequential(proxy.url, n, True)
-    local_s, proxy_s = (inproc[0] + inproc[2]) / 2, inproc[1]
-    print(f"  per request: in-process {local_s * 1e3:.1f} ms (runs {inproc[0] * 1e3:.1f} / {inproc[2] * 1e3:.1f}), "
-          f"proxy {proxy_s * 1e3:.1f} ms ({proxy_s / local_s:.2f}x)")
+            passes = [(sequential(local.url, n, False), sequential(proxy.url, n, True)) for _ in range(rounds)]
+    local_s, proxy_s = (statistics.median(p[i] for p in passes) for i in (0, 1))
+    shown = " / ".join(f"{a * 1e3:.0f}:{b * 1e3:.0f}" for a, b in passes)
+    print(f"  per request: in-process {local_s * 1e3:.1f} ms, proxy {proxy_s * 1e3:.1f} ms ({proxy_s / local_s:.2f}x; "
+          f"passes in-process:proxy ms {shown})")
     tok = server.model(1.0).tokenizer
     prompt = tok.encode(format_prompt(tok, PROMPTS[1]), add_special_tokens=False)
     trace = server.generate([prompt], 0.5, 1.0, 32, 16).results[0].think_tokens
@@ -249,7 +252,7 @@ def main() -> None:
         memory(run, server, budgets)
     if args.only in (None, "proxy"):
         print("proxy overhead (sequential, one client):")
-        proxy_overhead(run, server, 8)
+        proxy_overhead(run, server, 8, args.rounds)
     tmp.cleanup()
 
 
