@@ -82,9 +82,14 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def _done_file(out: Path, stage: str) -> Path:
+    """The file whose presence means `stage` ("parent" or "elastify") is done in `out` and is reused."""
+    return {"parent": out / "parent" / "train_report.json", "elastify": out / "run" / "elastify_summary.json"}[stage]
+
+
 def stage_parent(cfg: DemoConfig, out: Path) -> dict:
     parent_dir = out / "parent"
-    report_path = parent_dir / "train_report.json"
+    report_path = _done_file(out, "parent")
     if report_path.is_file():
         _log(f"parent: reusing {parent_dir}")
         return json.loads(report_path.read_text())
@@ -95,7 +100,7 @@ def stage_parent(cfg: DemoConfig, out: Path) -> dict:
 
 def stage_elastify(cfg: DemoConfig, out: Path) -> dict:
     run = out / "run"
-    done = run / "elastify_summary.json"
+    done = _done_file(out, "elastify")
     if done.is_file():
         _log(f"elastify: reusing {run}")
         return json.loads(done.read_text())
@@ -226,8 +231,7 @@ def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None
     cfg = cfg or (QUICK if quick else DemoConfig())
     t0 = time.perf_counter()
     timings = {}
-    reused = [name for name, done in (("parent", out / "parent" / "train_report.json"),
-                                      ("elastify", out / "run" / "elastify_summary.json")) if done.is_file()]
+    reused = [stage for stage in ("parent", "elastify") if _done_file(out, stage).is_file()]
     parent_report = _timed(timings, "parent", stage_parent, cfg, out)
     elastify_summary = _timed(timings, "elastify", stage_elastify, cfg, out)
     examples = load_eval_examples(None, cfg.n_test)

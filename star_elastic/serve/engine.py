@@ -101,8 +101,9 @@ class LocalEngine:
         self._check_alive()
 
     def _check_alive(self) -> None:
-        if self.failure() is not None:
-            raise RequestError(self.failure(), status=503, code="engine_unavailable")
+        failure = self.failure()
+        if failure is not None:
+            raise RequestError(failure, status=503, code="engine_unavailable")
 
     def encode(self, spec: Spec) -> list[int]:
         if isinstance(spec.prompt, str):

@@ -162,7 +162,7 @@ class EngineProcess:
                 if job is None:  # cancelled here after the child had stepped it
                     continue
                 job.forced_end_of_think = forced
-                if any(kind in ("done", "error") for kind, _ in job_events):
+                if _ends(job_events):
                     self._jobs.pop(key, None)
                 try:
                     job.emit(job_events)
@@ -184,6 +184,11 @@ class EngineProcess:
                     job.emit([("error", self._failure)])
                 except RuntimeError:
                     pass
+
+
+def _ends(events: list) -> bool:
+    """Whether a job's events include its last one ("done" or "error")."""
+    return any(kind in ("done", "error") for kind, _ in events)
 
 
 # --- the child ---------------------------------------------------------------------------------
@@ -239,7 +244,7 @@ class _Outbox:
     def emitter(self, key: int, job: Job, jobs: dict[int, Job]):
         def emit(events: list) -> None:
             self.events.append((key, events, job.forced_end_of_think))
-            if any(kind in ("done", "error") for kind, _ in events):
+            if _ends(events):
                 jobs.pop(key, None)
         return emit
 
