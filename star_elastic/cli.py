@@ -60,8 +60,8 @@ def _add_train_parent(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-parent", help="train the demo's small reasoning parent on CPU and report its accuracy")
     p.add_argument("--out", required=True, help="output model directory (Hugging Face nemotron_h layout)")
     p.add_argument("--config", help="YAML with ParentConfig keys (flags override it)")
-    for flag, kind in (("steps", int), ("batch-size", int), ("lr", float), ("width-scale", float), ("seed", int),
-                       ("n-test", int), ("threads", int)):
+    for flag, kind in (("steps", int), ("batch-size", int), ("micro-batch-size", int), ("lr", float),
+                       ("width-scale", float), ("seed", int), ("n-test", int), ("threads", int)):
         p.add_argument(f"--{flag}", type=kind, default=None)
     p.set_defaults(func=_run_train_parent)
 
@@ -71,8 +71,8 @@ def _run_train_parent(args: argparse.Namespace) -> int:
 
     from star_elastic.train.parent import load_parent_config, train_parent
 
-    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "width_scale", "seed", "n_test",
-                                                 "threads")}
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "micro_batch_size", "lr", "width_scale", "seed",
+                                                 "n_test", "threads")}
     cfg = load_parent_config(args.config, overrides)
     check_out_dir(args.out)
     _, report = train_parent(cfg, args.out)
@@ -102,6 +102,8 @@ def _add_elastify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--seq-len", type=int, help="stage-2 sequence length (stage 1 uses half)")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--micro-batch-size", type=int,
+                   help="sequences per forward on each process (gradient accumulation, sorted by length)")
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int)
@@ -133,7 +135,8 @@ def _run_elastify(args: argparse.Namespace) -> int:
 
     overrides = {
         "model": args.model, "data": args.data, "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
-        "lr": args.lr, "seed": args.seed, "checkpoint_every": args.checkpoint_every, "stop_after": args.stop_after,
+        "micro_batch_size": args.micro_batch_size, "lr": args.lr, "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every, "stop_after": args.stop_after,
         "resume": args.resume, "elastic.budgets": args.budgets, "elastic.budget_type": args.budget_type,
         "elastic.budget_mode": args.budget_mode, "elastic.budget_tolerance": args.budget_tolerance,
         "elastic.nested": args.nested_budgets, "settle_every": args.settle_every,

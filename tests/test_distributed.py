@@ -148,6 +148,8 @@ def runs(tmp_path_factory):
          "copy_to": str(root / "two_to_one")},
         {"name": "fsdp_resume", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, resume=True)},
         {"name": "ddp", "cfg": _cfg(p, root / "ddp", parallel="ddp")},
+        {"name": "fsdp_micro", "cfg": _cfg(p, root / "fsdp_micro", activation_checkpointing=True, micro_batch_size=1)},
+        {"name": "ddp_micro", "cfg": _cfg(p, root / "ddp_micro", parallel="ddp", micro_batch_size=1)},
         {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
         {"name": "qad", "kind": "quantize", "cfg": QAD | {"run": str(root / "one"), "out": str(root / "qad_two")}},
     ]
@@ -226,6 +228,15 @@ def test_importance_gathered_over_ranks_equals_one_process(runs):
 def test_ddp_ranks_identical_and_equal_one_process(runs):
     assert _summary(runs, "ddp", 0)["state_sha256"] == _summary(runs, "ddp", 1)["state_sha256"]
     assert _max_diff(runs / "ddp", runs / "one") < 1e-6
+
+
+def test_micro_batches_under_fsdp_and_ddp_equal_one_process(runs):
+    """Each process's 2 sequences in 2 forwards (gradient accumulation: FSDP2 with gradient sync
+    off, DDP `no_sync`, until the last): the weights of one process with one forward per step."""
+    for name, mode in (("fsdp_micro", "fsdp"), ("ddp_micro", "ddp")):
+        assert (_summary(runs, name)["parallel"], _summary(runs, name)["world"]) == (mode, 2)
+        assert _max_diff(runs / name, runs / "one") < 1e-6, name
+    assert _summary(runs, "ddp_micro", 0)["state_sha256"] == _summary(runs, "ddp_micro", 1)["state_sha256"]
 
 
 def test_dcp_resume_at_same_world_size_is_bitwise(runs):

@@ -122,3 +122,26 @@ def batch_for_step(
         ids[i, : len(tok)] = torch.tensor(tok)
         mask[i, : len(m)] = torch.tensor(m)
     return ids, mask
+
+
+def length_groups(lengths: list[int], rows: int | None) -> list[list[int]]:
+    """Row indices in groups of `rows` (None: one group of all), for gradient accumulation.
+
+    Rows are sorted by length (shortest first, ties in row order) before they are cut, so each
+    group can be trimmed to its own longest row: a right-padded row's real tokens never see the
+    padding after them (causal model), so the groups' summed losses and gradients are the whole
+    batch's, with less padding computed. Every group has the same number of rows (`rows` divides
+    the batch): under FSDP every process must run the same number of forwards.
+    """
+    if rows is None or rows >= len(lengths):
+        return [list(range(len(lengths)))]
+    if len(lengths) % rows:
+        raise ConfigError(f"micro_batch_size {rows} must divide the {len(lengths)} rows of each process's batch")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + rows] for i in range(0, len(order), rows)]
+
+
+def row_lengths(real: torch.Tensor) -> list[int]:
+    """(B, T) 0/1 real-token mask of right-padded rows → each row's length up to its last real token."""
+    positions = torch.arange(1, real.shape[1] + 1, device=real.device)
+    return (real.ne(0) * positions).amax(dim=1).tolist()

@@ -62,6 +62,23 @@ class Engine:
     teacher: nn.Module
 
     @contextmanager
+    def gradient_sync(self, sync: bool):
+        """Backward passes inside reduce their gradients over the processes only when `sync`:
+        accumulating over micro-batches reduces once, after the last (DDP `no_sync`, FSDP2
+        `set_requires_gradient_sync`); the local gradients add up until then."""
+        if sync or self.mode == "none":
+            yield
+        elif self.mode == "ddp":
+            with self.student.no_sync():
+                yield
+        else:
+            self.state_module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.state_module.set_requires_gradient_sync(True)
+
+    @contextmanager
     def evaluating(self):
         """No-grad forwards of the student in eval mode (held-out evaluation between steps). FSDP2
         keeps the root unit gathered after a forward until its backward (`reshard_after_forward`

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from star_elastic import accounting
 from star_elastic.config import ConfigError, ElasticConfig, ModelConfig, from_dict, merge_config
-from star_elastic.data.loading import batch_for_step, load_sequences
+from star_elastic.data.loading import batch_for_step, length_groups, load_sequences, row_lengths
 from star_elastic.distributed import (
     barrier,
     full_state_dict,
@@ -85,6 +85,10 @@ class ElastifyConfig:
     """Stage-2 budget probabilities, largest budget first; empty: `default_stage2_probs` (paper: 0.5 / 0.3 / 0.2)."""
     batch_size: int = 16
     """Sequences per step in all (the global batch), split evenly over the processes."""
+    micro_batch_size: int | None = None
+    """Sequences per forward on each process (gradient accumulation); must divide its share of the
+    batch. The share is sorted by length first and each micro-batch padded only to its own longest
+    sequence. None: the whole share in one forward."""
     optimizer: str = "adamw"
     """adamw (betas 0.9 / 0.95) or sgd (plain; used to compare engines, where Adam amplifies rounding)."""
     lr: float = 1e-3
@@ -143,6 +147,9 @@ class ElastifyConfig:
             raise ConfigError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.settle_every < 0:
             raise ConfigError(f"settle_every must be >= 0 (0: project only at the stage boundary), got {self.settle_every}")
+        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
+            raise ConfigError(f"micro_batch_size must be positive (or null: no accumulation), "
+                              f"got {self.micro_batch_size}")
         for name in ("batch_size", "kd_chunk_tokens", "stage1_seq_len", "stage2_seq_len", "checkpoint_every",
                      "calibration_batches"):
             if getattr(self, name) <= 0:
@@ -283,7 +290,8 @@ def check_plan(cfg: ElastifyConfig, world: int, log) -> dict:
     memory = cfg.gpu_memory_gb
     if memory is None and torch.cuda.is_available():
         memory = torch.cuda.get_device_properties(device_for_rank()).total_memory / 1e9
-    pc = PlanConfig(gpus=world, seq_len=cfg.stage2_seq_len, micro_batch=max(1, cfg.batch_size // world),
+    share = max(1, cfg.batch_size // world)
+    pc = PlanConfig(gpus=world, seq_len=cfg.stage2_seq_len, micro_batch=min(cfg.micro_batch_size or share, share),
                     dtype=cfg.dtype, activation_checkpointing=cfg.activation_checkpointing,
                     optimizer_offload=cfg.optimizer_offload, kd_chunk_tokens=cfg.kd_chunk_tokens, gpu_memory_gb=memory)
     result = plan(ModelConfig.from_json(accounting._config_path(cfg.model)), pc)
@@ -319,6 +327,9 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     mode, rank, world = init_process_group(cfg.parallel, cfg.dtype)
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+    if cfg.micro_batch_size is not None and (cfg.batch_size // world) % cfg.micro_batch_size:
+        raise ConfigError(f"micro_batch_size {cfg.micro_batch_size} must divide each process's "
+                          f"{cfg.batch_size // world} sequences (batch_size {cfg.batch_size} over {world} processes)")
     log = log or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
     check_plan(cfg, world, log)
     out = Path(cfg.out)
@@ -369,22 +380,12 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
         ids, mask = rank_batch(cfg, seqs, step, seq_len, pad, rank, world)
         ids, mask = ids.to(engine.device), mask.to(engine.device)
         attn = ((ids != pad) | (mask > 0)).float()
-        with torch.no_grad():
-            teacher_hidden = engine.teacher(ids, head=False)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # Gumbel noise of this step
-        kl, ce, picks = engine.student(ids, budget, tau, gen, teacher_hidden, engine.teacher.lm_head, attn,
-                                       cfg.kd_temperature, mask.float() if cfg.lm_weight > 0 else None)
         # per-rank sums over global counts: the engines' gradient mean over ranks is the whole batch's
         n_kd, n_lm = global_sum(attn.sum()), global_sum(mask[:, 1:].sum().float())
-        kd = kl * world / n_kd.clamp_min(1)
-        rl = router_loss(elastic.cost, {a: p.cpu() for a, p in picks.items()}, budget)
-        loss = kd + cfg.router_weight * rl.float().to(kd.device)
-        if cfg.lm_weight > 0:
-            loss = loss + cfg.lm_weight * ce * world / n_lm.clamp_min(1)
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = base * lr_scale(cfg, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        kl, ce, picks, rl = accumulate(cfg, engine, elastic, step, budget, tau, ids, mask, attn, n_kd, n_lm, world)
         torch.nn.utils.clip_grad_norm_(model_params, cfg.grad_clip)
         opt.step()
         done = step + 1
@@ -413,6 +414,38 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     return {"rank": rank, "world": world, "steps": cfg.steps, "finished": finished, "parallel": mode, "load": load,
             "state_sha256": None if final is None else state_digest(final),
             "architectures": None if final is None else {b: final.describe(b) for b in ecfg.budgets}}
+
+
+def accumulate(cfg: ElastifyConfig, engine, elastic: ElasticLM, step: int, budget: float, tau: float, ids, mask, attn,
+               n_kd, n_lm, world: int):
+    """Forward and backward of this process's rows, in micro-batches (`length_groups`) whose losses
+    add up to the whole batch's: each is divided by the global counts, the router loss is added
+    once, and gradients are reduced over processes after the last. Every micro-batch samples the
+    step's architecture from the same Gumbel noise. Returns the summed (KL, CE), picks, router loss."""
+    lengths = row_lengths(attn) if cfg.micro_batch_size is not None else [ids.shape[1]] * len(ids)
+    groups = length_groups(lengths, cfg.micro_batch_size)
+    kl = ce = 0.0
+    for j, rows in enumerate(groups):
+        last = j == len(groups) - 1
+        g_ids, g_mask, g_attn = ids, mask, attn
+        if len(groups) > 1:  # these rows only, trimmed to their longest
+            index, width = torch.as_tensor(rows, device=ids.device), max(lengths[r] for r in rows)
+            g_ids, g_mask, g_attn = (t[index, :width] for t in (ids, mask, attn))
+        with engine.gradient_sync(last):
+            with torch.no_grad():
+                teacher_hidden = engine.teacher(g_ids, head=False)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # Gumbel noise of this step
+            g_kl, g_ce, picks = engine.student(g_ids, budget, tau, gen, teacher_hidden, engine.teacher.lm_head, g_attn,
+                                               cfg.kd_temperature, g_mask.float() if cfg.lm_weight > 0 else None)
+            loss = g_kl * world / n_kd.clamp_min(1)
+            if last:
+                rl = router_loss(elastic.cost, {a: p.cpu() for a, p in picks.items()}, budget)
+                loss = loss + cfg.router_weight * rl.float().to(loss.device)
+            if cfg.lm_weight > 0:
+                loss = loss + cfg.lm_weight * g_ce * world / n_lm.clamp_min(1)
+            loss.backward()
+        kl, ce = kl + g_kl.detach(), ce + g_ce.detach()
+    return kl, ce, picks, rl
 
 
 def keep_metrics_until(path: Path, step: int) -> None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from star_elastic.config import ConfigError, ModelConfig, from_dict, merge_config
 from star_elastic.data import synthetic
+from star_elastic.data.loading import length_groups
 from star_elastic.data.tokenizer import build_tokenizer, encode_example, format_prompt
 from star_elastic.infer.generate import GenerationConfig, generate
 from star_elastic.model.hybrid import HybridLM
@@ -51,6 +52,9 @@ class ParentConfig:
     """Held-out problems for the reported accuracy."""
     steps: int = 1200
     batch_size: int = 48
+    micro_batch_size: int | None = None
+    """Problems per forward (gradient accumulation; must divide batch_size): the step's problems are
+    sorted by length and each micro-batch padded only to its own longest. None: one forward."""
     lr: float = 4e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 40
@@ -66,6 +70,10 @@ class ParentConfig:
         for name in ("n_train", "n_test", "steps", "batch_size", "eval_batch_size", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        micro = self.micro_batch_size
+        if micro is not None and (micro <= 0 or self.batch_size % micro):
+            raise ConfigError(f"micro_batch_size must be a positive divisor of batch_size {self.batch_size}, "
+                              f"got {self.micro_batch_size}")
         if not 0 < self.width_scale <= 4:
             raise ConfigError(f"width_scale must be in (0, 4], got {self.width_scale}")
         if self.lr <= 0:
@@ -100,11 +108,29 @@ def make_batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple
     return ids, mask[:, 1:]
 
 
-def lm_loss(model: HybridLM, ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the masked (assistant) positions."""
+def lm_loss(model: HybridLM, ids: torch.Tensor, target_mask: torch.Tensor, count=None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the masked (assistant) positions; with `count`, the sum
+    divided by it instead (a micro-batch's share of the whole batch's mean)."""
     logits = model(ids[:, :-1])  # (B, T-1, V)
     losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-    return (losses * target_mask).sum() / target_mask.sum().clamp_min(1)
+    return (losses * target_mask).sum() / (target_mask.sum().clamp_min(1) if count is None else count)
+
+
+def accumulate_lm(model: HybridLM, picked: list[tuple[list[int], list[int]]], rows: int | None, pad_id: int):
+    """Forward and backward of one step's problems in micro-batches (`length_groups`); returns the
+    batch's mean loss (detached when split). One group: exactly `lm_loss` on the padded batch."""
+    groups = length_groups([len(ids) for ids, _ in picked], rows)
+    if len(groups) == 1:
+        loss = lm_loss(model, *make_batch(picked, pad_id))
+        loss.backward()
+        return loss
+    count = float(sum(sum(m[1:]) for _, m in picked))  # every target position of the batch
+    total = 0.0
+    for group in groups:
+        loss = lm_loss(model, *make_batch([picked[i] for i in group], pad_id), count=max(count, 1.0))
+        loss.backward()
+        total += loss.item()
+    return torch.tensor(total)
 
 
 def lr_at(step: int, total: int, cfg: ParentConfig) -> float:
@@ -168,10 +194,8 @@ def train_parent(cfg: ParentConfig, out: str | Path | None = None) -> tuple[Hybr
             group["lr"] = lr_at(step, cfg.steps, cfg)
         picked = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
         tokens += sum(len(ids) for ids, _ in picked)  # non-padding positions, as the baselines count them
-        ids, mask = make_batch(picked, mcfg.pad_token_id)
-        loss = lm_loss(model, ids, mask)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = accumulate_lm(model, picked, cfg.micro_batch_size, mcfg.pad_token_id)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         losses.append(loss.item())

@@ -1,0 +1,94 @@
+"""Gradient accumulation over length-sorted micro-batches (`micro_batch_size`) equals one forward
+of the whole batch: for the parent's trainer (gradients) and for elastify (trained weights, SGD);
+the multi-process versions (DDP `no_sync`, FSDP2 gradient sync off) are in test_distributed.py."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from test_elastify import TINY_PARENT, config
+
+from star_elastic import HybridLM, ModelConfig
+from star_elastic.config import ConfigError
+from star_elastic.data.loading import length_groups, row_lengths
+from star_elastic.data.tokenizer import build_tokenizer
+from star_elastic.elastic.run import load_elastic
+from star_elastic.train.elastify import train
+from star_elastic.train.parent import ParentConfig, accumulate_lm, lm_loss, make_batch
+
+
+@pytest.fixture(scope="module")
+def parent_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parent")
+    tok = build_tokenizer()
+    model = HybridLM(ModelConfig(**TINY_PARENT, vocab_size=len(tok))).init_weights(0)
+    model.tokenizer = tok
+    model.save_pretrained(path)
+    return path
+
+
+def test_length_groups_sort_by_length_and_cut_equal_groups():
+    assert length_groups([5, 2, 9, 2, 7, 1], 2) == [[5, 1], [3, 0], [4, 2]]  # ties keep row order
+    assert length_groups([5, 2, 9], None) == [[0, 1, 2]]
+    assert length_groups([5, 2, 9], 3) == [[0, 1, 2]]
+    with pytest.raises(ConfigError, match="micro_batch_size 2 must divide the 3 rows"):
+        length_groups([5, 2, 9], 2)
+    real = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1]])  # a gap inside a row is kept
+    assert row_lengths(real) == [3, 4, 5]
+    with pytest.raises(ConfigError, match="micro_batch_size must be a positive divisor of batch_size 48"):
+        ParentConfig(micro_batch_size=5)
+
+
+def test_parent_micro_batches_give_the_whole_batch_gradient_with_less_padding():
+    tok = build_tokenizer()
+    model = HybridLM(ModelConfig(**TINY_PARENT, vocab_size=len(tok))).init_weights(0)
+    rng = random.Random(0)
+    picked = []
+    for _ in range(8):  # problems of very different lengths, loss on a tail of each
+        n = rng.randrange(6, 40)
+        ids = [rng.randrange(3, len(tok)) for _ in range(n)]
+        picked.append((ids, [0] * (n // 2) + [1] * (n - n // 2)))
+
+    def grads(rows):
+        model.zero_grad(set_to_none=True)
+        loss = accumulate_lm(model, picked, rows, pad_id=0)
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole_loss, whole = grads(None)
+    with torch.no_grad():
+        assert whole_loss == pytest.approx(float(lm_loss(model, *make_batch(picked, 0))), abs=1e-6)
+    for rows in (1, 2, 4):
+        loss, split = grads(rows)
+        assert loss == pytest.approx(whole_loss, abs=1e-5)
+        assert split.keys() == whole.keys()
+        for name in whole:
+            torch.testing.assert_close(split[name], whole[name], atol=2e-6, rtol=1e-4, msg=name)
+    groups = length_groups([len(ids) for ids, _ in picked], 2)
+    padded = sum(len(g) * max(len(picked[i][0]) for i in g) for g in groups)
+    assert padded < len(picked) * max(len(ids) for ids, _ in picked)
+
+
+def test_elastify_micro_batches_train_the_same_weights(parent_dir, tmp_path):
+    """SGD (Adam would amplify ~1e-8 summation-order differences), 4 steps over both stages, 4
+    sequences per step in 1, 2 and 4 forwards: the same weights and router, the same losses."""
+    base = dict(steps=4, optimizer="sgd", lr=0.5, router_lr=0.5, warmup_steps=1, lm_weight=0.5, settle_every=0,
+                elastic={"budget_mode": "none"})  # the router loss acts at every step (no dead zone)
+    runs = {}
+    for rows in (None, 2, 1):
+        out = tmp_path / f"micro-{rows}"
+        train(config(parent_dir, out, micro_batch_size=rows, **base), log=lambda m: None)
+        elastic = load_elastic(out)
+        runs[rows] = (elastic.model.state_dict() | {f"router.{k}": v for k, v in elastic.router.state_dict().items()},
+                      [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+    whole, whole_metrics = runs[None]
+    for rows in (2, 1):
+        weights, metrics = runs[rows]
+        assert max(float((weights[k] - whole[k]).abs().max()) for k in whole) < 1e-5, rows
+        for a, b in zip(metrics, whole_metrics):
+            assert a["arch"] == b["arch"] and a["budget"] == b["budget"]
+            assert a["kd"] == pytest.approx(b["kd"], abs=1e-6) and a["lm"] == pytest.approx(b["lm"], abs=1e-6)
+    with pytest.raises(ConfigError, match="micro_batch_size 3 must divide each process's 4 sequences"):
+        train(config(parent_dir, tmp_path / "bad", micro_batch_size=3), log=lambda m: None)
