@@ -229,6 +229,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qad-steps", type=int, help="QAD steps after PTQ (default 0: PTQ only)")
     p.add_argument("--out", help="quantized run folder (QRUN); required here or in --config")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--micro-batch-size", type=int,
+                   help="sequences per forward on each process (gradient accumulation, sorted by length)")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
@@ -245,7 +247,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     data = merge_config(args.config, {
         "run": args.run, "out": args.out, "data": args.data, "qad_steps": args.qad_steps, "batch_size": args.batch_size,
-        "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed, "quant.format": args.format,
+        "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed,
+        "quant.format": args.format,
         "parallel": args.parallel, "dtype": args.dtype, "activation_checkpointing": args.activation_checkpointing,
         "optimizer_offload": args.optimizer_offload,
     })

@@ -135,8 +135,9 @@ def runs(tmp_path_factory):
     quiet = lambda msg: None  # noqa: E731
     one = train(from_dict(ElastifyConfig, _cfg(p, root / "one", parallel="none", save_initial=True)), log=quiet)
     (root / "one-rank0.json").write_text(json.dumps(one, default=str))
-    for name, chunk in (("qad_one", QAD["kd_chunk_tokens"]), ("qad_one_unchunked", 10**6)):  # one chunk: full logits
-        qcfg = QAD | {"run": str(root / "one"), "out": str(root / name), "parallel": "none", "kd_chunk_tokens": chunk}
+    for name, changes in (("qad_one", {}), ("qad_one_unchunked", {"kd_chunk_tokens": 10**6}),  # one chunk: full logits
+                          ("qad_one_micro", {"micro_batch_size": 1})):
+        qcfg = QAD | {"run": str(root / "one"), "out": str(root / name), "parallel": "none"} | changes
         (root / f"{name}-rank0.json").write_text(json.dumps(quantize_run(from_dict(QuantizeConfig, qcfg), log=quiet)))
     train(from_dict(ElastifyConfig, _cfg(p, root / "one_stop", parallel="none", stop_after=2)), log=quiet)
     phases = [
@@ -152,6 +153,8 @@ def runs(tmp_path_factory):
         {"name": "ddp_micro", "cfg": _cfg(p, root / "ddp_micro", parallel="ddp", micro_batch_size=1)},
         {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
         {"name": "qad", "kind": "quantize", "cfg": QAD | {"run": str(root / "one"), "out": str(root / "qad_two")}},
+        {"name": "qad_micro", "kind": "quantize",
+         "cfg": QAD | {"run": str(root / "one"), "out": str(root / "qad_two_micro"), "micro_batch_size": 1}},
     ]
     _two_nodes(phases, root)
     train(from_dict(ElastifyConfig, _cfg(p, root / "two_to_one", parallel="none", resume=True)), log=quiet)
@@ -210,6 +213,15 @@ def test_qad_on_the_engine_two_processes_equal_one_process(runs):
     assert abs(one["kd_final"] - one["kd_ptq"]) > 1e-5  # QAD moved the weights
     torch.testing.assert_close(_qad_numbers(two), _qad_numbers(one), atol=1e-7, rtol=0)
     assert (runs / "qad_two" / "model" / "hf_quant_config.json").is_file()
+
+
+def test_qad_micro_batches_equal_one_forward(runs):
+    """QAD with one sequence per forward (4 forwards in one process; 2 per process under FSDP2,
+    gradient sync after the last): the same held-out KD and step losses as one forward per step."""
+    one = _summary(runs, "qad_one")
+    for name in ("qad_one_micro", "qad_micro"):
+        torch.testing.assert_close(_qad_numbers(_summary(runs, name)), _qad_numbers(one), atol=1e-7, rtol=0, msg=name)
+    assert _summary(runs, "qad_micro")["world"] == 2
 
 
 def test_qad_chunked_kd_equals_full_logits(runs):

@@ -141,6 +141,20 @@ def length_groups(lengths: list[int], rows: int | None) -> list[list[int]]:
     return [order[i : i + rows] for i in range(0, len(order), rows)]
 
 
+def micro_batches(rows: int | None, real: torch.Tensor, *tensors: torch.Tensor):
+    """Yield (last, parts): `tensors` (each (B, T, ...), right-padded rows) cut into the micro-batches
+    of `length_groups`, each part trimmed to the group's longest row by `real` (B, T), the 0/1 mask
+    of the positions a loss or the model needs. One group (`rows` None or >= B): the tensors whole."""
+    lengths = row_lengths(real) if rows is not None else [real.shape[1]] * real.shape[0]
+    groups = length_groups(lengths, rows)
+    if len(groups) == 1:
+        yield True, tensors
+        return
+    for j, group in enumerate(groups):
+        index, width = torch.as_tensor(group, device=real.device), max(lengths[i] for i in group)
+        yield j == len(groups) - 1, tuple(t[index, :width] for t in tensors)
+
+
 def row_lengths(real: torch.Tensor) -> list[int]:
     """(B, T) 0/1 real-token mask of right-padded rows → each row's length up to its last real token."""
     positions = torch.arange(1, real.shape[1] + 1, device=real.device)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from star_elastic import accounting
 from star_elastic.config import ConfigError, ElasticConfig, ModelConfig, from_dict, merge_config
-from star_elastic.data.loading import batch_for_step, length_groups, load_sequences, row_lengths
+from star_elastic.data.loading import batch_for_step, load_sequences, micro_batches
 from star_elastic.distributed import (
     barrier,
     full_state_dict,
@@ -418,19 +418,12 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
 
 def accumulate(cfg: ElastifyConfig, engine, elastic: ElasticLM, step: int, budget: float, tau: float, ids, mask, attn,
                n_kd, n_lm, world: int):
-    """Forward and backward of this process's rows, in micro-batches (`length_groups`) whose losses
+    """Forward and backward of this process's rows, in micro-batches (`micro_batches`) whose losses
     add up to the whole batch's: each is divided by the global counts, the router loss is added
     once, and gradients are reduced over processes after the last. Every micro-batch samples the
     step's architecture from the same Gumbel noise. Returns the summed (KL, CE), picks, router loss."""
-    lengths = row_lengths(attn) if cfg.micro_batch_size is not None else [ids.shape[1]] * len(ids)
-    groups = length_groups(lengths, cfg.micro_batch_size)
     kl = ce = 0.0
-    for j, rows in enumerate(groups):
-        last = j == len(groups) - 1
-        g_ids, g_mask, g_attn = ids, mask, attn
-        if len(groups) > 1:  # these rows only, trimmed to their longest
-            index, width = torch.as_tensor(rows, device=ids.device), max(lengths[r] for r in rows)
-            g_ids, g_mask, g_attn = (t[index, :width] for t in (ids, mask, attn))
+    for last, (g_ids, g_mask, g_attn) in micro_batches(cfg.micro_batch_size, attn, ids, mask, attn):
         with engine.gradient_sync(last):
             with torch.no_grad():
                 teacher_hidden = engine.teacher(g_ids, head=False)
