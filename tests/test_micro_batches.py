@@ -73,22 +73,21 @@ def test_parent_micro_batches_give_the_whole_batch_gradient_with_less_padding():
 
 def test_elastify_micro_batches_train_the_same_weights(parent_dir, tmp_path):
     """SGD (Adam would amplify ~1e-8 summation-order differences), 4 steps over both stages, 4
-    sequences per step in 1, 2 and 4 forwards: the same weights and router, the same losses."""
+    sequences per step in 1 and in 4 forwards: the same weights and router, the same losses."""
     base = dict(steps=4, optimizer="sgd", lr=0.5, router_lr=0.5, warmup_steps=1, lm_weight=0.5, settle_every=0,
                 elastic={"budget_mode": "none"})  # the router loss acts at every step (no dead zone)
     runs = {}
-    for rows in (None, 2, 1):
+    for rows in (None, 1):
         out = tmp_path / f"micro-{rows}"
         train(config(parent_dir, out, micro_batch_size=rows, **base), log=lambda m: None)
         elastic = load_elastic(out)
         runs[rows] = (elastic.model.state_dict() | {f"router.{k}": v for k, v in elastic.router.state_dict().items()},
                       [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
-    whole, whole_metrics = runs[None]
-    for rows in (2, 1):
-        weights, metrics = runs[rows]
-        assert max(float((weights[k] - whole[k]).abs().max()) for k in whole) < 1e-5, rows
-        for a, b in zip(metrics, whole_metrics):
-            assert a["arch"] == b["arch"] and a["budget"] == b["budget"]
-            assert a["kd"] == pytest.approx(b["kd"], abs=1e-6) and a["lm"] == pytest.approx(b["lm"], abs=1e-6)
+    (whole, whole_metrics), (weights, metrics) = runs[None], runs[1]
+    assert max(float((weights[k] - whole[k]).abs().max()) for k in whole) < 1e-5
+    assert len(metrics) == len(whole_metrics) == 4
+    for a, b in zip(metrics, whole_metrics):
+        assert a["arch"] == b["arch"] and a["budget"] == b["budget"]
+        assert a["kd"] == pytest.approx(b["kd"], abs=1e-6) and a["lm"] == pytest.approx(b["lm"], abs=1e-6)
     with pytest.raises(ConfigError, match="micro_batch_size 3 must divide each process's 4 sequences"):
         train(config(parent_dir, tmp_path / "bad", micro_batch_size=3), log=lambda m: None)

@@ -141,6 +141,13 @@ def length_groups(lengths: list[int], rows: int | None) -> list[list[int]]:
     return [order[i : i + rows] for i in range(0, len(order), rows)]
 
 
+def check_micro_batch_size(rows: int | None, batch_size: int, world: int) -> None:
+    """A micro-batch size must divide each process's share of the global batch."""
+    if rows is not None and (batch_size // world) % rows:
+        raise ConfigError(f"micro_batch_size {rows} must divide each process's {batch_size // world} sequences "
+                          f"(batch_size {batch_size} over {world} processes)")
+
+
 def micro_batches(rows: int | None, real: torch.Tensor, *tensors: torch.Tensor):
     """Yield (last, parts): `tensors` (each (B, T, ...), right-padded rows) cut into the micro-batches
     of `length_groups`, each part trimmed to the group's longest row by `real` (B, T), the 0/1 mask

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from star_elastic import accounting
 from star_elastic.config import ConfigError, ElasticConfig, ModelConfig, from_dict, merge_config
-from star_elastic.data.loading import batch_for_step, load_sequences, micro_batches
+from star_elastic.data.loading import batch_for_step, check_micro_batch_size, load_sequences, micro_batches
 from star_elastic.distributed import (
     barrier,
     full_state_dict,
@@ -327,9 +327,7 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     mode, rank, world = init_process_group(cfg.parallel, cfg.dtype)
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
-    if cfg.micro_batch_size is not None and (cfg.batch_size // world) % cfg.micro_batch_size:
-        raise ConfigError(f"micro_batch_size {cfg.micro_batch_size} must divide each process's "
-                          f"{cfg.batch_size // world} sequences (batch_size {cfg.batch_size} over {world} processes)")
+    check_micro_batch_size(cfg.micro_batch_size, cfg.batch_size, world)
     log = log or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
     check_plan(cfg, world, log)
     out = Path(cfg.out)
