@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_elastify import TINY_PARENT
+from test_elastify import TINY_PARENT, save_tiny_parent
 
 from star_elastic import HybridLM, ModelConfig
 from star_elastic.config import from_dict
@@ -127,11 +127,7 @@ def _two_nodes(phases: list[dict], root: Path) -> None:
 def runs(tmp_path_factory):
     """Every run folder, keyed by name, plus each phase's per-rank summaries."""
     root = tmp_path_factory.mktemp("dist")
-    tok = build_tokenizer()
-    model = HybridLM(ModelConfig(**TINY_PARENT, vocab_size=len(tok))).init_weights(0)
-    model.tokenizer = tok
-    model.save_pretrained(root / "parent")
-    p = root / "parent"
+    p = save_tiny_parent(root / "parent")
     quiet = lambda msg: None  # noqa: E731
     one = train(from_dict(ElastifyConfig, _cfg(p, root / "one", parallel="none", save_initial=True)), log=quiet)
     (root / "one-rank0.json").write_text(json.dumps(one, default=str))
@@ -151,7 +147,7 @@ def runs(tmp_path_factory):
         {"name": "ddp", "cfg": _cfg(p, root / "ddp", parallel="ddp", micro_batch_size=1)},  # 2 forwards, no_sync
         {"name": "fsdp_micro", "cfg": _cfg(p, root / "fsdp_micro", activation_checkpointing=True, micro_batch_size=1)},
         {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
-        {"name": "qad", "kind": "quantize",  # 2 forwards per process, one gradient reduction
+        {"name": "qad", "kind": "quantize",  # 2 forwards per process
          "cfg": QAD | {"run": str(root / "one"), "out": str(root / "qad_two"), "micro_batch_size": 1}},
     ]
     _two_nodes(phases, root)
@@ -240,9 +236,9 @@ def test_ddp_ranks_identical_and_equal_one_process(runs):  # in micro-batches (n
 
 
 def test_micro_batches_under_fsdp_equal_one_process(runs):
-    """Each process's 2 sequences in 2 forwards (gradient accumulation, FSDP2's gradient sync off
-    until the last): the weights of one process with one forward per step. (The DDP phase runs in
-    micro-batches too: `no_sync`.)"""
+    """Each process's 2 sequences in 2 forwards (gradient accumulation: FSDP2 reduce-scatters after
+    each and adds up the sharded gradients): the weights of one process with one forward per step.
+    (The DDP phase runs in micro-batches too: `no_sync` until the last.)"""
     assert (_summary(runs, "fsdp_micro")["parallel"], _summary(runs, "fsdp_micro")["world"]) == ("fsdp", 2)
     assert _max_diff(runs / "fsdp_micro", runs / "one") < 1e-6
 

@@ -23,14 +23,18 @@ TINY_PARENT = dict(hidden_size=32, pattern="M*E-", num_attention_heads=4, num_ke
                    moe_shared_expert_intermediate_size=32)
 
 
-@pytest.fixture(scope="module")
-def parent_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parent")
+def save_tiny_parent(path: Path) -> Path:
+    """The tiny parent (TINY_PARENT, the built-in tokenizer, seed 0) saved as a model folder."""
     tok = build_tokenizer()
     model = HybridLM(ModelConfig(**TINY_PARENT, vocab_size=len(tok))).init_weights(0)
     model.tokenizer = tok
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def parent_dir(tmp_path_factory):
+    return save_tiny_parent(tmp_path_factory.mktemp("parent"))
 
 
 def config(parent_dir, out, **changes) -> ElastifyConfig:

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from test_elastify import TINY_PARENT, config
+from test_elastify import TINY_PARENT, config, save_tiny_parent
 
 from star_elastic import HybridLM, ModelConfig
 from star_elastic.config import ConfigError
@@ -22,12 +22,7 @@ from star_elastic.train.parent import ParentConfig, accumulate_lm, lm_loss, make
 
 @pytest.fixture(scope="module")
 def parent_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parent")
-    tok = build_tokenizer()
-    model = HybridLM(ModelConfig(**TINY_PARENT, vocab_size=len(tok))).init_weights(0)
-    model.tokenizer = tok
-    model.save_pretrained(path)
-    return path
+    return save_tiny_parent(tmp_path_factory.mktemp("parent"))
 
 
 def test_length_groups_sort_by_length_and_cut_equal_groups():

@@ -63,20 +63,16 @@ class Engine:
 
     @contextmanager
     def gradient_sync(self, sync: bool):
-        """Backward passes inside reduce their gradients over the processes only when `sync`:
-        accumulating over micro-batches reduces once, after the last (DDP `no_sync`, FSDP2
-        `set_requires_gradient_sync`); the local gradients add up until then."""
-        if sync or self.mode == "none":
+        """A micro-batch's forward and backward; `sync` for the step's last. DDP reduces only then
+        (`no_sync` before: each replica holds whole gradients anyway). FSDP2 reduce-scatters after
+        every micro-batch and adds up the sharded gradients: with its sync off until the last, each
+        unit's unsharded gradient would stay on every GPU (Nano-3's: 63 GB in bf16), so accumulation
+        costs communication instead of memory, as torchtitan chooses too."""
+        if sync or self.mode != "ddp":
             yield
-        elif self.mode == "ddp":
+        else:
             with self.student.no_sync():
                 yield
-        else:
-            self.state_module.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self.state_module.set_requires_gradient_sync(True)
 
     @contextmanager
     def evaluating(self):

@@ -418,8 +418,9 @@ def accumulate(cfg: ElastifyConfig, engine, elastic: ElasticLM, step: int, budge
                n_kd, n_lm, world: int):
     """Forward and backward of this process's rows, in micro-batches (`micro_batches`) whose losses
     add up to the whole batch's: each is divided by the global counts, the router loss is added
-    once, and gradients are reduced over processes after the last. Every micro-batch samples the
-    step's architecture from the same Gumbel noise. Returns the summed (KL, CE), picks, router loss."""
+    once, gradients are reduced over processes as `Engine.gradient_sync` says. Every micro-batch
+    samples the step's architecture from the same Gumbel noise. Returns the summed (KL, CE), picks,
+    router loss."""
     kl = ce = 0.0
     for last, (g_ids, g_mask, g_attn) in micro_batches(cfg.micro_batch_size, attn, ids, mask, attn):
         with engine.gradient_sync(last):
