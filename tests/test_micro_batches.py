@@ -1,6 +1,7 @@
 """Gradient accumulation over length-sorted micro-batches (`micro_batch_size`) equals one forward
 of the whole batch: for the parent's trainer (gradients) and for elastify (trained weights, SGD);
-the multi-process versions (DDP `no_sync`, FSDP2 gradient sync off) are in test_distributed.py."""
+the multi-process versions (DDP with `no_sync`, FSDP2 reduce-scattering each micro-batch) are in
+test_distributed.py."""
 
 from __future__ import annotations
 
