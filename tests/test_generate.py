@@ -49,6 +49,51 @@ def test_chunked_scan_equals_step_recurrence(chunk, length):
     torch.testing.assert_close(state, final, atol=1e-5, rtol=1e-5)
 
 
+def recurrence_f64(x, dt, A, Bm, Cm, init):
+    """The SSM as written in the Mamba-2 paper, one step at a time in float64 with plain exp:
+    h = exp(dt·A) h + dt·x ⊗ B, y = h·C (B and C shared by the heads of a group)."""
+    b, T, H, P = x.shape
+    R = H // Bm.shape[2]
+    h, ys = init.double(), []
+    for t in range(T):
+        Bh = Bm[:, t].double().repeat_interleave(R, 1)[:, :, None, :]  # (b, H, 1, N)
+        Ch = Cm[:, t].double().repeat_interleave(R, 1)[:, :, None, :]
+        decay = torch.exp(dt[:, t].double() * A.double())[..., None, None]
+        h = decay * h + (dt[:, t].double()[..., None] * x[:, t].double())[..., None] * Bh
+        ys.append((h * Ch).sum(-1))
+    return torch.stack(ys, 1), h
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_scan_with_underflowing_decays_matches_float64_recurrence(chunk):
+    """Decays far below fp32's smallest normal (dt·A down to -200 per step, cumulated over the
+    chunk): the scan floors exp's argument (mamba2.LOG_TINY, a CPU speed matter) and must still
+    give the plain-exp float64 recurrence's outputs, states and gradients."""
+    g = torch.Generator().manual_seed(chunk)
+    b, T, H, P, G, N = 2, 21, 4, 3, 2, 5
+    x = torch.randn(b, T, H, P, generator=g, requires_grad=True)
+    dt = (torch.rand(b, T, H, generator=g) * 10).requires_grad_()
+    A = (-torch.tensor([0.05, 1.0, 8.0, 20.0])).requires_grad_()  # per head: from slow to ~exp(-200) a step
+    Bm = torch.randn(b, T, G, N, generator=g, requires_grad=True)
+    Cm = torch.randn(b, T, G, N, generator=g, requires_grad=True)
+    init = torch.randn(b, H, P, N, generator=g)
+    y, final = ssd_chunked(x, dt, A, Bm, Cm, chunk, init.clone())
+    y_ref, final_ref = recurrence_f64(x, dt, A, Bm, Cm, init)
+    a_cum = torch.cumsum(dt.detach() * A.detach(), 1)
+    assert (a_cum < -500).any(), "the case must reach decays that underflow fp32"
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(final.double(), final_ref, atol=1e-4, rtol=1e-4)
+    weights = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad((y * weights).sum() + final.sum(), (x, dt, A, Bm, Cm))
+    grads_ref = torch.autograd.grad((y_ref * weights.double()).sum() + final_ref.sum(), (x, dt, A, Bm, Cm))
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-3, rtol=1e-4)
+    state = init.clone()
+    steps = [ssd_step(state, x[:, t].detach(), dt[:, t].detach(), A.detach(), Bm[:, t].detach(), Cm[:, t].detach())
+             for t in range(T)]
+    torch.testing.assert_close(torch.stack(steps, 1).double(), y_ref.detach(), atol=1e-4, rtol=1e-4)
+
+
 @torch.no_grad()
 def test_prefill_in_pieces_equals_one_pass():
     m = model()
