@@ -8,7 +8,7 @@ from conftest import randomize, tiny_config
 
 from star_elastic import HybridLM
 from star_elastic.infer.generate import GenerationConfig, generate, sample_next
-from star_elastic.model.mamba2 import ssd_chunked, ssd_step
+from star_elastic.model.mamba2 import MambaState, ssd_chunked, ssd_step
 
 
 def model(seed=0, **changes):
@@ -92,6 +92,28 @@ def test_scan_with_underflowing_decays_matches_float64_recurrence(chunk):
     steps = [ssd_step(state, x[:, t].detach(), dt[:, t].detach(), A.detach(), Bm[:, t].detach(), Cm[:, t].detach())
              for t in range(T)]
     torch.testing.assert_close(torch.stack(steps, 1).double(), y_ref.detach(), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_cached_mamba_state_owns_only_its_own_memory():
+    """After a prefill, a Mamba layer's cached conv window and SSM state are (B, K-1, C) and
+    (B, H, P, N) in memory too, not views that keep the prompt's whole conv input (B, K-1+T, C)
+    or every chunk's state (B, T/chunk+1, H, P, N) alive: at Nemotron-3-Nano's sizes a view of an
+    8K-token prompt would hold hundreds of MB per row and layer. Decoding afterwards still matches
+    recomputation (the tests above)."""
+    m = model(chunk_size=4)
+    ids = torch.randint(0, 97, (2, 61))
+    cache = m.new_cache()
+    m(ids, cache=cache)
+    states = [s for s in cache.layers if isinstance(s, MambaState)]
+    assert states
+    for s in states:
+        for t in (s.conv, s.ssm):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    m(ids[:, :1], cache=cache)  # one decode step keeps it so
+    for s in states:
+        for t in (s.conv, s.ssm):
+            assert t.untyped_storage().nbytes() <= 2 * t.numel() * t.element_size()
 
 
 @torch.no_grad()

@@ -160,7 +160,8 @@ class Mamba2Mixer(nn.Module):
             if state.conv is None:
                 state.conv = xbc.new_zeros(B, K - 1, C)
             window = torch.cat([state.conv, xbc], dim=1)
-            state.conv = window[:, -(K - 1) :]
+            # a copy after a prefill: a view would keep the whole (B, K-1+T, C) window alive
+            state.conv = window[:, -(K - 1) :] if T == 1 else window[:, -(K - 1) :].contiguous()
         y = window[:, :T] * w[0]
         for k in range(1, K):
             y.addcmul_(window[:, k : k + T], w[k])  # in place: autograd needs only the factors
@@ -196,8 +197,8 @@ class Mamba2Mixer(nn.Module):
         else:
             init = None if state is None else state.ssm
             y, final = ssd_chunked(x, dt, A, Bm, Cm, self.chunk_size, init)
-            if state is not None:
-                state.ssm = final
+            if state is not None:  # a copy: `final` is a view of every chunk's state (b, c+1, H, P, N)
+                state.ssm = final.contiguous()
         y = y + x * self.D.float().view(-1, 1)  # (B, T, H, P)
         inner_mask = None if head_mask is None else head_mask.repeat_interleave(self.head_dim)
         y = self.norm(y.reshape(B, T, self.inner), z, inner_mask)
