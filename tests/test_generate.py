@@ -8,7 +8,7 @@ from conftest import randomize, tiny_config
 
 from star_elastic import HybridLM
 from star_elastic.infer.generate import GenerationConfig, generate, sample_next
-from star_elastic.model.mamba2 import MambaState, ssd_chunked, ssd_step
+from star_elastic.model.mamba2 import MambaState, _decay_matrix, ssd_chunked, ssd_step
 
 
 def model(seed=0, **changes):
@@ -92,6 +92,23 @@ def test_scan_with_underflowing_decays_matches_float64_recurrence(chunk):
     steps = [ssd_step(state, x[:, t].detach(), dt[:, t].detach(), A.detach(), Bm[:, t].detach(), Cm[:, t].detach())
              for t in range(T)]
     torch.testing.assert_close(torch.stack(steps, 1).double(), y_ref.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_decay_matrix_keeps_only_its_output_for_backward():
+    """The floor (a clamp) must not add a saved (..., L, L) tensor to the training graph: the
+    decay matrix keeps for its backward what exp would, its output, and nothing else that size."""
+    a_cum = torch.cumsum(-torch.rand(3, 2, 16) * 20, -1).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        w = _decay_matrix(a_cum)
+    big = [t for t in saved if t.numel() >= w.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == w.data_ptr()
+    grad = torch.randn(w.shape)
+    (got,) = torch.autograd.grad(w, a_cum, grad)
+    diff = a_cum.double().unsqueeze(-1) - a_cum.double().unsqueeze(-2)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    (want,) = torch.autograd.grad(torch.exp(diff.masked_fill(~causal, float("-inf"))), a_cum, grad.double())
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

@@ -38,13 +38,34 @@ def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
 # which strong decays (A·dt summed over a chunk) can reach. So the acausal half of a decay matrix
 # is multiplied by 0 instead of being exp(-inf), and arguments are floored at LOG_TINY, where exp
 # is still a normal float (1.6e-38 instead of 0 or a denormal: no visible change to a sum that
-# also holds a term of order 1). benchmarks/bench_mamba_decay.py: 0.83x the time of a prefill.
+# also holds a term of order 1). benchmarks/bench_mamba_decay.py: prefill 0.8x, training 0.9x.
 LOG_TINY = -87.0
 
 
-def _exp_decay(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) for x <= 0, floored at exp(LOG_TINY) (see above)."""
-    return torch.exp(x.clamp_min(LOG_TINY))
+class _FlooredExp(torch.autograd.Function):
+    """exp(x.clamp(LOG_TINY, 0)) * mask whose backward, like exp's, needs only its output: a
+    clamp in the graph would also keep its (..., L, L) input for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        out = torch.exp(x.clamp(LOG_TINY, 0.0))
+        if mask is not None:
+            out.mul_(mask)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad * out, None  # d exp(x) = exp(x); 0 where masked; ~0 below the floor, as exp's
+
+
+def _exp_decay(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(x) for x <= 0, floored at exp(LOG_TINY) (see above), times an optional 0/1 mask."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _FlooredExp.apply(x, mask)
+    out = torch.exp(x.clamp(LOG_TINY, 0.0))
+    return out if mask is None else out.mul_(mask)
 
 
 def _decay_matrix(a_cum: torch.Tensor) -> torch.Tensor:
@@ -55,8 +76,7 @@ def _decay_matrix(a_cum: torch.Tensor) -> torch.Tensor:
     """
     n = a_cum.shape[-1]
     diff = a_cum.unsqueeze(-1) - a_cum.unsqueeze(-2)  # (..., l, s)
-    causal = torch.ones(n, n, dtype=a_cum.dtype, device=a_cum.device).tril()
-    return torch.exp(diff.clamp(LOG_TINY, 0.0)) * causal
+    return _exp_decay(diff, torch.ones(n, n, dtype=a_cum.dtype, device=a_cum.device).tril())
 
 
 def ssd_chunked(
