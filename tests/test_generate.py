@@ -97,13 +97,14 @@ def test_scan_with_underflowing_decays_matches_float64_recurrence(chunk):
 def test_decay_matrix_keeps_only_its_output_for_backward():
     """The floor (a clamp) must not add a saved (..., L, L) tensor to the training graph: the
     decay matrix keeps for its backward what exp would, its output, and nothing else that size."""
-    a_cum = torch.cumsum(-torch.rand(3, 2, 16) * 20, -1).requires_grad_()
+    g = torch.Generator().manual_seed(0)
+    a_cum = torch.cumsum(-torch.rand(3, 2, 16, generator=g) * 20, -1).requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         w = _decay_matrix(a_cum)
     big = [t for t in saved if t.numel() >= w.numel()]
     assert len(big) == 1 and big[0].data_ptr() == w.data_ptr()
-    grad = torch.randn(w.shape)
+    grad = torch.randn(w.shape, generator=g)
     (got,) = torch.autograd.grad(w, a_cum, grad)
     diff = a_cum.double().unsqueeze(-1) - a_cum.double().unsqueeze(-2)
     causal = torch.ones(16, 16, dtype=torch.bool).tril()
