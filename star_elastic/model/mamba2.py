@@ -48,9 +48,7 @@ class _FlooredExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask):
-        out = torch.exp(x.clamp(LOG_TINY, 0.0))
-        if mask is not None:
-            out.mul_(mask)
+        out = _floored_exp(x, mask)
         ctx.save_for_backward(out)
         return out
 
@@ -60,12 +58,16 @@ class _FlooredExp(torch.autograd.Function):
         return grad * out, None  # d exp(x) = exp(x); 0 where masked; ~0 below the floor, as exp's
 
 
+def _floored_exp(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    out = torch.exp(x.clamp(LOG_TINY, 0.0))
+    return out if mask is None else out.mul_(mask)
+
+
 def _exp_decay(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """exp(x) for x <= 0, floored at exp(LOG_TINY) (see above), times an optional 0/1 mask."""
     if x.requires_grad and torch.is_grad_enabled():
         return _FlooredExp.apply(x, mask)
-    out = torch.exp(x.clamp(LOG_TINY, 0.0))
-    return out if mask is None else out.mul_(mask)
+    return _floored_exp(x, mask)
 
 
 def _decay_matrix(a_cum: torch.Tensor) -> torch.Tensor:
