@@ -6,7 +6,8 @@ Differences from the textbook Mamba-2 block worth knowing:
   normalises each group separately; both matter for group-aware head pruning.
 - dt = softplus(dt + dt_bias) is clamped to `time_step_limit` (default (0, inf): no clamp), in the
   scan and in the decode step, as vLLM, mamba_ssm and transformers' cached decode do. transformers'
-  full forward clamps at `time_step_min` instead; the two differ only where softplus < time_step_min.
+  full forward before 5.25 clamps at `time_step_min` instead; the two differ only where softplus <
+  time_step_min.
 The scan runs in fp32 whatever the weights' dtype.
 """
 
