@@ -89,14 +89,14 @@ def worker(cfg: dict, result: Path) -> None:
 
 def make_parent(out: Path) -> Path:
     """The random 111M-parameter parent (written once)."""
-    from star_elastic import HybridLM, ModelConfig
+    from star_elastic import HybridLM, ModelConfig, save_model
     from star_elastic.data.tokenizer import build_tokenizer
 
     parent = out / "parent"
     if not (parent / "config.json").is_file():
         model = HybridLM(ModelConfig(**PARENT)).init_weights(0)
         model.tokenizer = build_tokenizer()
-        model.save_pretrained(parent)
+        save_model(model, parent)
     return parent
 
 

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from star_elastic import HybridLM, ModelConfig, load_model
+from star_elastic import HybridLM, ModelConfig, load_model, save_model
 from star_elastic.infer.generate import GenerationConfig, generate
 from star_elastic.runtime import tune_cpu_allocator
 
@@ -85,7 +85,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     config = BENCH_CONFIG if args.config == "bench" else demo_config()
     with tempfile.TemporaryDirectory() as tmp:
-        HybridLM(config).init_weights(0).save_pretrained(tmp)
+        save_model(HybridLM(config).init_weights(0), tmp)
         ours = load_model(tmp, dtype=dtype).to(args.device).eval()
         ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
 

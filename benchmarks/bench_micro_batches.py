@@ -27,6 +27,7 @@ from star_elastic.config import from_dict
 from star_elastic.data import synthetic
 from star_elastic.data.loading import length_groups
 from star_elastic.data.tokenizer import build_tokenizer, encode_example
+from star_elastic.hf import save_model
 from star_elastic.model.hybrid import HybridLM
 from star_elastic.train.elastify import ElastifyConfig, load_elastify_config, train
 from star_elastic.train.parent import ParentConfig, accumulate_lm, model_config
@@ -68,7 +69,7 @@ def elastify_steps(rounds: int, steps: int) -> None:
         tok = build_tokenizer()
         parent = HybridLM(model_config(ParentConfig(), tok)).init_weights(0)
         parent.tokenizer = tok
-        parent.save_pretrained(Path(tmp) / "parent")
+        save_model(parent, Path(tmp) / "parent")
         base = load_elastify_config("configs/elastify.yaml", {})
         per = {None: {1: [], 2: []}, 8: {1: [], 2: []}}
         for r in range(rounds):

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from star_elastic.elastic.arch import slice_model
 from star_elastic.elastic.run import load_elastic
 from star_elastic.infer.views import view_model
 from star_elastic.runtime import tune_cpu_allocator
-from star_elastic.slicing import slice_model
 
 
 def rss_bytes() -> int:

@@ -21,11 +21,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from star_elastic.accounting import count_params
+from star_elastic.elastic.arch import slice_model
 from star_elastic.elastic.run import load_elastic
 from star_elastic.infer.evaluate import decode_speed
 from star_elastic.infer.generate import GenerationConfig, generate
 from star_elastic.infer.views import view_model
-from star_elastic.slicing import slice_model
 
 
 @torch.inference_mode()

@@ -28,9 +28,9 @@ import torch
 
 from star_elastic import HybridLM, ModelConfig
 from star_elastic.data.tokenizer import build_tokenizer
+from star_elastic.elastic.arch import slice_model
 from star_elastic.hf import save_model
 from star_elastic.infer.budget import ElasticServer
-from star_elastic.slicing import slice_model
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

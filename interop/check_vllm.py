@@ -28,12 +28,11 @@ import torch
 from star_elastic import HybridLM, ModelConfig, load_model
 from star_elastic.config import QuantConfig
 from star_elastic.data.tokenizer import build_tokenizer
-from star_elastic.elastic.arch import Architecture
+from star_elastic.elastic.arch import Architecture, slice_model
 from star_elastic.hf import save_model
 from star_elastic.infer.generate import GenerationConfig, generate
 from star_elastic.quant.export import quant_metadata, quantized_state, slice_packed, write_quantized
 from star_elastic.quant.fake import apply_fake_quant, set_mode
-from star_elastic.slicing import slice_model
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))

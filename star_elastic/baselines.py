@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from star_elastic.config import from_dict
 from star_elastic.data.loading import batch_for_step, load_sequences
+from star_elastic.elastic.arch import slice_model
 from star_elastic.elastic.run import load_elastic
-from star_elastic.slicing import slice_model
 from star_elastic.train.distill import kd_loss
 from star_elastic.train.elastify import ElastifyConfig, lr_scale
 from star_elastic.train.parent import ParentConfig, evaluate, train_parent

@@ -23,6 +23,7 @@ import torch
 from star_elastic.accounting import count_params
 from star_elastic.baselines import KINDS, BaselineConfig, run_baselines
 from star_elastic.config import from_dict
+from star_elastic.elastic.arch import slice_model
 from star_elastic.elastic.run import load_elastic
 from star_elastic.hf import save_model
 from star_elastic.infer.budget import ElasticServer
@@ -32,7 +33,7 @@ from star_elastic.infer.evaluate import (
 )
 from star_elastic.infer.views import view_model
 from star_elastic.quant.qad import QuantizeConfig, quantize_run
-from star_elastic.slicing import slice_model, slice_run
+from star_elastic.slicing import slice_run
 from star_elastic.train.elastify import ElastifyConfig
 from star_elastic.train.elastify import train as elastify
 from star_elastic.train.parent import ParentConfig, train_parent

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from star_elastic.config import ConfigError, ModelConfig
 from star_elastic.model.hybrid import HybridLM
 from star_elastic.model.moe import keeps_fp32
-from star_elastic.quant.export import dequantize_tensors, install_input_quant, read_quant_config
+from star_elastic.quant.load import dequantize_tensors, install_input_quant, quant_format, read_quant_config
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -178,7 +178,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
         state[key] = t.to(device=device, dtype=torch.float32 if keeps_fp32(key) else dtype)
     model = HybridLM.from_state_dict(cfg, state, _load_tokenizer(path))
     if input_scales:
-        install_input_quant(model, input_scales, "nvfp4" if quant["quantization"]["quant_algo"] == "NVFP4" else "fp8")
+        install_input_quant(model, input_scales, quant_format(quant))
     return model.eval()
 
 
@@ -219,21 +219,6 @@ def to_disk_state(model: HybridLM) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
-    if not max_bytes:
-        return [state]
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    return shards
-
-
 def write_config(cfg: ModelConfig, path: Path, dtype: torch.dtype, extra: dict | None = None) -> None:
     d = cfg.to_hf_dict() | {"dtype": str(dtype).removeprefix("torch.")} | (extra or {})
     _atomic_write_text(path / "config.json", json.dumps(d, indent=2) + "\n")
@@ -256,18 +241,10 @@ def save_model(model: HybridLM, path: str | os.PathLike, max_shard_bytes: int | 
     """Write config.json, safetensors weights (sharded above `max_shard_bytes`) and the tokenizer."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in to_disk_state(model).items()}
-    shards = _shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        _atomic_save(shards[0], path / WEIGHTS)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save(shard, path / name)
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        _atomic_write_text(path / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    writer = ShardWriter(path, max_shard_bytes)
+    for key, t in to_disk_state(model).items():
+        writer.add(key, t)
+    writer.close()
     write_config(model.config, path, model.dtype)
     write_generation_config(model.config, path)
     if model.tokenizer is not None:
@@ -275,13 +252,14 @@ def save_model(model: HybridLM, path: str | os.PathLike, max_shard_bytes: int | 
 
 
 class ShardWriter:
-    """Writes tensors as they come into safetensors shards of at most `max_bytes` (one held at a time).
+    """Writes tensors as they come into safetensors shards of at most `max_bytes` (one held at a time;
+    None: a single file). A tensor larger than `max_bytes` gets a shard of its own.
 
     `close()` names the shards `model-0000i-of-0000n.safetensors` and writes the index, or a single
     `model.safetensors` when everything fit in one shard.
     """
 
-    def __init__(self, path: Path, max_bytes: int):
+    def __init__(self, path: Path, max_bytes: int | None):
         self.path, self.max_bytes = path, max_bytes
         self.shard: dict[str, torch.Tensor] = {}
         self.shard_bytes, self.total_bytes = 0, 0
@@ -291,7 +269,7 @@ class ShardWriter:
 
     def add(self, key: str, t: torch.Tensor) -> None:
         nbytes = t.numel() * t.element_size()
-        if self.shard and self.shard_bytes + nbytes > self.max_bytes:
+        if self.shard and self.max_bytes is not None and self.shard_bytes + nbytes > self.max_bytes:
             self.flush()
         self.shard[key] = t.detach().cpu().contiguous()
         self.written_keys.append(key)
@@ -303,7 +281,7 @@ class ShardWriter:
         if not self.shard:
             return
         target = self.path / f"part-{len(self.files):05d}.safetensors"
-        _atomic_save(self.shard, target)
+        atomic_save(self.shard, target)
         self.files.append((target, list(self.shard)))
         self.shard, self.shard_bytes = {}, 0
 
@@ -321,7 +299,7 @@ class ShardWriter:
         _atomic_write_text(self.path / INDEX, json.dumps(index, indent=2))
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
+def atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
     tmp = target.with_name(target.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, target)

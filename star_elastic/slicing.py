@@ -1,8 +1,8 @@
-"""Zero-shot slicing: an Architecture and the full (sorted) weights → a standalone smaller model.
+"""Zero-shot slicing: an Architecture and the full (sorted) weights → a standalone smaller checkpoint.
 
-Every tensor of the result is a leading slice of the full model's (per group for grouped heads):
-`star_elastic.elastic.arch.slice_state` gathers it with the same index sets the elastic forward
-uses for its masks.
+Every tensor of the result is a leading slice of the full model's (per group for grouped heads),
+gathered with the same index sets the elastic forward uses for its masks
+(`star_elastic.elastic.arch.IndexSets`; `arch.slice_model` is the in-memory counterpart).
 
 `slice_checkpoint` cuts explicit architectures out of any sorted `nemotron_h` checkpoint directory
 (BF16 / FP32, or FP8 / NVFP4 in the ModelOpt layout) with no run folder, streaming: one input
@@ -17,46 +17,16 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from star_elastic.config import ConfigError, ModelConfig, QuantConfig, check_out_dir
-from star_elastic.elastic.arch import Architecture, slice_state
-from star_elastic.model.hybrid import HybridLM
-
-
-def slice_model(model: HybridLM, arch: Architecture) -> HybridLM:
-    """A new HybridLM holding copies of the sliced weights (dtype and device kept)."""
-    state = slice_state(model.state_dict(), model.config, arch)
-    return HybridLM.from_state_dict(arch.model_config(model.config), state, model.tokenizer).eval()
-
-
-def slice_run(run, budget: float, out) -> dict:
-    """`star-elastic slice`: the router's architecture for `budget` → a standalone HF checkpoint.
-
-    A quantized run (QRUN) is cut from its packed tensors without dequantizing.
-    """
-    from safetensors.torch import load_file
-
-    from star_elastic.elastic.run import load_elastic, read_run_metadata
-    from star_elastic.hf import save_model
-    from star_elastic.quant.export import quant_metadata, read_quant_config, slice_packed, write_quantized
-
-    elastic = load_elastic(run)
-    info = elastic.describe(budget)
-    arch = elastic.architecture(budget)
-    model_dir = Path(run) / "model"
-    quant = read_quant_config(model_dir)
-    if quant is None:
-        save_model(slice_model(elastic.model, arch), out)
-        return info
-    fmt = "nvfp4" if quant["quantization"]["quant_algo"] == "NVFP4" else "fp8"
-    tensors = load_file(str(model_dir / "model.safetensors"))
-    cfg, small = elastic.config, arch.model_config(elastic.config)
-    qcfg = QuantConfig(**read_run_metadata(Path(run))["quantization"])  # exclusions named in the slice's numbering
-    write_quantized(Path(out), small, slice_packed(tensors, cfg, arch, fmt), quant_metadata(qcfg, small),
-                    elastic.model.tokenizer)
-    return info | {"quantization": fmt}
-
+from star_elastic.elastic.arch import Architecture, load_arch_file, parse_arch, slice_model
+from star_elastic.elastic.run import load_elastic, read_run_metadata
+from star_elastic.hf import (CheckpointError, ShardWriter, _normalise_key, checkpoint_keys, expected_disk_shapes,
+                             iter_tensors, save_model, write_config)
+from star_elastic.quant.export import TensorSlicer, quant_metadata, slice_packed, write_quant_configs, write_quantized
+from star_elastic.quant.load import EXPERT_MODULE, quant_format, read_quant_config
 
 DEFAULT_SHARD_BYTES = 2 << 30
 # files copied unchanged into every slice (tokenizer, chat template, generation defaults)
@@ -76,8 +46,6 @@ def checkpoint_dir(path) -> Path:
 
 def read_archs(ckpt: Path, arch: str | None, arch_file: str | None) -> dict[str, Architecture] | Architecture:
     """--arch TEXT (one Architecture) or --arch-file JSON (name → Architecture) against the checkpoint's config."""
-    from star_elastic.elastic.arch import load_arch_file, parse_arch
-
     cfg = ModelConfig.from_json(ckpt / "config.json")
     return parse_arch(arch, cfg) if arch is not None else load_arch_file(arch_file, cfg)
 
@@ -91,9 +59,6 @@ def slice_checkpoint(src, archs: dict[str, Architecture] | Architecture, out,
     Everything is written into a staging folder next to `out` and moved in place at the end, so a
     failure leaves nothing behind.
     """
-    from star_elastic.hf import _normalise_key, checkpoint_keys
-    from star_elastic.quant.export import read_quant_config
-
     src, out = checkpoint_dir(src), check_out_dir(out, empty=True)
     cfg = ModelConfig.from_json(src / "config.json")
     named = {None: archs} if isinstance(archs, Architecture) else dict(archs)
@@ -115,12 +80,31 @@ def slice_checkpoint(src, archs: dict[str, Architecture] | Architecture, out,
     return result[None] if None in result else result
 
 
+def slice_run(run, budget: float, out) -> dict:
+    """`star-elastic slice`: the router's architecture for `budget` → a standalone HF checkpoint.
+
+    A quantized run (QRUN) is cut from its packed tensors without dequantizing.
+    """
+    elastic = load_elastic(run)
+    info = elastic.describe(budget)
+    arch = elastic.architecture(budget)
+    model_dir = Path(run) / "model"
+    quant = read_quant_config(model_dir)
+    if quant is None:
+        save_model(slice_model(elastic.model, arch), out)
+        return info
+    fmt = quant_format(quant)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    cfg, small = elastic.config, arch.model_config(elastic.config)
+    qcfg = QuantConfig(**read_run_metadata(Path(run))["quantization"])  # exclusions named in the slice's numbering
+    write_quantized(Path(out), small, slice_packed(tensors, cfg, arch, fmt), quant_metadata(qcfg, small),
+                    elastic.model.tokenizer)
+    return info | {"quantization": fmt}
+
+
 def _write_slice(src: Path, cfg: ModelConfig, arch: Architecture, keys: dict[str, str], quant: dict | None,
                  dest: Path, max_shard_bytes: int, label: str) -> dict:
-    from star_elastic.hf import ShardWriter, write_config
-    from star_elastic.quant.export import TensorSlicer
-
-    fmt = None if quant is None else ("nvfp4" if quant["quantization"]["quant_algo"] == "NVFP4" else "fp8")
+    fmt = None if quant is None else quant_format(quant)
     small = arch.model_config(cfg)
     dest.mkdir(parents=True)
     writer = ShardWriter(dest, max_shard_bytes)
@@ -140,8 +124,6 @@ def _stream(src: Path, cfg: ModelConfig, keys: dict[str, str], slicer, writer, l
     """Every input tensor, one at a time, through `slicer` into `writer`; returns the embeddings' dtype.
 
     Unquantized tensors must have config.json's shapes (a larger tensor would slice silently wrong)."""
-    from star_elastic.hf import CheckpointError, expected_disk_shapes, iter_tensors
-
     expected = expected_disk_shapes(cfg)
     missing = sorted(set(expected) - set(keys.values()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if missing:
@@ -170,13 +152,11 @@ def _stream(src: Path, cfg: ModelConfig, keys: dict[str, str], slicer, writer, l
 def _write_quant_meta(dest: Path, small: ModelConfig, quant: dict, fmt: str, keys: list[str]) -> None:
     """hf_quant_config.json for the sliced config: the project's exclusion builder run on it,
     with the quantized set read from the slice's own tensors (linears that carry a weight_scale)."""
-    from star_elastic.quant.export import _EXPERT_KEY, quant_metadata, write_quant_configs
-
     quantized = set()
     for key in keys:
         if key.endswith(".weight_scale"):
             module = key.removesuffix(".weight_scale")
-            expert = _EXPERT_KEY.match(module)
+            expert = EXPERT_MODULE.match(module)
             quantized.add(expert.group(1) if expert else module)
     fresh = quant_metadata(QuantConfig(format=fmt, include=tuple(sorted(quantized)) or ("-",)), small)
     meta = quant | {"quantization": quant["quantization"] | {"exclude_modules": fresh["quantization"]["exclude_modules"]}}

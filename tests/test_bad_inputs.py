@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ELASTIC_TINY, digest, randomize, tiny_config
 
-from star_elastic import HybridLM, ModelConfig
+from star_elastic import HybridLM, ModelConfig, save_model
 from star_elastic.cli import main
 from star_elastic.config import ConfigError, ElasticConfig, from_dict
 from star_elastic.data.loading import load_sequences
@@ -45,7 +45,7 @@ def test_stage2_probs_default_for_any_number_of_budgets_explicit_ones_checked():
 
 def test_elastify_two_budgets_pretokenized_data_without_tokenizer(tmp_path, capsys):
     model = HybridLM(ModelConfig(**TINY_PARENT)).init_weights(0)
-    model.save_pretrained(tmp_path / "parent")  # no tokenizer.json
+    save_model(model, tmp_path / "parent")  # no tokenizer.json
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(0, 50, (20,), generator=g).tolist()} for _ in range(16)]
     (tmp_path / "ids.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -66,7 +66,7 @@ def test_elastify_two_budgets_pretokenized_data_without_tokenizer(tmp_path, caps
 
 def test_out_naming_an_existing_file_is_one_line_and_keeps_the_file(tmp_path, capsys):
     model = randomize(HybridLM(tiny_config(**ELASTIC_TINY)), seed=0).eval()
-    model.save_pretrained(tmp_path / "ckpt")
+    save_model(model, tmp_path / "ckpt")
     victim = tmp_path / "existing.txt"
     victim.write_text("precious")
     commands = [

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ELASTIC_TINY, randomize, tiny_config
 
-from star_elastic import HybridLM
+from star_elastic import HybridLM, save_model
 from star_elastic.accounting import count_params, memory_bytes
 from star_elastic.config import ConfigError, ElasticConfig
 from star_elastic.elastic.model import cost_line
@@ -200,7 +200,7 @@ def test_trained_run_records_and_prints_target_and_achieved(tmp_path, capsys):
     tok = build_tokenizer()
     parent = HybridLM(ModelConfig(**TINY_PARENT, vocab_size=len(tok))).init_weights(0)
     parent.tokenizer = tok
-    parent.save_pretrained(tmp_path / "parent")
+    save_model(parent, tmp_path / "parent")
     run = tmp_path / "run"
     assert main(["elastify", "--model", str(tmp_path / "parent"), "--budgets", "1.0,0.75,0.5", "--steps", "4",
                  "--seq-len", "32", "--batch-size", "2", "--out", str(run), "--budget-mode", "ceiling",

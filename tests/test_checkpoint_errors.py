@@ -9,12 +9,12 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 
-from star_elastic import CheckpointError, ConfigError, HybridLM, load_model
+from star_elastic import CheckpointError, ConfigError, HybridLM, load_model, save_model
 
 
 @pytest.fixture
 def ckpt(tmp_path):
-    HybridLM(tiny_config()).init_weights(1).save_pretrained(tmp_path)
+    save_model(HybridLM(tiny_config()).init_weights(1), tmp_path)
     return tmp_path
 
 
@@ -69,7 +69,7 @@ def test_unknown_key(ckpt):
 
 
 def test_sharded_index_pointing_to_missing_file(tmp_path):
-    HybridLM(tiny_config()).init_weights(1).save_pretrained(tmp_path, safe_max_shard_bytes=40_000)
+    save_model(HybridLM(tiny_config()).init_weights(1), tmp_path, max_shard_bytes=40_000)
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
     with pytest.raises(CheckpointError, match=rf"{shard.name}: listed in model.safetensors.index.json"):
@@ -88,7 +88,7 @@ def test_layer_count_mismatch(ckpt):
 def test_tied_head_that_differs_loads_untied_as_transformers_does(tmp_path):
     import transformers
 
-    HybridLM(tiny_config(tie_word_embeddings=True)).init_weights(1).save_pretrained(tmp_path)
+    save_model(HybridLM(tiny_config(tie_word_embeddings=True)).init_weights(1), tmp_path)
     rewrite(tmp_path, lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1}))
     with pytest.warns(UserWarning, match="lm_head.weight differs from the embeddings; loading the stored head untied"):
         model = load_model(tmp_path)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import digest, randomize
 
-from star_elastic import HybridLM, ModelConfig
+from star_elastic import HybridLM, ModelConfig, save_model
 from star_elastic.cli import main
 from star_elastic.config import from_dict
 from star_elastic.data.tokenizer import build_tokenizer
@@ -39,7 +39,7 @@ def world(tmp_path_factory):
     tok = build_tokenizer()
     model = randomize(HybridLM(ModelConfig(**PARENT, vocab_size=len(tok))), seed=0, scale=0.2)
     model.tokenizer = tok
-    model.save_pretrained(root / "parent")
+    save_model(model, root / "parent")
     train(from_dict(ElastifyConfig, dict(model=str(root / "parent"), out=str(root / "run"), steps=0, batch_size=2,
                                          n_synthetic=50, calibration_batches=1, router_fit_steps=10)), log=lambda m: None)
     assert main(["slice", str(root / "parent"), "--arch", "hidden=16", "--out", str(root / "keep")]) == 0

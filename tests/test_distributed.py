@@ -26,7 +26,7 @@ import torch
 import yaml
 from test_elastify import TINY_PARENT, save_tiny_parent
 
-from star_elastic import HybridLM, ModelConfig
+from star_elastic import HybridLM, ModelConfig, save_model
 from star_elastic.config import from_dict
 from star_elastic.data.tokenizer import build_tokenizer
 from star_elastic.distributed import parallelize
@@ -261,7 +261,7 @@ def test_activation_checkpointing_gives_bitwise_equal_gradients(tmp_path):
     tok = build_tokenizer()
     model = HybridLM(ModelConfig(**TINY_PARENT, vocab_size=len(tok))).init_weights(0)
     model.tokenizer = tok
-    model.save_pretrained(tmp_path / "parent")
+    save_model(model, tmp_path / "parent")
     grads = []
     for ac in (False, True):
         cfg = from_dict(ElastifyConfig, _cfg(tmp_path / "parent", tmp_path / "run"))

@@ -12,13 +12,12 @@ from conftest import ELASTIC_TINY, randomize, tiny_config
 from star_elastic import HybridLM
 from star_elastic.accounting import count_params, memory_bytes
 from star_elastic.config import ConfigError, ElasticConfig
-from star_elastic.elastic.arch import Architecture, IndexSets
+from star_elastic.elastic.arch import Architecture, IndexSets, slice_model
 from star_elastic.elastic.router import (
     BudgetRouter, CostModel, encode_budget, fit_router_to_cost, one_hot_picks,
 )
 from star_elastic.elastic.projection import closest_achievable
 from star_elastic.elastic.space import ChoiceSpace
-from star_elastic.slicing import slice_model
 
 
 

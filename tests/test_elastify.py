@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from star_elastic import HybridLM, ModelConfig
+from star_elastic import HybridLM, ModelConfig, save_model
 from star_elastic.cli import main
 from star_elastic.config import ConfigError, from_dict
 from star_elastic.data.tokenizer import build_tokenizer
@@ -28,7 +28,7 @@ def save_tiny_parent(path: Path) -> Path:
     tok = build_tokenizer()
     model = HybridLM(ModelConfig(**TINY_PARENT, vocab_size=len(tok))).init_weights(0)
     model.tokenizer = tok
-    model.save_pretrained(path)
+    save_model(model, path)
     return path
 
 

@@ -13,8 +13,8 @@ from star_elastic import hf, load_model
 from star_elastic.config import ConfigError
 from star_elastic.data import synthetic
 from star_elastic.data.tokenizer import build_tokenizer, format_example
+from star_elastic.elastic.arch import slice_model
 from star_elastic.hf import save_model
-from star_elastic.slicing import slice_model
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from conftest import randomize, tiny_config
 from star_elastic.distributed.loading import fill_from_checkpoint, meta_model, rows_rule
 from star_elastic.elastic.arch import gather
 from star_elastic.elastic.sort import expected_shapes, sort_model, sort_rules
-from star_elastic.hf import CheckpointError, load_model
+from star_elastic.hf import CheckpointError, load_model, save_model
 from star_elastic.model.hybrid import HybridLM
 
 
@@ -35,7 +35,7 @@ def _filled(path, rule=None) -> HybridLM:
 @pytest.mark.parametrize("tied", [False, True])
 def test_streamed_sorted_parent_equals_load_then_sort(tmp_path, tied):
     cfg = tiny_config(tie_word_embeddings=tied)
-    randomize(HybridLM(cfg), seed=3).save_pretrained(tmp_path, safe_max_shard_bytes=20_000)
+    save_model(randomize(HybridLM(cfg), seed=3), tmp_path, max_shard_bytes=20_000)
     assert json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]  # several files
     scores = _random_scores(cfg)
     want = sort_model(load_model(tmp_path), scores).state_dict()
@@ -67,7 +67,7 @@ def test_missing_tensor_names_the_key(tmp_path):
     cfg = tiny_config()
     state = {k: v for k, v in randomize(HybridLM(cfg)).state_dict().items()}
     model = HybridLM.from_state_dict(cfg, state)
-    model.save_pretrained(tmp_path)
+    save_model(model, tmp_path)
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(tmp_path / "model.safetensors"))

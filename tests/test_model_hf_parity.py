@@ -9,7 +9,7 @@ import torch
 import transformers
 from conftest import hf_model, randomize, tiny_config
 
-from star_elastic import HybridLM, load_model
+from star_elastic import HybridLM, load_model, save_model
 from star_elastic.infer.generate import GenerationConfig, generate
 
 CONFIGS = {
@@ -49,7 +49,7 @@ def test_tied_head_round_trip_through_transformers(tmp_path):
     cfg = parity_config(tie_word_embeddings=True)
     ours = randomize(HybridLM(cfg)).eval()
     assert ours.lm_head.weight is ours.backbone.embeddings.weight
-    ours.save_pretrained(tmp_path)
+    save_model(ours, tmp_path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 97, (3, 11))
     with torch.no_grad():
@@ -61,7 +61,7 @@ def test_tied_head_round_trip_through_transformers(tmp_path):
 @pytest.mark.parametrize("name", ["all-blocks", "mamba-heavy-bias"])
 def test_save_then_transformers_loads_identical_logits(tmp_path, name):
     ours = randomize(HybridLM(parity_config(**CONFIGS[name])), seed=3).eval()
-    ours.save_pretrained(tmp_path)
+    save_model(ours, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["hybrid_override_pattern"] == ours.config.pattern
     assert cfg["num_hidden_layers"] == len(ours.config.pattern)
@@ -73,7 +73,7 @@ def test_save_then_transformers_loads_identical_logits(tmp_path, name):
 
 def test_layers_block_type_and_sharded_checkpoint(tmp_path):
     ours = randomize(HybridLM(parity_config()), seed=5).eval()
-    ours.save_pretrained(tmp_path, safe_max_shard_bytes=40_000)
+    save_model(ours, tmp_path, max_shard_bytes=40_000)
     assert (tmp_path / "model.safetensors.index.json").is_file()
     cfg = json.loads((tmp_path / "config.json").read_text())
     del cfg["hybrid_override_pattern"], cfg["num_hidden_layers"]  # the newer style only
@@ -115,7 +115,7 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
 def test_bf16_checkpoint_keeps_correction_bias_fp32_like_transformers(tmp_path):
     ours = randomize(HybridLM(parity_config()))
     bias = ours.backbone.layers[2].mixer.gate.e_score_correction_bias.clone()
-    ours.to(torch.bfloat16).save_pretrained(tmp_path)
+    save_model(ours.to(torch.bfloat16), tmp_path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     ref_bias = ref.model.layers[2].mixer.gate.e_score_correction_bias
     assert ref.model.embeddings.weight.dtype == torch.bfloat16
@@ -150,6 +150,6 @@ def test_dt_follows_time_step_limit_not_transformers_time_step_min(tmp_path, lim
         for m in _mixers(ref):
             m.time_step_limit = tuple(ref.config.time_step_limit)
         torch.testing.assert_close(mine, hf_logits(ref, ids), atol=1e-4, rtol=0)
-    ours.save_pretrained(tmp_path / "again")  # and we write it back for vLLM / transformers to read
+    save_model(ours, tmp_path / "again")  # and we write it back for vLLM / transformers to read
     assert tuple(transformers.AutoConfig.from_pretrained(tmp_path / "again").time_step_limit) == ours.config.time_step_limit
     assert load_model(tmp_path / "again").config.time_step_limit == ours.config.time_step_limit

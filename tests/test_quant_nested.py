@@ -13,11 +13,10 @@ from safetensors.torch import load_file
 
 from star_elastic import load_model
 from star_elastic.config import ConfigError, QuantConfig
-from star_elastic.elastic.arch import IndexSets
+from star_elastic.elastic.arch import IndexSets, slice_model
 from star_elastic.quant import formats
 from star_elastic.quant.export import quant_metadata, quantized_state, slice_packed, write_quantized
 from star_elastic.quant.fake import apply_fake_quant, set_mode
-from star_elastic.slicing import slice_model
 
 
 def bf16_rounded(elastic):

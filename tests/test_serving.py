@@ -10,10 +10,10 @@ from conftest import randomize, tiny_config, tiny_elastic
 from test_elastic_core import random_arch
 
 from star_elastic import HybridLM
+from star_elastic.elastic.arch import slice_model
 from star_elastic.infer.budget import ElasticServer
 from star_elastic.infer.generate import DecodeBatch, GenerationConfig, generate, prefill
 from star_elastic.infer.views import SegmentedLinear, runs, view_model
-from star_elastic.slicing import slice_model
 
 THINK_END, EOS = 7, 2
 

@@ -107,7 +107,7 @@ def test_quantized_arch_slice_exclusions_read_right_by_vllm_rule(tmp_path, fmt, 
 
 def test_streaming_holds_one_input_tensor_and_one_output_shard(parent, tmp_path, monkeypatch):
     model, path = parent
-    real_iter, held, peak = slicing_iter(), [], [0]
+    real_iter, held, peak = slicing.iter_tensors, [], [0]
 
     def counting_iter(src):  # bytes of yielded input tensors still alive when the next one is read
         for key, t, name in real_iter(src):
@@ -117,7 +117,7 @@ def test_streaming_holds_one_input_tensor_and_one_output_shard(parent, tmp_path,
             yield key, t, name
             del t
 
-    monkeypatch.setattr("star_elastic.hf.iter_tensors", counting_iter)
+    monkeypatch.setattr(slicing, "iter_tensors", counting_iter)
     shard = 30_000
     result = slicing.slice_checkpoint(path, parse_arch(ARCH, model.config), tmp_path / "s", max_shard_bytes=shard)
     inputs = [t.numel() * t.element_size() for t in all_tensors(path).values()]
@@ -128,12 +128,6 @@ def test_streaming_holds_one_input_tensor_and_one_output_shard(parent, tmp_path,
     # alive inputs: the one being sliced, plus unsliced ones that sit in the output shard as they are
     assert peak[0] <= max(inputs) + held_out
     assert max(inputs) + 2 * held_out < 0.5 * sum(inputs), (max(inputs), held_out, sum(inputs))
-
-
-def slicing_iter():
-    from star_elastic.hf import iter_tensors
-
-    return iter_tensors
 
 
 def test_bad_arch_inputs(parent, tmp_path, capsys):

@@ -41,7 +41,7 @@ from star_elastic.hf import (
     expected_disk_shapes,
 )
 from star_elastic.model.hybrid import HybridLM
-from star_elastic.quant.export import read_quant_config
+from star_elastic.quant.load import read_quant_config
 
 Entry = tuple[str, str, tuple[int, ...]]  # (key as stored, file name, shape)
 

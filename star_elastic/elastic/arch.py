@@ -6,19 +6,22 @@ the first `k` heads of every KV group / SSM group (so grouped-query and grouped-
 stays standard), the first channels of every intermediate size. `IndexSets` turns an
 `Architecture` into the index tensors; three things use them and nothing else decides:
   - `masks()`        0/1 masks for the elastic (masked) forward of the full model,
-  - `slice_state()`  gathers a standalone smaller checkpoint (star_elastic.slicing),
-  - the packed-quantized slicer, which maps the same indices to bytes and scale blocks.
+  - `slice_state()`  gathers a standalone smaller model in memory (`slice_model`),
+  - `quant.export.TensorSlicer`, which slices a checkpoint on disk one tensor at a time
+                     (star_elastic.slicing), packed FP8 / NVFP4 with the indices mapped to bytes and scale blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
 from star_elastic.config import ConfigError, ModelConfig
-from star_elastic.model.hybrid import Masks
+from star_elastic.model.hybrid import HybridLM, Masks
 
 # Axes in a fixed order; "depth" is the list of kept layers.
 AXES = ("hidden", "attn_heads", "mamba_heads", "experts", "expert_inter", "shared_inter", "mlp_inter", "depth")
@@ -148,9 +151,6 @@ def parse_arch(text: str, cfg: ModelConfig) -> Architecture:
 
 def load_arch_file(path, cfg: ModelConfig) -> dict[str, Architecture]:
     """variants.json: `{"23b": {"hidden": 2048, ...}, "12b": "hidden=1536,..."}` → name → Architecture."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -347,3 +347,9 @@ def slice_state(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: Architec
         if new_key is not None:
             out[new_key] = gather(t, sets.rule(key))
     return out
+
+
+def slice_model(model: HybridLM, arch: Architecture) -> HybridLM:
+    """A new HybridLM holding copies of the sliced weights (dtype and device kept)."""
+    state = slice_state(model.state_dict(), model.config, arch)
+    return HybridLM.from_state_dict(arch.model_config(model.config), state, model.tokenizer).eval()

@@ -24,6 +24,7 @@ from torch import nn
 
 from star_elastic import accounting
 from star_elastic.config import ConfigError, ElasticConfig
+from star_elastic.elastic.arch import slice_model
 from star_elastic.elastic.projection import Outcome, choose_architectures, dead_zone
 from star_elastic.elastic.space import ChoiceSpace
 
@@ -244,8 +245,6 @@ def profile_latency(model, space: ChoiceSpace, batch: int = 1, seq_len: int = 12
 
     Returns {"full": s, "axes": {axis: [s per choice]}, "device": ..., "shape": [batch, seq_len]}.
     """
-    from star_elastic.slicing import slice_model
-
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=model.device)
 
     def measure(m) -> float:

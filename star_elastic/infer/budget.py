@@ -28,6 +28,7 @@ import torch
 
 from star_elastic.config import ConfigError
 from star_elastic.elastic.arch import Architecture
+from star_elastic.hf import load_model
 from star_elastic.infer.generate import DecodeBatch, GenerationConfig, Row, decode_to_end
 from star_elastic.infer.views import view_model
 from star_elastic.model.hybrid import HybridLM
@@ -66,8 +67,6 @@ class ElasticServer:
     @classmethod
     def from_checkpoint(cls, path, archs: dict[str, Architecture], device="cpu") -> ElasticServer:
         """A sorted checkpoint without a router: submodels named by `archs` (plus "full")."""
-        from star_elastic.hf import load_model
-
         parent = load_model(path, device=device)
         for arch in archs.values():
             arch.validate(parent.config)

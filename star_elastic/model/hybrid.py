@@ -215,8 +215,3 @@ class HybridLM(nn.Module):
 
     def new_cache(self) -> HybridCache:
         return HybridCache(self.config)
-
-    def save_pretrained(self, path, safe_max_shard_bytes: int | None = None) -> None:
-        from star_elastic.hf import save_model
-
-        save_model(self, path, max_shard_bytes=safe_max_shard_bytes)

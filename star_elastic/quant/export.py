@@ -17,20 +17,18 @@ are shared by every slice.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from star_elastic.config import ConfigError, ModelConfig, QuantConfig
 from star_elastic.elastic.arch import Architecture, IndexSets, renumber_layer
+from star_elastic.hf import WEIGHTS, atomic_save, to_disk_state, write_config, write_generation_config
 from star_elastic.model.hybrid import HybridLM
 from star_elastic.model.moe import Experts, keeps_fp32
 from star_elastic.quant import formats
-from star_elastic.quant.fake import FP_MAX, InputQuant, expert_input_quant, quantized_module_names
-
-QUANT_CONFIG = "hf_quant_config.json"
-_EXPERT_KEY = re.compile(r"^(backbone\.layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)$")
+from star_elastic.quant.fake import InputQuant, quantized_module_names
+from star_elastic.quant.load import EXPERT_MODULE, QUANT_CONFIG
 
 
 def _quantize_weight(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
@@ -46,14 +44,12 @@ def quantized_state(model: HybridLM, qcfg: QuantConfig, quantizers: dict[str, In
     """On-disk tensors of a quantized checkpoint. `model` holds the (unquantized) master weights:
     pass a model without parametrizations, or one whose parametrizations are read through
     `original` — here every weight is read raw and quantized once."""
-    from star_elastic.hf import to_disk_state
-
     names = set(quantized_module_names(model, qcfg))
     raw = _raw_state(model)
     out: dict[str, torch.Tensor] = {}
     for key, t in to_disk_state(_Raw(model, raw)).items():
         module = key.rsplit(".", 1)[0]
-        expert = _EXPERT_KEY.match(module)
+        expert = EXPERT_MODULE.match(module)
         owner = expert.group(1) if expert else module
         if owner in names and key.endswith(".weight"):
             for suffix, value in _quantize_weight(t.float(), qcfg.format).items():
@@ -121,10 +117,8 @@ def quant_metadata(qcfg: QuantConfig, cfg: ModelConfig) -> dict:
 def write_quantized(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], meta: dict, tokenizer=None) -> None:
     """config.json (with quantization_config), hf_quant_config.json, model.safetensors,
     generation_config.json, tokenizer."""
-    from star_elastic.hf import WEIGHTS, _atomic_save, write_generation_config
-
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_save(tensors, path / WEIGHTS)
+    atomic_save(tensors, path / WEIGHTS)
     write_quant_configs(path, cfg, meta)
     write_generation_config(cfg, path)
     if tokenizer is not None:
@@ -133,8 +127,6 @@ def write_quantized(path: Path, cfg: ModelConfig, tensors: dict[str, torch.Tenso
 
 def write_quant_configs(path: Path, cfg: ModelConfig, meta: dict) -> None:
     """config.json with its `quantization_config` block, and hf_quant_config.json."""
-    from star_elastic.hf import write_config
-
     q = meta["quantization"]
     write_config(cfg, path, torch.bfloat16, extra={"quantization_config": {
         "quant_method": "modelopt", "quant_algo": q["quant_algo"], "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
@@ -175,7 +167,7 @@ class TensorSlicer:
         """(sliced key, sliced tensor), or None for a dropped expert or layer."""
         module, leaf = key.rsplit(".", 1)
         packed = leaf in self.SCALES or (leaf == "weight" and f"{module}.weight_scale" in self.keys)
-        expert = _EXPERT_KEY.match(module)
+        expert = EXPERT_MODULE.match(module)
         if expert:  # one expert's 2D tensor: the stacked (E, out, in) rule without its expert dim
             e = int(expert.group(2))
             if e not in self.kept_experts:
@@ -211,64 +203,4 @@ def _gather_any(t: torch.Tensor, rule: dict[int, torch.Tensor]) -> torch.Tensor:
     return x.view(torch.float8_e4m3fn) if view_u8 else x
 
 
-# --- reading ------------------------------------------------------------------------------------
-def read_quant_config(path: Path) -> dict | None:
-    f = path / QUANT_CONFIG
-    if not f.is_file():
-        return None
-    try:
-        meta = json.loads(f.read_text())
-        algo = meta["quantization"]["quant_algo"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise ConfigError(f"{f}: not a valid quantization config ({err})") from None
-    if algo not in ("NVFP4", "FP8"):
-        raise ConfigError(f"{f}: quant_algo {algo!r} is not supported (NVFP4 or FP8)")
-    return meta
-
-
-def dequantize_tensors(tensors: dict, meta: dict, path: Path, dtype=torch.float32) -> tuple[dict, dict]:
-    """(disk key → (tensor, file)) with packed linears → dequantized weights; also input scales by module."""
-    fmt = "nvfp4" if meta["quantization"]["quant_algo"] == "NVFP4" else "fp8"
-    out, input_scales = {}, {}
-    for key, (t, fname) in tensors.items():
-        module, leaf = key.rsplit(".", 1)
-        if leaf in ("weight_scale", "weight_scale_2"):
-            continue
-        if leaf == "input_scale":
-            input_scales[module] = t.float()
-            continue
-        if leaf == "weight" and f"{module}.weight_scale" in tensors:
-            s = tensors[f"{module}.weight_scale"][0]
-            try:
-                if fmt == "nvfp4":
-                    w = formats.dequantize_nvfp4(t, s, tensors[f"{module}.weight_scale_2"][0], dtype)
-                else:
-                    w = formats.dequantize_fp8(t, s, dtype)
-            except (KeyError, RuntimeError, ValueError) as err:
-                raise ConfigError(f"{path / fname}: cannot dequantize {key!r} ({err})") from None
-            out[key] = (w, fname)
-        else:
-            out[key] = (t.to(dtype) if t.is_floating_point() else t, fname)
-    return out, input_scales
-
-
-def install_input_quant(model: HybridLM, input_scales: dict[str, torch.Tensor], fmt: str) -> None:
-    """Emulate the exported activation quantization with the stored input scales. Routed experts
-    use the max over experts per layer and projection, as vLLM does on load (`expert_input_quant`)."""
-    experts: dict[str, list[list[torch.Tensor]]] = {}
-    for module, scale in input_scales.items():
-        m = _EXPERT_KEY.match(module)
-        if m:
-            experts.setdefault(m.group(1), [[], []])[m.group(3) == "down_proj"].append(scale.reshape(()))
-            continue
-        q = InputQuant(fmt)
-        q.set_scales(scale.reshape(1))
-        model.get_submodule(module).register_forward_pre_hook(lambda mod, args, q=q: (q(args[0]),))
-    for name, (up, down) in experts.items():
-        shared = torch.stack([torch.stack(up).max(), torch.stack(down).max()])  # (2,): up, down
-        expert_input_quant(model.get_submodule(name), fmt, shared)
-
-
-__all__ = ["FP_MAX", "quantized_state", "quant_metadata", "write_quantized", "write_quant_configs", "slice_packed",
-           "TensorSlicer", "read_quant_config",
-           "dequantize_tensors", "install_input_quant"]
+__all__ = ["quantized_state", "quant_metadata", "write_quantized", "write_quant_configs", "slice_packed", "TensorSlicer"]

@@ -55,7 +55,7 @@ from star_elastic.elastic.space import ChoiceSpace
 from star_elastic.hf import load_model
 from star_elastic.model.hybrid import HybridLM
 from star_elastic.plan import PlanConfig, format_plan, plan
-from star_elastic.quant.export import read_quant_config
+from star_elastic.quant.load import read_quant_config
 from star_elastic.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from star_elastic.train.distill import DistillStep
 

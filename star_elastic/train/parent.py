@@ -25,6 +25,7 @@ from star_elastic.config import ConfigError, ModelConfig, from_dict, merge_confi
 from star_elastic.data import synthetic
 from star_elastic.data.loading import length_groups
 from star_elastic.data.tokenizer import build_tokenizer, encode_example, format_prompt
+from star_elastic.hf import save_model
 from star_elastic.infer.generate import GenerationConfig, generate
 from star_elastic.model.hybrid import HybridLM
 
@@ -210,7 +211,7 @@ def train_parent(cfg: ParentConfig, out: str | Path | None = None) -> tuple[Hybr
     }
     if out is not None:
         out = Path(out)
-        model.save_pretrained(out)
+        save_model(model, out)
         (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return model, report
 
