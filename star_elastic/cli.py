@@ -189,10 +189,12 @@ def _run_slice(args: argparse.Namespace) -> int:
     from star_elastic.elastic.model import cost_line
     from star_elastic.slicing import slice_run
 
+    if args.max_shard_gb <= 0:
+        raise ConfigError(f"--max-shard-gb {args.max_shard_gb}: must be positive")
     if args.budget is None:
         return _run_slice_arch(args)
     check_out_dir(args.out, empty=True)
-    result = slice_run(args.run, args.budget, args.out)
+    result = slice_run(args.run, args.budget, args.out, int(args.max_shard_gb * 2**30))
     if args.json:
         print(json.dumps(result))
     else:
@@ -208,8 +210,6 @@ def _run_slice_arch(args: argparse.Namespace) -> int:
 
     from star_elastic.slicing import checkpoint_dir, read_archs, slice_checkpoint
 
-    if args.max_shard_gb <= 0:
-        raise ConfigError(f"--max-shard-gb {args.max_shard_gb}: must be positive")
     ckpt = checkpoint_dir(args.run)
     archs = read_archs(ckpt, args.arch, args.arch_file)
     result = slice_checkpoint(ckpt, archs, args.out, int(args.max_shard_gb * 2**30))

@@ -6,7 +6,8 @@ gathered with the same index sets the elastic forward uses for its masks
 
 `slice_checkpoint` cuts explicit architectures out of any sorted `nemotron_h` checkpoint directory
 (BF16 / FP32, or FP8 / NVFP4 in the ModelOpt layout) with no run folder, streaming: one input
-tensor and one output shard in memory at a time.
+tensor and one output shard in memory at a time. `slice_run` does the same for the architecture
+an elastic run's router picks for a budget.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from star_elastic.config import ConfigError, ModelConfig, QuantConfig, check_out_dir
-from star_elastic.elastic.arch import Architecture, load_arch_file, parse_arch, slice_model
-from star_elastic.elastic.run import load_elastic, read_run_metadata
+from star_elastic.elastic.arch import Architecture, load_arch_file, parse_arch
+from star_elastic.elastic.run import load_router
 from star_elastic.hf import (CheckpointError, ShardWriter, _normalise_key, checkpoint_keys, expected_disk_shapes,
-                             iter_tensors, save_model, write_config)
-from star_elastic.quant.export import TensorSlicer, quant_metadata, slice_packed, write_quant_configs, write_quantized
+                             iter_tensors, write_config)
+from star_elastic.quant.export import TensorSlicer, quant_metadata, write_quant_configs
 from star_elastic.quant.load import EXPERT_MODULE, quant_format, read_quant_config
 
 DEFAULT_SHARD_BYTES = 2 << 30
@@ -80,26 +80,16 @@ def slice_checkpoint(src, archs: dict[str, Architecture] | Architecture, out,
     return result[None] if None in result else result
 
 
-def slice_run(run, budget: float, out) -> dict:
-    """`star-elastic slice`: the router's architecture for `budget` → a standalone HF checkpoint.
+def slice_run(run, budget: float, out, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """`star-elastic slice RUN --budget B`: the router's architecture for `budget`, cut from RUN/model
+    by `slice_checkpoint` (streamed and sharded as for `--arch`; a quantized run from its packed
+    tensors, never dequantized). Only the router is loaded to pick the architecture.
 
-    A quantized run (QRUN) is cut from its packed tensors without dequantizing.
-    """
-    elastic = load_elastic(run)
-    info = elastic.describe(budget)
+    Returns the submodel's `ElasticLM.describe` (sizes, parameter counts, target vs achieved cost)
+    with `slice_checkpoint`'s report (bytes written, quantization)."""
+    elastic = load_router(run)
     arch = elastic.architecture(budget)
-    model_dir = Path(run) / "model"
-    quant = read_quant_config(model_dir)
-    if quant is None:
-        save_model(slice_model(elastic.model, arch), out)
-        return info
-    fmt = quant_format(quant)
-    tensors = load_file(str(model_dir / "model.safetensors"))
-    cfg, small = elastic.config, arch.model_config(elastic.config)
-    qcfg = QuantConfig(**read_run_metadata(Path(run))["quantization"])  # exclusions named in the slice's numbering
-    write_quantized(Path(out), small, slice_packed(tensors, cfg, arch, fmt), quant_metadata(qcfg, small),
-                    elastic.model.tokenizer)
-    return info | {"quantization": fmt}
+    return elastic.describe(budget) | slice_checkpoint(Path(run) / "model", arch, out, max_shard_bytes)
 
 
 def _write_slice(src: Path, cfg: ModelConfig, arch: Architecture, keys: dict[str, str], quant: dict | None,

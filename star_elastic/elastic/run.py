@@ -15,10 +15,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from star_elastic.config import ConfigError, ElasticConfig, from_dict
+from star_elastic.config import ConfigError, ElasticConfig, ModelConfig, from_dict
 from star_elastic.elastic.model import ElasticLM
 from star_elastic.elastic.router import CostModel, load_latency_table
 from star_elastic.elastic.space import ChoiceSpace
@@ -84,9 +85,30 @@ def build_elastic(model: HybridLM, ecfg: ElasticConfig, choices: dict | None, la
 def load_elastic(run: str | Path, device="cpu", model_dir_name: str = "model") -> ElasticLM:
     """An elastic run folder → ElasticLM (eval mode) with `elastic(ids, budget=b)` and `.architecture(b)`."""
     run = Path(run)
-    meta = read_run_metadata(run)
-    ecfg = from_dict(ElasticConfig, meta["elastic"], source=str(run / "run.json"))
+    meta, ecfg = _read_run(run)
     model = load_model(run / model_dir_name, device=device)
+    return _with_router(run, meta, ecfg, model).to(device).eval()
+
+
+def load_router(run: str | Path, model_dir_name: str = "model") -> ElasticLM:
+    """The run's router and cost model around a meta-device skeleton of its config; reads no weights.
+
+    Enough for `.architecture(b)` and `.describe(b)` (slicing a budget streams the weights itself);
+    the model cannot run."""
+    run = Path(run)
+    meta, ecfg = _read_run(run)
+    with torch.device("meta"):
+        model = HybridLM(ModelConfig.from_json(run / model_dir_name / "config.json"))
+    return _with_router(run, meta, ecfg, model).eval()
+
+
+def _read_run(run: Path) -> tuple[dict, ElasticConfig]:
+    meta = read_run_metadata(run)
+    return meta, from_dict(ElasticConfig, meta["elastic"], source=str(run / "run.json"))
+
+
+def _with_router(run: Path, meta: dict, ecfg: ElasticConfig, model: HybridLM) -> ElasticLM:
+    """`model` inside the run's elastic wrapper, router weights loaded."""
     table = load_latency_table(run / "latency_table.json") if ecfg.budget_type == "latency" else None
     elastic = build_elastic(model, ecfg, meta["choices"], meta["layer_order"], table)
     try:
@@ -94,4 +116,4 @@ def load_elastic(run: str | Path, device="cpu", model_dir_name: str = "model") -
     except (FileNotFoundError, SafetensorError) as err:
         raise ConfigError(f"{run / 'router.safetensors'}: cannot read router weights ({err})") from None
     elastic.router.load_state_dict(router_state)
-    return elastic.to(device).eval()
+    return elastic
