@@ -11,17 +11,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import star_elastic
-
-ROOT = Path(star_elastic.__file__).parent
-PACKAGE = "star_elastic"
+ROOT = Path(__file__).resolve().parents[1] / "star_elastic"
 
 
-def module_files() -> dict[str, Path]:
-    """Dotted module name → source file, for every module of the package."""
+def module_files(root: Path) -> dict[str, Path]:
+    """Dotted module name → source file, for every module of the package in folder `root`."""
     out = {}
-    for path in sorted(ROOT.rglob("*.py")):
-        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
         out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
 
@@ -50,13 +47,14 @@ def imports_of(module: str, path: Path, modules: set[str]) -> set[str]:
     return {name for name in found if name in modules and name != module}
 
 
-def import_graph() -> dict[str, set[str]]:
-    files = module_files()
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module → the package modules it imports."""
+    files = module_files(root)
     return {module: imports_of(module, path, set(files)) for module, path in files.items()}
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One closed path per strongly connected component with more than one module (Tarjan)."""
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The modules of each strongly connected component with more than one module (Tarjan), sorted."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -87,10 +85,10 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     for v in sorted(graph):
         if v not in index:
             visit(v)
-    return [_closed_path(graph, set(c)) for c in components]
+    return sorted(components)
 
 
-def _closed_path(graph: dict[str, set[str]], component: set[str]) -> list[str]:
+def closed_path(graph: dict[str, set[str]], component: set[str]) -> list[str]:
     """A shortest loop through the component's first module (breadth-first within the component)."""
     start = min(component)
     parent = {start: None}
@@ -118,17 +116,18 @@ def test_graph_sees_function_level_and_relative_imports(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("from .leaf import X\n")
     (pkg / "sub" / "leaf.py").write_text("def f():\n    from .. import top\n")
-    (pkg / "top.py").write_text("import pkg.sub\n\ndef g():\n    from pkg.sub import leaf\n")
-    modules = {"pkg", "pkg.sub", "pkg.sub.leaf", "pkg.top"}
-    graph = {m: imports_of(m, tmp_path / (m.replace(".", "/") + ("/__init__.py" if m in ("pkg", "pkg.sub") else ".py")),
-                           modules) for m in modules}
+    (pkg / "top.py").write_text("import os\nimport pkg.sub\n\ndef g():\n    from pkg.sub import leaf\n")
+    (pkg / "other.py").write_text("from pkg.sub import X\n")
+    graph = import_graph(pkg)
     assert graph == {"pkg": set(), "pkg.sub": {"pkg.sub.leaf"}, "pkg.sub.leaf": {"pkg.top"},
-                     "pkg.top": {"pkg.sub", "pkg.sub.leaf"}}
-    assert cycles(graph) == [["pkg.sub", "pkg.sub.leaf", "pkg.top", "pkg.sub"]]
+                     "pkg.top": {"pkg.sub", "pkg.sub.leaf"}, "pkg.other": {"pkg.sub"}}
+    assert circles(graph) == [["pkg.sub", "pkg.sub.leaf", "pkg.top"]]
+    assert closed_path(graph, {"pkg.sub", "pkg.sub.leaf", "pkg.top"}) == ["pkg.sub", "pkg.sub.leaf", "pkg.top", "pkg.sub"]
 
 
 def test_star_elastic_import_graph_has_no_cycle():
     graph = import_graph()
     assert len(graph) > 40 and "star_elastic.hf" in graph["star_elastic.elastic.run"]  # the parser sees the package
-    found = cycles(graph)
-    assert not found, "import cycles in star_elastic:\n" + "\n".join(" → ".join(c) for c in found)
+    found = circles(graph)
+    assert not found, "import circles in star_elastic:\n" + "\n".join(
+        f"{', '.join(c)} (for example {' → '.join(closed_path(graph, set(c)))})" for c in found)
