@@ -11,7 +11,7 @@ are stored in `high_precision_dtype` (BF16 by default), the MoE correction bias 
 `slice_packed` cuts a nested slice straight from these tensors: the index sets of
 `IndexSets.rule` (the same ones the masked forward and the BF16 slicer use) are mapped to bytes
 (÷2) and scale blocks (÷16) along the input dimension; scalar scales are the full tensor's and
-are shared by every slice.
+are shared by every slice. Reading these checkpoints back: `star_elastic.quant.load`.
 """
 
 from __future__ import annotations
