@@ -298,6 +298,16 @@ def _format_text(info: dict[str, Any], source: Path) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class InfoConfig:
+    """`star-elastic info PATH`."""
+
+    path: str = ""
+    """Model directory (config.json is enough; weights are not read)."""
+    json: bool = False
+    """Print one JSON object on standard output."""
+
+
 def info_command(path: str | Path, as_json: bool = False) -> int:
     """`star-elastic info PATH`: print a model's pattern, sizes and parameter counts.
 

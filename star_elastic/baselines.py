@@ -100,11 +100,10 @@ def _cached(path: Path, make) -> dict:
     return result
 
 
-def independent(arch_config, parent_cfg: dict, examples: list[dict], bcfg: BaselineConfig, out: Path) -> dict:
-    """The budget's architecture trained from scratch with the parent's recipe (steps, batch, data, seed)."""
-    skip = {"vocab_size", "pad_token_id", "bos_token_id", "eos_token_id"}  # from the tokenizer, as for the parent
-    model_fields = {k: v for k, v in dataclasses.asdict(arch_config).items() if k not in skip}
-    cfg = from_dict(ParentConfig, {**parent_cfg, "model": model_fields, "width_scale": 1.0}, source="baseline")
+def independent(arch_config, parent_cfg: ParentConfig, examples: list[dict], bcfg: BaselineConfig, out: Path) -> dict:
+    """The budget's architecture trained from scratch with the parent's recipe (steps, batch, data, seed);
+    vocabulary and special token ids come from the tokenizer, as for the parent."""
+    cfg = dataclasses.replace(parent_cfg, model=arch_config, width_scale=1.0)
     model, report = train_parent(cfg, out)
     return {"steps": report["steps"], "tokens": report["tokens"], "accuracy": _accuracy(model, examples, bcfg)}
 
@@ -133,11 +132,11 @@ def compression(run: Path, budget: float, ecfg: ElastifyConfig, seqs: list, step
             **({"target": target, "matched": accuracy >= target} if target is not None else {})}
 
 
-def run_baselines(out: Path, parent_cfg: dict, elastify_cfg: dict, elastic_rows: list[dict], examples: list[dict],
-                  bcfg: BaselineConfig, log=print) -> dict:
+def run_baselines(out: Path, parent_cfg: ParentConfig, elastify_cfg: ElastifyConfig, elastic_rows: list[dict],
+                  examples: list[dict], bcfg: BaselineConfig, log=print) -> dict:
     """Every baseline for every budget < 1 of OUT/run; `elastic_rows` hold the run's accuracy per budget."""
     run = out / "run"
-    ecfg = from_dict(ElastifyConfig, dict(elastify_cfg, model=str(out / "parent"), out=str(run)), source="demo.elastify")
+    ecfg = dataclasses.replace(elastify_cfg, model=str(out / "parent"), out=str(run))
     elastic = load_elastic(run)
     tok = elastic.model.tokenizer
     seqs = load_sequences(ecfg.data, tok, ecfg.n_synthetic, ecfg.seed)

@@ -7,12 +7,16 @@ YAML files and Python callers go through the same checks.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import json
+import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -42,35 +46,118 @@ def check_out_dir(out, flag: str = "--out", empty: bool = False) -> Path:
     return out
 
 
-def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
-    """Build dataclass `cls` from `data`, rejecting keys the dataclass does not define."""
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`, rejecting keys the dataclass does not define.
+
+    A nested block (a field typed as a dataclass) is built from its mapping by the same rules, on
+    top of the field's default: the keys given replace the default's. Every message names the
+    source and the key's full dotted path (`elastic.budgets`)."""
+    return _construct(cls, _kwargs(cls, data, source, prefix), source, prefix)
+
+
+def _kwargs(cls: type, data: Any, source: str, prefix: str) -> dict[str, Any]:
+    """`data`'s keys checked against `cls`'s fields and its values against their types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+        where = f"{source}: {prefix.rstrip('.')}" if prefix else source
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown key(s) {unknown} for {cls.__name__}; valid keys are {sorted(names)}"
-        )
+        raise ConfigError(f"{source}: unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
+                          f"valid keys are {sorted(fields)}")
     hints = typing.get_type_hints(cls)
-    data = {key: _typed(f"{source}: {key}", value, hints[key]) for key, value in data.items()}
+    kwargs = {}
+    for key, value in data.items():
+        block = block_type(hints[key])
+        if block is not None:
+            kwargs[key] = _block(block, fields[key], value, source, prefix + key + ".")
+        else:
+            kwargs[key] = _typed(f"{source}: {prefix}{key}", value, hints[key])
+    return kwargs
+
+
+def _construct(make, kwargs: dict[str, Any], source: str, prefix: str):
+    """`make(**kwargs)` with its validation errors located at the source and block."""
     try:
-        return cls(**data)
+        return make(**kwargs)
     except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise ConfigError(_located(err, source, prefix)) from None
     except TypeError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise ConfigError(f"{source}: {prefix}{err}") from None
+
+
+def _located(err: ConfigError, source: str, prefix: str) -> str:
+    """A validation message with the source and the block's path in front (once)."""
+    msg = str(err)
+    if msg.startswith(f"{source}: "):
+        return msg
+    return f"{source}: {prefix.rstrip('.') + ': ' if prefix else ''}{msg}"
+
+
+def block_type(hint: Any) -> type | None:
+    """The dataclass of a nested-block field (`X` or `X | None`), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _block(cls: type, f: dataclasses.Field, value: Any, source: str, prefix: str) -> Any:
+    """A nested block: an instance as it is, or a mapping laid over the field's default."""
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.')} must be a mapping of {cls.__name__} keys, got {value!r}")
+    kwargs = _kwargs(cls, value, source, prefix)
+    base = _field_default(f)
+    make = cls if base is None else functools.partial(dataclasses.replace, base)
+    return _construct(make, kwargs, source, prefix)
+
+
+def typed_blocks(obj: Any, source: str = "config") -> None:
+    """In place, for dataclass `obj` built directly in Python: every nested-block field given as a
+    mapping becomes its dataclass (by `from_dict`'s rules), and every `Literal` field is checked.
+    Call it first in `__post_init__`."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        block = block_type(hints[f.name])
+        value = getattr(obj, f.name)
+        if block is not None and isinstance(value, dict):
+            setattr(obj, f.name, _block(block, f, value, source, f.name + "."))
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            _typed(f.name, value, hints[f.name])
 
 
 def _typed(where: str, value: Any, hint: Any) -> Any:
-    """`value` checked against a field's annotation (int, float, bool, str, dict, X | None, tuple[X, ...]);
-    ints are accepted where floats are expected. Other annotations are left to the dataclass."""
+    """`value` checked against a field's annotation (int, float, bool, str, dict, Literal, unions,
+    tuple[X, ...]); ints are accepted where floats are expected. Other annotations are left to the
+    dataclass."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
+            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _typed(where, value, inner[0]) if len(inner) == 1 else value
+        if len(inner) == 1:
+            return _typed(where, value, inner[0])
+        for alternative in inner:
+            try:
+                return _typed(where, value, alternative)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} must be {' or '.join(_kind(a) for a in inner)}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
@@ -78,13 +165,54 @@ def _typed(where: str, value: Any, hint: Any) -> Any:
         if len(elems) != len(value):
             raise ConfigError(f"{where} must have {len(elems)} entries, got {value!r}")
         return tuple(_typed(f"{where}[{i}]", v, h) for i, (v, h) in enumerate(zip(value, elems)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_typed(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else list(value)
     ok = {bool: lambda v: isinstance(v, bool), int: lambda v: type(v) is int,
           float: lambda v: type(v) in (int, float), str: lambda v: isinstance(v, str),
-          dict: lambda v: isinstance(v, dict)}.get(hint)
+          dict: lambda v: isinstance(v, dict)}.get(origin or hint)
     if ok is not None and not ok(value):
-        kind = {float: "a number", dict: "a mapping"}.get(hint, hint.__name__)
-        raise ConfigError(f"{where} must be {kind}, got {value!r}")
+        raise ConfigError(f"{where} must be {_kind(origin or hint)}, got {value!r}")
     return float(value) if hint is float else value
+
+
+def _kind(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    names = {float: "a number", dict: "a mapping", int: "an integer", bool: "true or false", str: "a string"}
+    return names.get(typing.get_origin(hint) or hint, getattr(hint, "__name__", str(hint)))
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (and its bases), by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) \
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
+                    and isinstance(nxt.value.value, str):
+                docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def to_plain(obj: Any) -> Any:
+    """A config as plain JSON / YAML data: dataclasses → dicts, tuples → lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -102,20 +230,25 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def merge_config(path: str | Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """YAML mapping (optional) with CLI overrides on top. None means "flag not given"; a dotted key such
-    as `elastic.budgets` or `quant.format` sets one key inside that nested block."""
+    """YAML mapping (optional) with overrides on top. None means "not given"; a dotted key such as
+    `elastic.budgets` or `engine.dtype` sets one key inside that nested block (at any depth)."""
     data = read_yaml_mapping(path) if path else {}
     for key, value in overrides.items():
         if value is None:
             continue
-        block, _, sub = key.partition(".")
-        if not sub:
-            data[key] = value
-            continue
-        nested = data.get(block) or {}
-        if not isinstance(nested, dict):
-            raise ConfigError(f"{path}: '{block}' must be a mapping of keys, got {nested!r}")
-        data[block] = dict(nested, **{sub: value})
+        *blocks, leaf = key.split(".")
+        node, where = data, []
+        for block in blocks:
+            where.append(block)
+            child = node.get(block)
+            if child is None:
+                child = node[block] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{path or 'config'}: {'.'.join(where)} must be a mapping of keys, got {child!r}")
+            else:
+                child = node[block] = dict(child)
+            node = child
+        node[leaf] = value
     return data
 
 
@@ -366,7 +499,7 @@ class ElasticConfig:
 
     budgets: tuple[float, ...] = (1.0, 0.75, 0.5)
     """Target budgets as fractions of the full model's cost, largest first."""
-    budget_type: str = "active_params"
+    budget_type: Literal["total_params", "active_params", "memory", "latency"] = "active_params"
     """total_params | active_params | memory (weights + KV cache + SSM state) | latency (profiled table)."""
     fractions: tuple[float, ...] = (1.0, 0.75, 0.5)
     """Default choice grid of every axis, as fractions of the full size."""
@@ -382,7 +515,7 @@ class ElasticConfig:
     """Context length assumed by the `memory` budget type."""
     router_hidden: int = 64
     """Width of each axis's router MLP."""
-    budget_mode: str = "band"
+    budget_mode: Literal["band", "ceiling", "none"] = "band"
     """band: every trained budget's final architecture costs within ±budget_tolerance of its target;
     ceiling: it costs at most the target (memory budgets are ceilings), preferably within 2·tolerance below;
     none: budgets are not held (plain squared router loss, the cost fit ends on the grid's closest
@@ -393,6 +526,7 @@ class ElasticConfig:
     """A smaller budget's architecture is contained in every larger one's on every axis."""
 
     def __post_init__(self) -> None:
+        typed_blocks(self)
         self.budgets = tuple(float(b) for b in self.budgets)
         self.fractions = tuple(float(f) for f in self.fractions)
         self.axes = tuple(self.axes)
@@ -436,7 +570,7 @@ DEFAULT_QUANT_INCLUDE = (
 class QuantConfig:
     """Quantization of an elastic checkpoint."""
 
-    format: str = "nvfp4"
+    format: Literal["fp8", "nvfp4"] = "nvfp4"
     """fp8 (E4M3, per-tensor scales) or nvfp4 (E2M1, FP8 scales per 16 inputs, FP32 global scale)."""
     include: tuple[str, ...] = DEFAULT_QUANT_INCLUDE
     """fnmatch patterns of module names to quantize (`*.mixer.experts` = every routed expert)."""
@@ -446,6 +580,7 @@ class QuantConfig:
     """Fake-quantize linear inputs with calibrated static scales (as the exported input_scale)."""
 
     def __post_init__(self) -> None:
+        typed_blocks(self)
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
         if self.format not in ("fp8", "nvfp4"):
             raise ConfigError(f"unknown quantization format {self.format!r}; use 'fp8' or 'nvfp4'")

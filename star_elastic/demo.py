@@ -22,7 +22,7 @@ import torch
 
 from star_elastic.accounting import count_params
 from star_elastic.baselines import KINDS, BaselineConfig, run_baselines
-from star_elastic.config import from_dict
+from star_elastic.config import check_out_dir, from_dict, typed_blocks
 from star_elastic.elastic.arch import slice_model
 from star_elastic.elastic.run import load_elastic
 from star_elastic.hf import save_model
@@ -43,12 +43,20 @@ from star_elastic.train.parent import ParentConfig, train_parent
 class DemoConfig:
     """Embedded defaults of the demo; `quick` shrinks everything to a toy run."""
 
-    parent: dict = dataclasses.field(default_factory=dict)
-    """ParentConfig overrides."""
-    elastify: dict = dataclasses.field(
-        default_factory=lambda: dict(steps=900, batch_size=24, lr=1e-3, stage2_probs=(0.2, 0.3, 0.5)))
-    """ElastifyConfig overrides. Stage 2 samples the smallest budget most: it learns slowest (README,
-    "What the demo shows": budget 0.5 at 75.3 % against 69.3 % with the paper's 0.5 / 0.3 / 0.2)."""
+    out: str = "demo_out"
+    """Output folder; stages found done there are reused (an interrupted demo continues)."""
+    quick: bool = False
+    """Toy sizes, about a minute: a smoke test of the pipeline (used by the tests), not a result."""
+    baselines: bool = False
+    """Also train every budget alone: independent, compression at equal tokens, compression to match."""
+
+    parent: ParentConfig = dataclasses.field(default_factory=ParentConfig)
+    """How the parent is trained (train-parent's keys)."""
+    elastify: ElastifyConfig = dataclasses.field(
+        default_factory=lambda: ElastifyConfig(steps=900, batch_size=24, lr=1e-3, stage2_probs=(0.2, 0.3, 0.5)))
+    """The elastification (elastify's keys; model, out and data are the demo's). Stage 2 samples the
+    smallest budget most: it learns slowest (README, "What the demo shows": budget 0.5 at 75.3 %
+    against 69.3 % with the paper's 0.5 / 0.3 / 0.2)."""
     n_test: int = 300
     eval_batch_size: int = 300
     """Queries per batch for accuracy, latency and decode speed (one batch: compute-bound timings)."""
@@ -58,8 +66,11 @@ class DemoConfig:
     """Passes over the sweep's configurations; each latency is the fastest of its rounds."""
     qad_steps: int = 60
     formats: tuple[str, ...] = ("fp8", "nvfp4")
-    baselines: dict = dataclasses.field(default_factory=dict)
-    """BaselineConfig overrides (used with --baselines)."""
+    baseline: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
+    """How the baselines are trained and evaluated (used with --baselines)."""
+
+    def __post_init__(self) -> None:
+        typed_blocks(self)
 
 
 QUICK = DemoConfig(
@@ -71,7 +82,7 @@ QUICK = DemoConfig(
     elastify=dict(steps=12, batch_size=8, n_synthetic=500, calibration_batches=2, router_fit_steps=60,
                   stage1_seq_len=48, stage2_seq_len=64),
     n_test=24, eval_batch_size=24, think_caps=(64, 16), timing_rounds=2, qad_steps=4,
-    baselines=dict(eval_every=4, eval_batch_size=24, max_new_tokens=64),
+    baseline=dict(eval_every=4, eval_batch_size=24, max_new_tokens=64),
 )
 
 
@@ -95,7 +106,7 @@ def stage_parent(cfg: DemoConfig, out: Path) -> dict:
         _log(f"parent: reusing {parent_dir}")
         return json.loads(report_path.read_text())
     _log("parent: training the small reasoning model")
-    _, report = train_parent(from_dict(ParentConfig, dict(cfg.parent), source="demo.parent"), parent_dir)
+    _, report = train_parent(cfg.parent, parent_dir)
     return report
 
 
@@ -107,8 +118,8 @@ def stage_elastify(cfg: DemoConfig, out: Path) -> dict:
         return json.loads(done.read_text())
     _log("elastify: importance, sorting, router fit, nested distillation")
     t0 = time.perf_counter()
-    ecfg = from_dict(ElastifyConfig, dict(cfg.elastify, model=str(out / "parent"), out=str(run), save_initial=True,
-                                          resume=(run / "checkpoints" / "latest").is_file()), source="demo.elastify")
+    ecfg = dataclasses.replace(cfg.elastify, model=str(out / "parent"), out=str(run), save_initial=True,
+                               resume=(run / "checkpoints" / "latest").is_file())
     summary = elastify(ecfg)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     done.write_text(json.dumps(summary, indent=2, default=str))
@@ -215,8 +226,7 @@ def stage_evaluate(cfg: DemoConfig, out: Path, examples: list[dict]) -> dict:
 
 
 def stage_baselines(cfg: DemoConfig, out: Path, after: list[dict], examples: list[dict]) -> dict:
-    bcfg = from_dict(BaselineConfig, {"eval_batch_size": cfg.eval_batch_size, **cfg.baselines}, source="demo.baselines")
-    return run_baselines(out, dict(cfg.parent), dict(cfg.elastify), after, examples, bcfg, log=_log)
+    return run_baselines(out, cfg.parent, cfg.elastify, after, examples, cfg.baseline, log=_log)
 
 
 def _timed(timings: dict, name: str, fn, *args):
@@ -226,10 +236,13 @@ def _timed(timings: dict, name: str, fn, *args):
     return result
 
 
-def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None, baselines: bool = False) -> dict:
-    out = Path(out)
+def run_demo(cfg: DemoConfig) -> dict:
+    """The whole story into `cfg.out`; `cfg.quick` runs the embedded toy sizes instead of `cfg`'s."""
+    if cfg.quick:
+        cfg = dataclasses.replace(QUICK, out=cfg.out, quick=True, baselines=cfg.baselines)
+    out, quick, baselines = Path(cfg.out), cfg.quick, cfg.baselines
+    check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = cfg or (QUICK if quick else DemoConfig())
     t0 = time.perf_counter()
     timings = {}
     reused = [stage for stage in ("parent", "elastify") if _done_file(out, stage).is_file()]
@@ -276,7 +289,7 @@ def run_demo(out: str | Path, quick: bool = False, cfg: DemoConfig | None = None
         "quantization": quant,
         "elastify_seconds": elastify_summary.get("seconds"),
         "eval": {"n_test": len(examples), "batch_size": cfg.eval_batch_size, "think_caps": list(cfg.think_caps)},
-        "elastify_steps": cfg.elastify.get("steps"),
+        "elastify_steps": cfg.elastify.steps,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "reused_stages_s": {name: earlier[name] for name in reused},
         "wall_seconds": round(time.perf_counter() - t0, 1),

@@ -1,21 +1,24 @@
 """Memory planner for elastification: per-GPU bytes by part, from config.json alone.
 
-    star-elastic plan MODEL --gpus N --gpu-memory-gb G --seq-len L --micro-batch B \
-        [--dtype bf16] [--activation-checkpointing] [--optimizer-offload] [--json]
+    star-elastic plan MODEL --gpus N --gpu-memory-gb G --seq-len L --micro-batch-size B \
+        [--parallel auto|none|ddp|fsdp] [--dtype bf16] [--activation-checkpointing] [--optimizer-offload] [--json]
 
-The engine it plans for is star_elastic.distributed with FSDP2 over N GPUs (N = 1 in fp32 is one
-process without sharding):
-  student states   fp32 master params 4 B + fp32 grads 4 B + AdamW m, v 8 B = 16 B/param, / N
-                   (on the CPU with --optimizer-offload)
-  teacher          frozen parent in the compute dtype, / N, plus its root unit (embeddings, final
-                   norm, LM head) held gathered so the chunked loss can apply the head
+It plans for the engine `EngineConfig.mode(gpus)` resolves to (star_elastic.distributed), with N
+processes, one per GPU:
+  student states   fp32 master params 4 B + fp32 grads 4 B + AdamW m, v 8 B = 16 B/param; FSDP
+                   shards them over N (on the CPU with --optimizer-offload); one process and DDP hold
+                   them whole on every GPU
+  teacher          frozen parent in the compute dtype: FSDP holds 1/N of it plus its root unit
+                   (embeddings, final norm, LM head) gathered so the chunked loss can apply the head;
+                   one process and DDP hold it whole
   activations      saved tensors of the student's forward for backward, per token per layer by block
                    kind (one block input per layer with activation checkpointing, plus one layer
                    recomputed), plus the teacher's and the student's final hidden states
   kd_chunk         the chunked distillation loss: ~6 fp32 (chunk, V) tensors live at once
-  comm_buffers     FSDP2 gathered params: the student's root unit (gathered from forward to the end
-                   of backward), two block units in flight (prefetch) and one block's unsharded fp32
-                   gradients before its reduce-scatter
+  comm_buffers     FSDP: the student's root unit gathered (from forward to the end of backward), two
+                   block units in flight (prefetch) and one block's unsharded fp32 gradients before its
+                   reduce-scatter; DDP: its gradient buckets, a second fp32 copy of every gradient
+                   (`gradient_as_bucket_view` is off); one process: none
 Activations are an estimate of what the PyTorch implementation saves (not a measurement); the
 benchmark `benchmarks/bench_fsdp_memory.py` prints this plan ÷ the measured growth on CPU.
 """
@@ -25,35 +28,46 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 from star_elastic import accounting
-from star_elastic.config import ConfigError, ModelConfig
+from star_elastic.config import ConfigError, ModelConfig, typed_blocks
+from star_elastic.distributed.config import EngineConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 STATE_BYTES_PER_PARAM = 16  # fp32 master (4) + fp32 grad (4) + AdamW exp_avg, exp_avg_sq (8)
 KD_CHUNK_TENSORS = 6  # teacher logits, log p_t, p_t, student logits, log p_s, their product / grads
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class PlanConfig:
-    gpus: int = 1
-    seq_len: int = 8192
-    micro_batch: int = 1
-    """Sequences per GPU per step."""
-    dtype: str = "bf16"
-    activation_checkpointing: bool = False
-    optimizer_offload: bool = False
-    kd_chunk_tokens: int = 1024
-    gpu_memory_gb: float | None = None
-    """GB (10^9 bytes) per GPU; None: `fits` is not decided."""
+    """`star-elastic plan MODEL`: the run to plan."""
 
-    def __post_init__(self):
-        for name in ("gpus", "seq_len", "micro_batch", "kd_chunk_tokens"):
+    model: str = ""
+    """Model directory (config.json is enough; weights are not read)."""
+    gpus: int = 1
+    """GPUs, one process each."""
+    seq_len: int = 8192
+    """Tokens per sequence (plan the longest stage)."""
+    batch_size: int | None = None
+    """Sequences per step over all GPUs; default one per GPU. Each GPU runs its share in forwards of
+    `micro_batch_size` sequences."""
+    engine: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(dtype="bf16", parallel="fsdp"))
+    """The engine to plan for (the same block as elastify's)."""
+    json: bool = False
+    """Print one JSON object on standard output."""
+
+    def __post_init__(self) -> None:
+        typed_blocks(self)
+        for name in ("gpus", "seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"plan: {name} must be positive, got {getattr(self, name)}")
-        if self.dtype not in DTYPE_BYTES:
-            raise ConfigError(f"plan: dtype must be one of {list(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.batch_size is not None and (self.batch_size <= 0 or self.batch_size % self.gpus):
+            raise ConfigError(f"plan: batch_size must be a positive multiple of gpus {self.gpus}, got {self.batch_size}")
+
+    @property
+    def sequences_per_forward(self) -> int:
+        share = (self.batch_size or self.gpus) // self.gpus
+        return min(self.engine.micro_batch_size or share, share)
 
 
 def layer_activation_elems(cfg: ModelConfig, block: str) -> int:
@@ -83,32 +97,38 @@ def root_params(cfg: ModelConfig) -> int:
 
 def plan(cfg: ModelConfig, pc: PlanConfig) -> dict:
     """Per-GPU bytes by part, their sum and whether it fits (see the module docstring)."""
-    n = pc.gpus
+    engine, n = pc.engine, pc.gpus
+    mode = engine.mode(n)
     P = accounting.count_params(cfg).total_params
-    cb = DTYPE_BYTES[pc.dtype]
-    sharded = n > 1 or pc.dtype == "bf16"  # fsdp; one fp32 process runs unsharded
-    tokens = pc.seq_len * pc.micro_batch
+    cb = DTYPE_BYTES[engine.dtype]
+    shards = n if mode == "fsdp" else 1
+    tokens = pc.seq_len * pc.sequences_per_forward
     root = root_params(cfg)
     largest_block = max(accounting.layer_params(cfg, b) for b in set(cfg.pattern))
-    states = 0 if pc.optimizer_offload else P * STATE_BYTES_PER_PARAM // n
+    states = 0 if engine.optimizer_offload else P * STATE_BYTES_PER_PARAM // shards
     per_layer = [layer_activation_elems(cfg, b) for b in cfg.pattern]
-    if pc.activation_checkpointing:
+    if engine.activation_checkpointing:
         act_elems = len(per_layer) * cfg.hidden_size + max(per_layer)
     else:
         act_elems = sum(per_layer)
+    comm = {"fsdp": root * cb + 2 * largest_block * cb + largest_block * 4, "ddp": P * 4, "none": 0}[mode]
     parts = {
         "student_params": states * 4 // STATE_BYTES_PER_PARAM,
         "student_grads": states * 4 // STATE_BYTES_PER_PARAM,
         "optimizer_states": states * 8 // STATE_BYTES_PER_PARAM,
-        "teacher": P * cb // n + (root * cb * (n - 1) // n if sharded else 0),
+        "teacher": P * cb // shards + (root * cb * (n - 1) // n if mode == "fsdp" else 0),
         "activations": tokens * (act_elems + 2 * cfg.hidden_size) * cb,
-        "kd_chunk": min(pc.kd_chunk_tokens, tokens) * cfg.vocab_size * 4 * KD_CHUNK_TENSORS,
-        "comm_buffers": (root * cb + 2 * largest_block * cb + largest_block * 4) if sharded else 0,
+        "kd_chunk": min(engine.kd_chunk_tokens, tokens) * cfg.vocab_size * 4 * KD_CHUNK_TENSORS,
+        "comm_buffers": comm,
     }
     total = sum(parts.values())
-    limit = None if pc.gpu_memory_gb is None else int(pc.gpu_memory_gb * 1e9)
+    memory = engine.gpu_memory_gb
+    limit = None if memory is None else int(memory * 1e9)
     return {
-        "params": P, "state_bytes": P * STATE_BYTES_PER_PARAM // n, "config": dataclasses.asdict(pc),
+        "params": P, "mode": mode, "state_bytes": P * STATE_BYTES_PER_PARAM // shards,
+        "config": {"gpus": n, "seq_len": pc.seq_len, "sequences_per_forward": pc.sequences_per_forward,
+                   "dtype": engine.dtype, "activation_checkpointing": engine.activation_checkpointing,
+                   "optimizer_offload": engine.optimizer_offload, "kd_chunk_tokens": engine.kd_chunk_tokens},
         "parts": parts, "per_gpu_bytes": total, "gpu_memory_bytes": limit,
         "fits": None if limit is None else total <= limit,
     }
@@ -117,7 +137,8 @@ def plan(cfg: ModelConfig, pc: PlanConfig) -> dict:
 def format_plan(result: dict) -> str:
     pc = result["config"]
     gib = 2**30
-    lines = [f"plan: {pc['gpus']} GPU(s), {pc['micro_batch']} x {pc['seq_len']} tokens per GPU, {pc['dtype']}"
+    lines = [f"plan: {pc['gpus']} GPU(s), {result['mode']}, {pc['sequences_per_forward']} x {pc['seq_len']} tokens "
+             f"per forward, {pc['dtype']}"
              f"{', activation checkpointing' if pc['activation_checkpointing'] else ''}"
              f"{', optimizer offload' if pc['optimizer_offload'] else ''}; {accounting.format_count(result['params'])}"
              " parameters"]
@@ -130,10 +151,10 @@ def format_plan(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plan_command(model: str | Path, pc: PlanConfig, as_json: bool = False) -> int:
+def plan_command(pc: PlanConfig) -> int:
     """`star-elastic plan MODEL ...`: reads only MODEL/config.json. Exit status 1 when it does not fit."""
-    result = plan(ModelConfig.from_json(accounting._config_path(model)), pc)
-    if as_json:
+    result = plan(ModelConfig.from_json(accounting._config_path(pc.model)), pc)
+    if pc.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:

@@ -12,6 +12,8 @@ an elastic run's router picks for a budget.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -32,6 +34,49 @@ DEFAULT_SHARD_BYTES = 2 << 30
 # files copied unchanged into every slice (tokenizer, chat template, generation defaults)
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
            "generation_config.json", "added_tokens.json")
+
+
+@dataclasses.dataclass
+class SliceConfig:
+    """`star-elastic slice`: one way to name what to cut (a budget, an architecture or a file of them)."""
+
+    run: str = ""
+    """An elastic run folder (with --budget), or any sorted nemotron_h checkpoint folder (BF16, FP8 or
+    NVFP4; with --arch / --arch-file). Every variant must be a prefix: NVIDIA's Elastic checkpoints and
+    our runs are sorted by importance."""
+    out: str = ""
+    """Output folder (must be new or empty)."""
+    budget: float | None = None
+    """A trained budget of the run's router (e.g. 0.5)."""
+    arch: str | None = None
+    """Per-axis sizes, e.g. hidden=2048,mamba_heads=6,experts=96,layers=0-23+26; axes: hidden, attn_heads
+    (per KV group), mamba_heads (per SSM group), experts, expert_inter, shared_inter, mlp_inter, layers;
+    axes not named stay full."""
+    arch_file: str | None = None
+    """JSON {"23b": {"hidden": 2048, ...}, "12b": "hidden=1536,..."}: one folder per name under --out."""
+    max_shard_gb: float = 2.0
+    """Largest output shard (GB)."""
+    json: bool = False
+    """Print the result as one JSON object on standard output."""
+
+    def __post_init__(self) -> None:
+        given = [f"--{k.replace('_', '-')}" for k in ("budget", "arch", "arch_file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"slice needs exactly one of --budget, --arch, --arch-file (got {given or 'none'})")
+        if not self.run or not self.out:
+            raise ConfigError("slice needs RUN_OR_CKPT and --out")
+        if self.max_shard_gb <= 0:
+            raise ConfigError(f"--max-shard-gb {self.max_shard_gb}: must be positive")
+
+
+def slice_command(cfg: SliceConfig) -> dict:
+    """`star-elastic slice`: the result dict (per variant with --arch-file), progress on stderr."""
+    max_bytes = int(cfg.max_shard_gb * 2**30)
+    if cfg.budget is not None:
+        check_out_dir(cfg.out, empty=True)
+        return slice_run(cfg.run, cfg.budget, cfg.out, max_bytes)
+    ckpt = checkpoint_dir(cfg.run)
+    return slice_checkpoint(ckpt, read_archs(ckpt, cfg.arch, cfg.arch_file), cfg.out, max_bytes)
 
 
 def checkpoint_dir(path) -> Path:

@@ -52,7 +52,8 @@ def test_elastify_two_budgets_pretokenized_data_without_tokenizer(tmp_path, caps
     yaml = tmp_path / "e.yaml"
     yaml.write_text("router_fit_steps: 20\ncalibration_batches: 1\nbatch_size: 2\n")
     assert main(["elastify", "--model", str(tmp_path / "parent"), "--data", str(tmp_path / "ids.jsonl"),
-                 "--budgets", "1.0,0.6", "--steps", "2", "--seq-len", "16", "--config", str(yaml),
+                 "--budgets", "1.0,0.6", "--steps", "2", "--stage1-seq-len", "8", "--stage2-seq-len", "16",
+                 "--config", str(yaml),
                  "--out", str(tmp_path / "run")]) == 0
     assert load_elastic(tmp_path / "run").ecfg.budgets == (1.0, 0.6)
     (tmp_path / "text.jsonl").write_text('{"text": "hello"}\n')

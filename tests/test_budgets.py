@@ -178,7 +178,7 @@ def test_budget_mode_none_is_the_plain_square_and_the_closest_fit():
 
 
 def test_bad_budget_settings_name_the_key():
-    with pytest.raises(ConfigError, match=r"budget_mode 'floor' unknown; use one of \['band', 'ceiling', 'none'\]"):
+    with pytest.raises(ConfigError, match=r"budget_mode must be one of \['band', 'ceiling', 'none'\], got 'floor'"):
         ElasticConfig(budget_mode="floor")
     with pytest.raises(ConfigError, match="nested budgets are chosen by projection, which budget_mode 'none' skips"):
         ElasticConfig(budget_mode="none", nested=True)
@@ -203,8 +203,8 @@ def test_trained_run_records_and_prints_target_and_achieved(tmp_path, capsys):
     save_model(parent, tmp_path / "parent")
     run = tmp_path / "run"
     assert main(["elastify", "--model", str(tmp_path / "parent"), "--budgets", "1.0,0.75,0.5", "--steps", "4",
-                 "--seq-len", "32", "--batch-size", "2", "--out", str(run), "--budget-mode", "ceiling",
-                 "--nested-budgets"]) == 0
+                 "--stage1-seq-len", "16", "--stage2-seq-len", "32", "--batch-size", "2", "--out", str(run),
+                 "--budget-mode", "ceiling", "--nested"]) == 0
     capsys.readouterr()
     elastic = load_elastic(run)
     recorded = json.loads((run / "run.json").read_text())["costs"]

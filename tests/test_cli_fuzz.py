@@ -177,8 +177,8 @@ def make_case(rng: random.Random, world: Path, tmp: Path) -> list[str]:
     if kind == 8:
         return ["elastify", "--model", bad_path(rng, world, tmp), "--data", "synthetic", "--steps", "1", "--out", fresh]
     if kind == 9:
-        flags = rng.choice([["--think-budget", bad_budget(rng)], ["--think-variant", "small"],
-                            ["--arch-file", str(f), "--think-variant", rng.choice(["small", "full"])]])
+        flags = rng.choice([["--think", bad_budget(rng)], ["--think", "small"],
+                            ["--arch-file", str(f), "--think", rng.choice(["small", "full"])]])
         f.write_text(bad_arch_file(rng), errors="surrogateescape")
         return ["generate", rng.choice([run, parent, bad_path(rng, world, tmp)]), "hi", *flags,
                 "--max-think-tokens", "2", "--max-answer-tokens", "2"]

@@ -38,11 +38,11 @@ def recount_elastic_tokens(out) -> int:
     """Non-padding positions of every batch the quick elastic run trained on, recounted from its data."""
     e = QUICK.elastify
     tok = load_model(out / "parent").tokenizer
-    seqs = load_sequences("synthetic", tok, e["n_synthetic"], 0)
+    seqs = load_sequences("synthetic", tok, e.n_synthetic, 0)
     total = 0
-    for step in range(e["steps"]):
-        seq_len = e["stage1_seq_len"] if step < e["steps"] // 2 else e["stage2_seq_len"]
-        ids, mask = batch_for_step(seqs, step, 0, e["batch_size"], seq_len, tok.pad_token_id, 0)
+    for step in range(e.steps):
+        seq_len = e.stage1_seq_len if step < e.steps // 2 else e.stage2_seq_len
+        ids, mask = batch_for_step(seqs, step, 0, e.batch_size, seq_len, tok.pad_token_id, 0)
         total += sum(1 for i, m in zip(ids.flatten().tolist(), mask.flatten().tolist()) if i != tok.pad_token_id or m)
     return total
 
@@ -50,7 +50,7 @@ def recount_elastic_tokens(out) -> int:
 def check_baselines(report: dict, out) -> None:
     base = report["baselines"]
     elastic = base["elastic"]
-    assert elastic["steps"] == QUICK.elastify["steps"] and elastic["sizes"] == 3
+    assert elastic["steps"] == QUICK.elastify.steps and elastic["sizes"] == 3
     assert elastic["tokens"] == recount_elastic_tokens(out)
     assert elastic["tokens_per_size"] == pytest.approx(elastic["tokens"] / 3)
     active = {b["budget"]: b["active_params"] for b in report["budgets"]}
@@ -61,12 +61,12 @@ def check_baselines(report: dict, out) -> None:
     for row in base["independent"]:  # the parent's recipe: same steps, same batches, so the same tokens
         assert (row["steps"], row["tokens"]) == (report["parent"]["steps"], report["parent"]["tokens"])
     for row in base["compression_equal_tokens"]:  # a third of the elastic run's steps
-        assert row["steps"] == round(QUICK.elastify["steps"] / 3)
+        assert row["steps"] == round(QUICK.elastify.steps / 3)
         assert row["tokens"] == pytest.approx(elastic["tokens_per_size"], rel=0.35)
-    every = QUICK.baselines["eval_every"]
+    every = QUICK.baseline.eval_every
     for row in base["compression_to_match"]:
         assert row["matched"] == (row["accuracy"] >= row["target"])
-        assert row["steps"] % every == 0 or row["steps"] == QUICK.elastify["steps"]
+        assert row["steps"] % every == 0 or row["steps"] == QUICK.elastify.steps
         assert [s for s, _ in row["checks"]] == list(range(every, row["steps"] + 1, every))
         assert row["tokens_ratio_lower_bound"] == pytest.approx(row["tokens"] / elastic["tokens_per_size"])
 

@@ -11,6 +11,7 @@ SGD, because AdamW divides by √v + eps and router gradients sit near eps, whic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from test_elastify import TINY_PARENT, save_tiny_parent
 from star_elastic import HybridLM, ModelConfig, save_model
 from star_elastic.config import from_dict
 from star_elastic.data.tokenizer import build_tokenizer
-from star_elastic.distributed import parallelize
+from star_elastic.distributed import EngineConfig, parallelize
 from star_elastic.elastic import importance
 from star_elastic.elastic.run import load_elastic
 from star_elastic.quant.qad import QuantizeConfig, quantize_run
@@ -41,7 +42,14 @@ BASE = dict(steps=4, batch_size=4, n_synthetic=100, calibration_batches=3, route
 
 
 QAD = dict(quant={"format": "fp8"}, qad_steps=4, batch_size=4, seq_len=24, calibration_batches=2, n_synthetic=100,
-           optimizer="sgd", lr=0.5, kd_chunk_tokens=16)
+           optimizer="sgd", lr=0.5, engine={"kd_chunk_tokens": 16})
+ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineConfig)}
+
+
+def _engine(cfg: dict) -> dict:
+    """`cfg` with its engine keys (parallel, load, micro_batch_size, ...) moved into its engine block."""
+    engine = dict(cfg.get("engine", {})) | {k: v for k, v in cfg.items() if k in ENGINE_KEYS}
+    return {k: v for k, v in cfg.items() if k not in ENGINE_KEYS} | ({"engine": engine} if engine else {})
 
 
 def _free_port() -> int:
@@ -51,7 +59,7 @@ def _free_port() -> int:
 
 
 def _cfg(parent, out, **changes) -> dict:
-    return BASE | {"model": str(parent), "out": str(out)} | changes
+    return _engine(BASE | {"model": str(parent), "out": str(out)} | changes)
 
 
 def _elastify_job(cfg: dict, procs: int, root: Path) -> subprocess.Popen:
@@ -133,7 +141,7 @@ def runs(tmp_path_factory):
     (root / "one-rank0.json").write_text(json.dumps(one, default=str))
     for name, changes in (("qad_one", {}), ("qad_one_unchunked", {"kd_chunk_tokens": 10**6}),  # one chunk: full logits
                           ("qad_one_micro", {"micro_batch_size": 1})):
-        qcfg = QAD | {"run": str(root / "one"), "out": str(root / name), "parallel": "none"} | changes
+        qcfg = _engine(QAD | {"run": str(root / "one"), "out": str(root / name), "parallel": "none"} | changes)
         (root / f"{name}-rank0.json").write_text(json.dumps(quantize_run(from_dict(QuantizeConfig, qcfg), log=quiet)))
     train(from_dict(ElastifyConfig, _cfg(p, root / "one_stop", parallel="none", stop_after=2)), log=quiet)
     phases = [
@@ -148,7 +156,7 @@ def runs(tmp_path_factory):
         {"name": "fsdp_micro", "cfg": _cfg(p, root / "fsdp_micro", activation_checkpointing=True, micro_batch_size=1)},
         {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
         {"name": "qad", "kind": "quantize",  # 2 forwards per process
-         "cfg": QAD | {"run": str(root / "one"), "out": str(root / "qad_two"), "micro_batch_size": 1}},
+         "cfg": _engine(QAD | {"run": str(root / "one"), "out": str(root / "qad_two"), "micro_batch_size": 1})},
     ]
     _two_nodes(phases, root)
     train(from_dict(ElastifyConfig, _cfg(p, root / "two_to_one", parallel="none", resume=True)), log=quiet)
@@ -267,7 +275,8 @@ def test_activation_checkpointing_gives_bitwise_equal_gradients(tmp_path):
         cfg = from_dict(ElastifyConfig, _cfg(tmp_path / "parent", tmp_path / "run"))
         torch.manual_seed(0)  # the same router initialisation for both
         elastic, teacher, _ = prepare(cfg, log=lambda m: None)
-        engine = parallelize(DistillStep(elastic, chunk_tokens=16), teacher, "none", 0, 1, activation_checkpointing=ac)
+        engine = parallelize(DistillStep(elastic, chunk_tokens=16), teacher, "none", 0, 1,
+                             EngineConfig(activation_checkpointing=ac))
         ids = torch.randint(3, len(tok), (2, 24), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             hidden = engine.teacher(ids, head=False)

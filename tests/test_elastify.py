@@ -93,7 +93,8 @@ def test_interrupted_checkpoint_write_keeps_previous(parent_dir, tmp_path):
 def test_cli_elastify_then_slice_loads_in_transformers(parent_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["elastify", "--model", str(parent_dir), "--data", "synthetic", "--budgets", "1.0,0.75,0.5",
-                 "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--out", str(run)]) == 0
+                 "--steps", "2", "--stage1-seq-len", "16", "--stage2-seq-len", "32", "--batch-size", "2",
+                 "--out", str(run)]) == 0
     elastic = load_elastic(run)
     ids = torch.randint(3, elastic.config.vocab_size, (2, 10))
     for budget in (1.0, 0.5):
@@ -165,18 +166,18 @@ def test_qad_lowers_the_distillation_loss_and_qrun_slices(parent_dir, tmp_path, 
 
 
 def test_shipped_yaml_configs_load_and_flags_override_them():
-    from star_elastic.config import read_yaml_mapping
+    from star_elastic.config import ModelConfig, read_yaml_mapping
     from star_elastic.quant.qad import QuantizeConfig
     from star_elastic.train.elastify import load_elastify_config
     from star_elastic.train.parent import load_parent_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     parent = load_parent_config(str(root / "parent.yaml"), {"steps": 7})
-    assert parent.steps == 7 and parent.model == read_yaml_mapping(root / "parent.yaml")["model"]
+    assert parent.steps == 7 and parent.model == ModelConfig(**read_yaml_mapping(root / "parent.yaml")["model"])
     raw = read_yaml_mapping(root / "elastify.yaml")
     elastify = load_elastify_config(str(root / "elastify.yaml"), {"lr": 0.5, "elastic.budget_type": "total_params"})
-    assert (elastify.lr, elastify.elastic["budget_type"], elastify.steps) == (0.5, "total_params", raw["steps"])
-    assert list(elastify.elastic["budgets"]) == raw["elastic"]["budgets"]
+    assert (elastify.lr, elastify.elastic.budget_type, elastify.steps) == (0.5, "total_params", raw["steps"])
+    assert list(elastify.elastic.budgets) == raw["elastic"]["budgets"]
     raw = read_yaml_mapping(root / "quantize_nvfp4.yaml")
     quantize = from_dict(QuantizeConfig, raw)
-    assert (quantize.quant["format"], quantize.qad_steps, quantize.lr) == ("nvfp4", raw["qad_steps"], raw["lr"])
+    assert (quantize.quant.format, quantize.qad_steps, quantize.lr) == ("nvfp4", raw["qad_steps"], raw["lr"])

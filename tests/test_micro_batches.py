@@ -75,7 +75,7 @@ def test_elastify_micro_batches_train_the_same_weights(parent_dir, tmp_path):
     runs = {}
     for rows in (None, 1):
         out = tmp_path / f"micro-{rows}"
-        train(config(parent_dir, out, micro_batch_size=rows, **base), log=lambda m: None)
+        train(config(parent_dir, out, engine={"micro_batch_size": rows}, **base), log=lambda m: None)
         elastic = load_elastic(out)
         runs[rows] = (elastic.model.state_dict() | {f"router.{k}": v for k, v in elastic.router.state_dict().items()},
                       [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
@@ -86,4 +86,4 @@ def test_elastify_micro_batches_train_the_same_weights(parent_dir, tmp_path):
         assert a["arch"] == b["arch"] and a["budget"] == b["budget"]
         assert a["kd"] == pytest.approx(b["kd"], abs=1e-6) and a["lm"] == pytest.approx(b["lm"], abs=1e-6)
     with pytest.raises(ConfigError, match="micro_batch_size 3 must divide each process's 4 sequences"):
-        train(config(parent_dir, tmp_path / "bad", micro_batch_size=3), log=lambda m: None)
+        train(config(parent_dir, tmp_path / "bad", engine={"micro_batch_size": 3}), log=lambda m: None)

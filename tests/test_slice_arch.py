@@ -192,8 +192,8 @@ def test_generate_with_explicit_variants_equals_sliced_checkpoints(parent_with_t
     prompt = tok.encode(format_prompt(tok, text), add_special_tokens=False)
     for think, answer in (("small", "mid"), ("mid", "full")):
         capsys.readouterr()
-        assert main(["generate", str(path), text, "--arch-file", str(tmp_path / "v.json"), "--think-variant", think,
-                     "--answer-variant", answer, "--max-think-tokens", "10", "--max-answer-tokens", "6"]) == 0
+        assert main(["generate", str(path), text, "--arch-file", str(tmp_path / "v.json"), "--think", think,
+                     "--answer", answer, "--max-think-tokens", "10", "--max-answer-tokens", "6"]) == 0
         out = capsys.readouterr().out
         answer_dir = path if answer == "full" else tmp_path / "sl" / answer
         trace, ans = two_phase_on_slices(tmp_path / "sl" / think, answer_dir, prompt, 10, 6)
@@ -203,8 +203,8 @@ def test_generate_with_explicit_variants_equals_sliced_checkpoints(parent_with_t
     res = server.generate([prompt], "small", "mid", 10, 6).results[0]
     assert (res.think_tokens, res.answer_tokens) == two_phase_on_slices(tmp_path / "sl" / "small", tmp_path / "sl" / "mid",
                                                                         prompt, 10, 6)
-    assert main(["generate", str(path), text, "--arch-file", str(tmp_path / "v.json"), "--think-variant", "tiny"]) == 2
-    assert "unknown variant 'tiny'; known: full, small, mid" in capsys.readouterr().err
+    assert main(["generate", str(path), text, "--arch-file", str(tmp_path / "v.json"), "--think", "tiny"]) == 2
+    assert "--think 'tiny' is not a variant of the architectures file; choose one of full, small, mid" in capsys.readouterr().err
 
 
 def test_checkpoint_that_disagrees_with_its_config_is_refused(parent, tmp_path, capsys):
@@ -235,8 +235,9 @@ def test_eval_with_explicit_variants_counts_the_sliced_checkpoints_tokens(parent
     rows = [{"prompt": "3+4=", "answer": "7"}, {"prompt": "9-2=", "answer": "7"}]
     (tmp_path / "e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     capsys.readouterr()
-    assert main(["eval", str(path), "--arch-file", str(tmp_path / "v.json"), "--think-variant", "small",
-                 "--answer-variant", "mid", "--data", str(tmp_path / "e.jsonl"), "--max-think-tokens", "6"]) == 0
+    assert main(["eval", str(path), "--arch-file", str(tmp_path / "v.json"), "--think", "small",
+                 "--answer", "mid", "--data", str(tmp_path / "e.jsonl"), "--max-think-tokens", "6",
+                 "--max-answer-tokens", "24"]) == 0
     point = json.loads(capsys.readouterr().out)[0]
     tok = model.tokenizer
     runs = [two_phase_on_slices(tmp_path / "sl" / "small", tmp_path / "sl" / "mid",

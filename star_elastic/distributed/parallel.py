@@ -38,12 +38,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from star_elastic.config import ConfigError
+from star_elastic.distributed.config import EngineConfig
+from star_elastic.runtime import resolve_device
 
 # The budget router returns per-axis logits that are views of its Linear output; nothing edits them
 # in place, which is what FSDP2 warns about.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
-PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -91,16 +92,9 @@ class Engine:
                 self.state_module.reshard()
 
 
-def resolve_mode(mode: str, world: int, dtype: str = "fp32") -> str:
-    if mode not in PARALLEL_MODES:
-        raise ConfigError(f"parallel must be one of {list(PARALLEL_MODES)}, got {mode!r}")
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    mode = ("fsdp" if world > 1 else "none") if mode == "auto" else mode
-    if dtype == "bf16" and mode != "fsdp":
-        raise ConfigError(f"dtype bf16 (fp32 master weights, bf16 compute) needs parallel fsdp, got {mode!r}: "
-                          "pass --parallel fsdp (also fine in one process)")
-    return mode
+def resolve_mode(engine: EngineConfig, world: int) -> str:
+    """none, ddp or fsdp: the engine `engine` runs as with `world` processes (`EngineConfig.mode`)."""
+    return engine.mode(world)
 
 
 def _free_port() -> int:
@@ -109,25 +103,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_DEVICE = "auto"  # EngineConfig.device of this process's run, set by init_process_group
+
+
 def device_for_rank() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """This process's compute device: the engine's `device` (auto: GPU LOCAL_RANK where CUDA is present)."""
+    return resolve_device(_DEVICE)
 
 
-def init_process_group(mode: str, dtype: str = "fp32") -> tuple[str, int, int]:
+def init_process_group(engine: EngineConfig) -> tuple[str, int, int]:
     """(resolved mode, rank, world). Uses torchrun's env; fsdp/ddp in a plain process get a 1-rank group."""
+    global _DEVICE
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    mode = resolve_mode(mode, world, dtype)
+    mode = resolve_mode(engine, world)
+    _DEVICE = engine.device
     if mode == "none":
         if world > 1:
             raise ConfigError(f"parallel 'none' with {world} processes would train {world} unrelated copies; "
                               "use --parallel auto, ddp or fsdp under torchrun")
         return mode, 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(device_for_rank())
+        device = device_for_rank()
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
         else:
@@ -194,30 +193,28 @@ def _to_device(module: nn.Module, device: torch.device) -> nn.Module:
     return module._apply(lambda t: t if t.is_meta else t.to(device))
 
 
-def prepare_teacher(teacher: nn.Module, mode: str, dtype: str = "fp32", fill=None) -> nn.Module:
+def prepare_teacher(teacher: nn.Module, mode: str, engine: EngineConfig, fill=None) -> nn.Module:
     """The frozen teacher in the compute dtype on this rank's device: for fsdp sharded like the
     student (each block a unit, `reshard_after_forward`). A teacher built on the meta device is
     given storage after sharding and filled by `fill(teacher)` (pass `fill` exactly then)."""
     device = device_for_rank()
-    teacher = _to_device(teacher.to(dtype=DTYPES[dtype]), device).eval().requires_grad_(False)
+    teacher = _to_device(teacher.to(dtype=DTYPES[engine.dtype]), device).eval().requires_grad_(False)
     if mode == "fsdp":
         _shard(teacher.backbone.layers, teacher, [], reshard_after_forward=True)
     _materialise(teacher, device, fill)
     return teacher
 
 
-def parallelize(step: nn.Module, teacher: nn.Module, mode: str, rank: int, world: int, dtype: str = "fp32",
-                activation_checkpointing: bool = False, optimizer_offload: bool = False, fill=None) -> Engine:
+def parallelize(step: nn.Module, teacher: nn.Module, mode: str, rank: int, world: int, engine: EngineConfig,
+                fill=None) -> Engine:
     """Wrap the student step module (holding `step.elastic`) for `mode`, next to the teacher from
     `prepare_teacher`. With `fill`, `step.elastic.model` was built on the meta device: it is
     materialised after sharding (before DDP, which broadcasts rank 0's weights) and `fill` writes it."""
     device = device_for_rank()
     elastic = step.elastic
     _to_device(step, device)
-    if activation_checkpointing:
+    if engine.activation_checkpointing:
         _checkpoint_blocks(elastic.model.backbone.layers)
-    if optimizer_offload and mode != "fsdp":
-        raise ConfigError(f"optimizer_offload needs parallel fsdp, got {mode!r}")
     if mode == "none":
         _materialise(elastic.model, device, fill)
         return Engine(mode, rank, world, device, step, step, teacher)
@@ -227,11 +224,11 @@ def parallelize(step: nn.Module, teacher: nn.Module, mode: str, rank: int, world
         # budget 1.0 runs without the router: its parameters are then unused for that step
         ddp = DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
         return Engine(mode, rank, world, device, ddp, step, teacher)
-    mp = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[engine.dtype], reduce_dtype=torch.float32)
     # pinned host memory speeds up copies to a GPU; without one there is none to pin for
-    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if optimizer_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if engine.optimizer_offload else OffloadPolicy()
     _shard(elastic.model.backbone.layers, step, [elastic.router], mp_policy=mp, offload_policy=offload)
-    _materialise(elastic.model, torch.device("cpu") if optimizer_offload else device, fill)  # offload: shards on CPU
+    _materialise(elastic.model, torch.device("cpu") if engine.optimizer_offload else device, fill)  # offload: shards on CPU
     return Engine(mode, rank, world, device, step, step, teacher)
 
 

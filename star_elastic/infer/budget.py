@@ -26,12 +26,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from star_elastic.config import ConfigError
-from star_elastic.elastic.arch import Architecture
+from star_elastic.config import ConfigError, ModelConfig, typed_blocks
+from star_elastic.elastic.arch import Architecture, load_arch_file
+from star_elastic.elastic.run import load_elastic
 from star_elastic.hf import load_model
 from star_elastic.infer.generate import DecodeBatch, GenerationConfig, Row, decode_to_end
 from star_elastic.infer.views import view_model
 from star_elastic.model.hybrid import HybridLM
+from star_elastic.runtime import check_device, resolve_device
+from star_elastic.slicing import checkpoint_dir
 
 
 @dataclasses.dataclass
@@ -48,6 +51,50 @@ class BudgetRun:
     results: list[PhaseResult]
     think_seconds: float
     answer_seconds: float
+
+
+@dataclasses.dataclass
+class PhaseConfig:
+    """Which submodel thinks, which answers, and their caps: the same keys and defaults for
+    `generate`, `eval` and `serve` (a request to the server may override each)."""
+
+    think: float | str | None = None
+    """The submodel that writes the <think> trace: a trained budget of the run (e.g. 0.5), or a variant
+    name of --arch-file. Default: the largest (the parent)."""
+    answer: float | str | None = None
+    """The submodel that writes the answer, named as --think. Default: the largest."""
+    max_think_tokens: int = 256
+    """Cap on the trace; </think> is forced when it is reached."""
+    max_answer_tokens: int = 64
+    """Cap on the answer."""
+
+    def __post_init__(self) -> None:
+        if self.max_think_tokens < 0 or self.max_answer_tokens < 1:
+            raise ConfigError(f"need max_think_tokens >= 0 and max_answer_tokens >= 1, got "
+                              f"{self.max_think_tokens} and {self.max_answer_tokens}")
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """`star-elastic generate`: one prompt, budget-controlled."""
+
+    run: str = ""
+    """An elastic run folder, or a sorted checkpoint folder with --arch-file."""
+    prompt: str = ""
+    """The user message."""
+    arch_file: str | None = None
+    """Explicit architectures instead of the router: JSON {"12b": {"hidden": 1536, ...}, ...} as for slice;
+    their names are what --think / --answer take ("full" is always there)."""
+    phases: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
+    """Think and answer submodels and caps."""
+    device: str = "auto"
+    """auto (CUDA where present), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        typed_blocks(self)
+        check_device(self.device)
+        if not self.run:
+            raise ConfigError("generate needs RUN_OR_CKPT")
 
 
 class ElasticServer:
@@ -77,6 +124,28 @@ class ElasticServer:
     def variants(self) -> list[float | str]:
         """What `model()` accepts: the trained budgets, or the architecture names ("full" first)."""
         return list(self.archs) if self.elastic is None else list(self.elastic.ecfg.budgets)
+
+    def resolve(self, key: float | str | None, field: str = "budget") -> float | str:
+        """What a command or a request may name, in one place: a trained budget (a number, or text
+        that parses as one) or a variant name of explicit architectures; None is the largest.
+        Budgets between the trained ones are not served: only trained budgets are held to their
+        cost. Anything else is a ConfigError naming `field` and the choices."""
+        variants = self.variants
+        if key is None:
+            return variants[0]
+        if isinstance(key, str):
+            try:
+                key = float(key)
+            except ValueError:
+                pass
+        if isinstance(key, bool):
+            raise ConfigError(f"{field} {key!r}: give a budget or a variant name")
+        for v in variants:
+            if v == key if isinstance(v, str) else isinstance(key, (int, float)) and abs(v - key) < 1e-9:
+                return v
+        shown = ", ".join(f"{v:g}" if isinstance(v, float) else v for v in variants)
+        kind = "a trained budget" if self.elastic is not None else "a variant of the architectures file"
+        raise ConfigError(f"{field} {key!r} is not {kind}; choose one of {shown}")
 
     def architecture(self, key: float | str) -> Architecture:
         if isinstance(key, str):
@@ -218,6 +287,17 @@ class ElasticServer:
         t2 = time.perf_counter()
         results = [PhaseResult(t.tokens, a.tokens, f) for t, a, f in zip(thinks, answers, forced)]
         return BudgetRun(results, t1 - t0, t2 - t1)
+
+
+def open_server(run, arch_file: str | None = None, device: str = "auto") -> ElasticServer:
+    """An elastic run folder (router budgets), or a sorted checkpoint (or a run's weights) served
+    as the named architectures of `arch_file`, on `device`."""
+    where = resolve_device(device)
+    if arch_file is None:
+        return ElasticServer.from_elastic(load_elastic(run, device=where))
+    ckpt = checkpoint_dir(run)
+    archs = load_arch_file(arch_file, ModelConfig.from_json(ckpt / "config.json"))
+    return ElasticServer.from_checkpoint(ckpt, archs, device=where)
 
 
 def _think_and_eos(tok) -> tuple[int, int]:

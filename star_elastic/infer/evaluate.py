@@ -17,11 +17,47 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from star_elastic.config import ConfigError
+from star_elastic.config import ConfigError, typed_blocks
 from star_elastic.data import synthetic
 from star_elastic.data.tokenizer import format_prompt
-from star_elastic.infer.budget import ElasticServer
+from star_elastic.infer.budget import ElasticServer, PhaseConfig
 from star_elastic.infer.generate import GenerationConfig, generate
+from star_elastic.runtime import check_device
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """`star-elastic eval`: accuracy and latency of budgets and budget-control configurations."""
+
+    run: str = ""
+    """An elastic run folder, or a sorted checkpoint folder with --arch-file."""
+    data: str | None = None
+    """jsonl of {prompt, answer} records (default: the built-in test split)."""
+    n_test: int = 300
+    """Problems of the built-in test split."""
+    arch_file: str | None = None
+    """Explicit architectures instead of the router (JSON, as for slice); "full" is always there."""
+    phases: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
+    """One configuration (--think / --answer; default: every budget alone) and the caps."""
+    sweep: tuple[int, ...] = ()
+    """Budget-control sweep over these think caps, e.g. 96,32,20: every (think, answer) pair at each."""
+    batch_size: int = 100
+    """Problems per batch."""
+    plot: str | None = None
+    """PNG of the accuracy-latency front (with --sweep)."""
+    device: str = "auto"
+    """auto (CUDA where present), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        typed_blocks(self)
+        check_device(self.device)
+        if not self.run:
+            raise ConfigError("eval needs RUN_OR_CKPT")
+        if self.n_test <= 0 or self.batch_size <= 0 or any(c < 0 for c in self.sweep):
+            raise ConfigError(f"n_test and batch_size must be positive and sweep caps >= 0, got {self.n_test}, "
+                              f"{self.batch_size}, {list(self.sweep)}")
+        if self.plot and not self.sweep:
+            raise ConfigError("--plot draws the sweep's front: give --sweep CAPS too")
 
 
 @dataclasses.dataclass(frozen=True)

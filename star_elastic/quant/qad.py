@@ -24,13 +24,15 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from star_elastic.config import ConfigError, QuantConfig
+from star_elastic.config import ConfigError, QuantConfig, typed_blocks
 from star_elastic.data.loading import batch_for_step, check_micro_batch_size, load_sequences, micro_batches
 from star_elastic.distributed import (
+    EngineConfig,
     full_state_dict,
     global_sum,
     init_process_group,
@@ -50,45 +52,39 @@ class QuantizeConfig:
     """PTQ + QAD of an elastic run."""
 
     run: str = ""
+    """Elastic run folder (BF16 / FP32) to quantize."""
     out: str = ""
+    """Quantized run folder (QRUN) to write."""
     data: str = "synthetic"
-    quant: dict = dataclasses.field(default_factory=dict)
-    """QuantConfig fields (format, include, exclude, activations)."""
+    """Calibration and QAD data: jsonl / parquet, or "synthetic" (built-in reasoning set)."""
+    quant: QuantConfig | None = None
+    """The format (required: `--format fp8|nvfp4`) and which modules are quantized."""
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    """Parallelism, precision, memory and loading (the same block as elastify's)."""
     qad_steps: int = 0
+    """QAD steps after PTQ (0: PTQ only)."""
     calibration_batches: int = 4
+    """Batches of activation statistics for the static input scales."""
     batch_size: int = 16
     """Sequences per QAD step in all (the global batch), split evenly over the processes."""
-    micro_batch_size: int | None = None
-    """Sequences per forward on each process (gradient accumulation, sorted by length, as elastify)."""
     seq_len: int = 128
+    """Tokens per sequence."""
     lr: float = 2e-5
     """AdamW rate. On the demo run 2e-5 lowered the held-out KD most in 60 NVFP4 steps; 2e-4 raised it (README notes)."""
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     """adamw, or sgd (plain; used to compare engines, where Adam amplifies rounding)."""
     budget_probs: tuple[float, ...] | None = None
     """QAD budget probabilities, largest first; None uses the run's stage-2 default (0.5 / 0.3 / 0.2)."""
     n_synthetic: int = 5000
+    """Problems of the built-in synthetic set (data synthetic)."""
     seed: int = 0
-    parallel: str = "auto"
-    """auto (fsdp when launched with more than one process), none, ddp or fsdp (as elastify)."""
-    dtype: str = "fp32"
-    """fp32, or bf16: bf16 compute over fp32 master weights (needs parallel fsdp)."""
-    activation_checkpointing: bool = False
-    optimizer_offload: bool = False
-    kd_chunk_tokens: int = 1024
-    """Tokens per chunk of the distillation loss (the LM heads' logits exist for one chunk at a time)."""
 
     def __post_init__(self) -> None:
+        typed_blocks(self)
+        if self.quant is None:
+            raise ConfigError("quantize needs --format fp8|nvfp4 (or 'quant: {format: ...}' in the YAML config)")
         if self.qad_steps < 0 or self.calibration_batches <= 0 or self.batch_size <= 0 or self.seq_len <= 1:
             raise ConfigError("qad_steps must be >= 0; calibration_batches, batch_size and seq_len positive")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
-            raise ConfigError(f"micro_batch_size must be positive (or null: no accumulation), "
-                              f"got {self.micro_batch_size}")
-        if self.kd_chunk_tokens <= 0:
-            raise ConfigError(f"kd_chunk_tokens must be positive, got {self.kd_chunk_tokens}")
-        QuantConfig(**self.quant)
 
 
 def _probs(cfg: QuantizeConfig, budgets) -> list[float]:
@@ -146,7 +142,7 @@ def qad(cfg: QuantizeConfig, engine, budgets, seqs, pad: int) -> list[float]:
         n = global_sum(mask.sum().float()).clamp_min(1)  # the global batch's KD tokens
         opt.zero_grad(set_to_none=True)
         loss = 0.0
-        for last, (g_ids, g_mask) in micro_batches(cfg.micro_batch_size, (ids != pad) | (mask > 0), ids, mask):
+        for last, (g_ids, g_mask) in micro_batches(cfg.engine.micro_batch_size, (ids != pad) | (mask > 0), ids, mask):
             with engine.gradient_sync(last):
                 part = kd_sums(engine, g_ids, g_mask, b) * world / n  # the engines average the gradients over ranks
                 part.backward()
@@ -173,12 +169,12 @@ def gathered_student(engine, run: Path, qcfg: QuantConfig):
 
 
 def quantize_run(cfg: QuantizeConfig, log=None) -> dict:
-    mode, rank, world = init_process_group(cfg.parallel, cfg.dtype)
+    mode, rank, world = init_process_group(cfg.engine)
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
-    check_micro_batch_size(cfg.micro_batch_size, cfg.batch_size, world)
+    check_micro_batch_size(cfg.engine.micro_batch_size, cfg.batch_size, world)
     log = log or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
-    qcfg = QuantConfig(**cfg.quant)
+    qcfg = cfg.quant
     run, out = Path(cfg.run), Path(cfg.out)
     meta = read_run_metadata(run)
     if meta.get("quantization"):
@@ -194,11 +190,10 @@ def quantize_run(cfg: QuantizeConfig, log=None) -> dict:
     budgets = elastic.ecfg.budgets
     archs = {b: elastic.architecture(b) for b in budgets}  # the router stays frozen: fixed per budget
     step = DistillStep(ElasticLM(student, elastic.ecfg, elastic.space, elastic.cost).requires_grad_(False),
-                       cfg.kd_chunk_tokens, archs)
+                       cfg.engine.kd_chunk_tokens, archs)
     step.elastic.model.requires_grad_(True)
-    teacher = prepare_teacher(elastic.model, mode, cfg.dtype)
-    engine = parallelize(step, teacher, mode, rank, world, cfg.dtype, cfg.activation_checkpointing,
-                         cfg.optimizer_offload)
+    teacher = prepare_teacher(elastic.model, mode, cfg.engine)
+    engine = parallelize(step, teacher, mode, rank, world, cfg.engine)
     kd_ptq = mean_kd(engine, budgets, held_out)
     log(f"PTQ ({qcfg.format}): held-out KD {kd_ptq:.4f}")
     history = qad(cfg, engine, budgets, seqs, pad) if cfg.qad_steps else []

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
 from star_elastic.config import ConfigError
+from star_elastic.runtime import check_device
 from star_elastic.infer.generate import GenerationConfig
 from star_elastic.serve import errors
 from star_elastic.serve.engine import Progress, Spec
@@ -36,8 +38,22 @@ MAX_BODY_BYTES = 1 << 22
 class ServeConfig:
     """How `star-elastic serve` answers; budgets default to the largest trained one (the parent)."""
 
-    name: str = "star-elastic"
-    """Model id of the elastic model; budget entries are NAME@B."""
+    run: str | None = None
+    """An elastic run folder, or a sorted checkpoint with --arch-file (with the backend flags: only its
+    tokenizer is read)."""
+    arch_file: str | None = None
+    """Serve a sorted checkpoint (no router) with named architectures: JSON {"12b": {"hidden": 1536, ...}, ...}
+    as for slice; "full" is always there."""
+    device: str = "auto"
+    """auto (CUDA where present), cpu, cuda or cuda:N."""
+    think_backend: str | None = None
+    """Proxy: run the think phase on this OpenAI-compatible server, URL[#model]."""
+    answer_backend: str | None = None
+    """Proxy: run the answer phase on this OpenAI-compatible server, URL[#model]."""
+    backend_api_key: str | None = None
+    """Bearer key sent to the backends."""
+    name: str | None = None
+    """Model id of the elastic model (default: the run folder's name); budget entries are NAME@B."""
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -56,6 +72,8 @@ class ServeConfig:
     process holds a core."""
 
     def __post_init__(self) -> None:
+        check_device(self.device)
+        self.name = self.name or (Path(self.run).resolve().name if self.run else "star-elastic")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"serve: --threads must be >= 1, got {self.threads}")
         if self.max_think_tokens < 0 or self.max_tokens < 1 or self.max_batch < 1:
@@ -389,3 +407,24 @@ def make_proxy_app(think_backend: str, answer_backend: str, tokenizer, cfg: Serv
     engine = ProxyEngine(Backend.parse(think_backend, "--think-backend"),
                          Backend.parse(answer_backend, "--answer-backend"), tokenizer, backend_api_key)
     return build_app(engine, cfg, [])
+
+
+def app_for(cfg: ServeConfig) -> FastAPI:
+    """`star-elastic serve`: the app over a run or checkpoint in this process, or over two backends."""
+    from star_elastic.slicing import checkpoint_dir
+
+    if cfg.think_backend or cfg.answer_backend:
+        if not (cfg.think_backend and cfg.answer_backend and cfg.run):
+            raise ConfigError("serve: a proxy needs --think-backend, --answer-backend and RUN (for its tokenizer)")
+        from transformers import AutoTokenizer
+
+        model_dir = checkpoint_dir(cfg.run)
+        if not (model_dir / "tokenizer.json").is_file():
+            raise ConfigError(f"serve: {model_dir} has no tokenizer.json (the proxy formats prompts with it)")
+        return make_proxy_app(cfg.think_backend, cfg.answer_backend, AutoTokenizer.from_pretrained(str(model_dir)),
+                              cfg, cfg.backend_api_key)
+    if not cfg.run:
+        raise ConfigError("serve: give an elastic run folder (or --think-backend and --answer-backend)")
+    from star_elastic.infer.budget import open_server
+
+    return make_local_app(open_server(cfg.run, cfg.arch_file, cfg.device), cfg)

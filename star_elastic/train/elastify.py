@@ -27,14 +27,16 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from star_elastic import accounting
-from star_elastic.config import ConfigError, ElasticConfig, ModelConfig, from_dict, merge_config
+from star_elastic.config import ConfigError, ElasticConfig, ModelConfig, from_dict, merge_config, typed_blocks
 from star_elastic.data.loading import batch_for_step, check_micro_batch_size, load_sequences, micro_batches
 from star_elastic.distributed import (
+    EngineConfig,
     barrier,
     full_state_dict,
     global_sum,
@@ -60,9 +62,6 @@ from star_elastic.train.checkpoint import latest_checkpoint, load_checkpoint, sa
 from star_elastic.train.distill import DistillStep
 
 
-LOAD_MODES = ("auto", "full", "meta")
-
-
 @dataclasses.dataclass
 class ElastifyConfig:
     """One elastification run. YAML keys and CLI flags share these names."""
@@ -73,8 +72,10 @@ class ElastifyConfig:
     """jsonl / parquet file with text, messages or input_ids; or "synthetic" (built-in reasoning set)."""
     out: str = ""
     """Run folder to write."""
-    elastic: dict = dataclasses.field(default_factory=dict)
-    """ElasticConfig fields (budgets, budget_type, fractions, axes, choices, ...)."""
+    elastic: ElasticConfig = dataclasses.field(default_factory=ElasticConfig)
+    """What is elastic and which budgets are trained (budgets, budget_type, fractions, axes, choices, ...)."""
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    """Parallelism, precision, memory and loading (star_elastic.distributed; the same block as quantize's)."""
     steps: int = 300
     """Total optimisation steps (both stages); 0 writes the sorted, cost-fitted run untrained."""
     stage1_fraction: float = 0.5
@@ -85,11 +86,7 @@ class ElastifyConfig:
     """Stage-2 budget probabilities, largest budget first; empty: `default_stage2_probs` (paper: 0.5 / 0.3 / 0.2)."""
     batch_size: int = 16
     """Sequences per step in all (the global batch), split evenly over the processes."""
-    micro_batch_size: int | None = None
-    """Sequences per forward on each process (gradient accumulation); must divide its share of the
-    batch. The share is sorted by length first and each micro-batch padded only to its own longest
-    sequence. None: the whole share in one forward."""
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     """adamw (betas 0.9 / 0.95) or sgd (plain; used to compare engines, where Adam amplifies rounding)."""
     lr: float = 1e-3
     router_lr: float = 1e-2
@@ -120,37 +117,16 @@ class ElastifyConfig:
     save_initial: bool = False
     """Also write the sorted, router-fitted, untrained state to RUN/initial (zero-shot baseline)."""
     seed: int = 0
-    parallel: str = "auto"
-    """auto (fsdp when launched with more than one process), none, ddp or fsdp."""
-    dtype: str = "fp32"
-    """fp32, or bf16: bf16 compute over fp32 master weights (needs parallel fsdp)."""
-    activation_checkpointing: bool = False
-    """Recompute each block in backward instead of keeping its activations."""
-    optimizer_offload: bool = False
-    """Keep sharded params, gradients and optimizer states in CPU memory (fsdp)."""
-    kd_chunk_tokens: int = 1024
-    """Tokens per chunk of the distillation loss (the LM heads' logits exist for one chunk at a time)."""
-    gpu_memory_gb: float | None = None
-    """Per-GPU memory the plan is checked against (default: the CUDA device's; none on CPU)."""
-    load: str = "auto"
-    """How the parent is loaded: full (every rank loads it whole and sorts it), meta (built on the
-    meta device, sharded, then filled from the files tensor by tensor, sorted as it streams), or
-    auto (meta with parallel fsdp, full otherwise and for latency budgets or quantized parents)."""
 
     def __post_init__(self) -> None:
-        self.stage2_probs = tuple(float(p) for p in self.stage2_probs) or default_stage2_probs(
-            len(from_dict(ElasticConfig, dict(self.elastic), source="elastic").budgets))
+        typed_blocks(self)
+        self.stage2_probs = tuple(float(p) for p in self.stage2_probs) or default_stage2_probs(len(self.elastic.budgets))
         self.tau = tuple(float(t) for t in self.tau)
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0 (0: importance, sorting and the cost-fitted router only), got {self.steps}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.settle_every < 0:
             raise ConfigError(f"settle_every must be >= 0 (0: project only at the stage boundary), got {self.settle_every}")
-        if self.micro_batch_size is not None and self.micro_batch_size <= 0:
-            raise ConfigError(f"micro_batch_size must be positive (or null: no accumulation), "
-                              f"got {self.micro_batch_size}")
-        for name in ("batch_size", "kd_chunk_tokens", "stage1_seq_len", "stage2_seq_len", "checkpoint_every",
+        for name in ("batch_size", "stage1_seq_len", "stage2_seq_len", "checkpoint_every",
                      "calibration_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -160,19 +136,11 @@ class ElastifyConfig:
             raise ConfigError(f"stage1_fraction must be in [0, 1], got {self.stage1_fraction}")
         if abs(sum(self.stage2_probs) - 1) > 1e-6 or any(p < 0 for p in self.stage2_probs):
             raise ConfigError(f"stage2_probs must be non-negative and sum to 1, got {list(self.stage2_probs)}")
-        if self.load not in LOAD_MODES:
-            raise ConfigError(f"load must be one of {list(LOAD_MODES)}, got {self.load!r}")
         if len(self.tau) != 2 or min(self.tau) <= 0:
             raise ConfigError(f"tau must be two positive temperatures, got {list(self.tau)}")
-        self.elastic_config()  # validates the nested elastic block now, naming bad keys
-
-    def elastic_config(self) -> ElasticConfig:
-        ecfg = from_dict(ElasticConfig, dict(self.elastic), source="elastic")
-        if len(self.stage2_probs) != len(ecfg.budgets):
-            raise ConfigError(
-                f"stage2_probs has {len(self.stage2_probs)} entries for {len(ecfg.budgets)} budgets {list(ecfg.budgets)}"
-            )
-        return ecfg
+        if len(self.stage2_probs) != len(self.elastic.budgets):
+            raise ConfigError(f"stage2_probs has {len(self.stage2_probs)} entries for {len(self.elastic.budgets)} "
+                              f"budgets {list(self.elastic.budgets)}")
 
 
 def default_stage2_probs(n: int) -> tuple[float, ...]:
@@ -244,7 +212,7 @@ def importance_scores(cfg: ElastifyConfig, parent: HybridLM, seqs, rank: int, wo
 
 def elastic_over(model: HybridLM, cfg: ElastifyConfig, scores: dict) -> ElasticLM:
     """The elastic model over the sorted `model` (or its meta-device stand-in), depth order from the scores."""
-    ecfg = cfg.elastic_config()
+    ecfg = cfg.elastic
     layer_order = torch.argsort(scores["depth"], descending=True, stable=True).tolist()
     table = None
     if ecfg.budget_type == "latency":
@@ -254,13 +222,14 @@ def elastic_over(model: HybridLM, cfg: ElastifyConfig, scores: dict) -> ElasticL
 
 def resolve_load(cfg: ElastifyConfig, mode: str) -> str:
     """full or meta (see ElastifyConfig.load)."""
-    plain_only = cfg.elastic_config().budget_type == "latency" or read_quant_config(Path(cfg.model)) is not None
-    if cfg.load == "meta" and plain_only:
+    plain_only = cfg.elastic.budget_type == "latency" or read_quant_config(Path(cfg.model)) is not None
+    load = cfg.engine.load
+    if load == "meta" and plain_only:
         raise ConfigError(f"load meta: latency budgets profile, and quantized parents dequantize, a whole model; "
                           f"use --load full for {cfg.model}")
-    if cfg.load == "auto":
+    if load == "auto":
         return "meta" if mode == "fsdp" and not plain_only else "full"
-    return cfg.load
+    return load
 
 
 def prepare(cfg: ElastifyConfig, rank: int = 0, log=print, world: int = 1):
@@ -277,7 +246,7 @@ def prepare_meta(cfg: ElastifyConfig, mode: str, rank: int, log, world: int):
     it, and the student is built on the meta device for the engine to shard and fill, each tensor
     sorted as it streams. Returns (elastic, teacher, seqs, fill for `parallelize`)."""
     fill = partial(fill_from_checkpoint, path=cfg.model)
-    teacher = prepare_teacher(meta_model(cfg.model), mode, cfg.dtype, fill=fill)
+    teacher = prepare_teacher(meta_model(cfg.model), mode, cfg.engine, fill=fill)
     seqs = load_sequences(cfg.data, teacher.tokenizer, cfg.n_synthetic, cfg.seed, teacher.config.vocab_size)
     scores = importance_scores(cfg, teacher, seqs, rank, world, log)
     elastic = elastic_over(meta_model(cfg.model), cfg, scores)
@@ -287,13 +256,10 @@ def prepare_meta(cfg: ElastifyConfig, mode: str, rank: int, log, world: int):
 def check_plan(cfg: ElastifyConfig, world: int, log) -> dict:
     """Print the memory plan of this run; refuse (with the plan) when it cannot fit the GPU memory,
     given as gpu_memory_gb or read from the CUDA device (unknown on CPU: printed only)."""
-    memory = cfg.gpu_memory_gb
-    if memory is None and torch.cuda.is_available():
-        memory = torch.cuda.get_device_properties(device_for_rank()).total_memory / 1e9
-    share = max(1, cfg.batch_size // world)
-    pc = PlanConfig(gpus=world, seq_len=cfg.stage2_seq_len, micro_batch=min(cfg.micro_batch_size or share, share),
-                    dtype=cfg.dtype, activation_checkpointing=cfg.activation_checkpointing,
-                    optimizer_offload=cfg.optimizer_offload, kd_chunk_tokens=cfg.kd_chunk_tokens, gpu_memory_gb=memory)
+    engine = cfg.engine
+    if engine.gpu_memory_gb is None and device_for_rank().type == "cuda":
+        engine = dataclasses.replace(engine, gpu_memory_gb=torch.cuda.get_device_properties(device_for_rank()).total_memory / 1e9)
+    pc = PlanConfig(model=cfg.model, gpus=world, seq_len=cfg.stage2_seq_len, batch_size=cfg.batch_size, engine=engine)
     result = plan(ModelConfig.from_json(accounting._config_path(cfg.model)), pc)
     log(format_plan(result))
     if result["fits"] is False:
@@ -324,10 +290,10 @@ def rank_batch(cfg: ElastifyConfig, seqs, step: int, seq_len: int, pad: int, ran
 
 def train(cfg: ElastifyConfig, log=None) -> dict:
     """Run the whole recipe; returns a summary. Rank 0 writes the run folder."""
-    mode, rank, world = init_process_group(cfg.parallel, cfg.dtype)
+    mode, rank, world = init_process_group(cfg.engine)
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
-    check_micro_batch_size(cfg.micro_batch_size, cfg.batch_size, world)
+    check_micro_batch_size(cfg.engine.micro_batch_size, cfg.batch_size, world)
     log = log or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
     check_plan(cfg, world, log)
     out = Path(cfg.out)
@@ -337,7 +303,7 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
         elastic, teacher, seqs, fill = prepare_meta(cfg, mode, rank, log, world)
     else:
         elastic, parent, seqs = prepare(cfg, rank, log, world)
-        teacher, fill = prepare_teacher(parent, mode, cfg.dtype), None
+        teacher, fill = prepare_teacher(parent, mode, cfg.engine), None
     ecfg = elastic.ecfg
     pad = elastic.config.pad_token_id
     ckpt_dir = out / "checkpoints"
@@ -347,11 +313,10 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
         log(f"router fitted to {ecfg.budget_type} in {len(hist)} steps")
         log_settled(elastic, log)
 
-    engine = parallelize(DistillStep(elastic, cfg.kd_chunk_tokens), teacher, mode, rank, world, cfg.dtype,
-                         cfg.activation_checkpointing, cfg.optimizer_offload, fill)
+    engine = parallelize(DistillStep(elastic, cfg.engine.kd_chunk_tokens), teacher, mode, rank, world, cfg.engine, fill)
     if latest is None:
         save_untrained(cfg, elastic, engine, mode, rank)
-    log(f"engine: {mode}, {world} process(es), {cfg.dtype}, {load} load, device {engine.device}")
+    log(f"engine: {mode}, {world} process(es), {cfg.engine.dtype}, {load} load, device {engine.device}")
     opt = make_optimizer(cfg, elastic)
     base_lrs = [g["lr"] for g in opt.param_groups]
     start = 0
@@ -422,7 +387,7 @@ def accumulate(cfg: ElastifyConfig, engine, elastic: ElasticLM, step: int, budge
     samples the step's architecture from the same Gumbel noise. Returns the summed (KL, CE), picks,
     router loss."""
     kl = ce = 0.0
-    for last, (g_ids, g_mask, g_attn) in micro_batches(cfg.micro_batch_size, attn, ids, mask, attn):
+    for last, (g_ids, g_mask, g_attn) in micro_batches(cfg.engine.micro_batch_size, attn, ids, mask, attn):
         with engine.gradient_sync(last):
             with torch.no_grad():
                 teacher_hidden = engine.teacher(g_ids, head=False)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from star_elastic.config import ConfigError, ModelConfig, from_dict, merge_config
+from star_elastic.config import ConfigError, ModelConfig, from_dict, merge_config, to_plain, typed_blocks
 from star_elastic.data import synthetic
 from star_elastic.data.loading import length_groups
 from star_elastic.data.tokenizer import build_tokenizer, encode_example, format_prompt
@@ -42,8 +42,10 @@ DEFAULT_PARENT = dict(
 class ParentConfig:
     """Training of the demo parent. Every field can be set in YAML or with a CLI flag."""
 
-    model: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_PARENT))
-    """ModelConfig fields; vocab and special token ids come from the tokenizer."""
+    out: str = ""
+    """Output model directory (Hugging Face nemotron_h layout)."""
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(**DEFAULT_PARENT))
+    """The architecture (ModelConfig keys); vocabulary and special token ids come from the tokenizer."""
     width_scale: float = 1.0
     """Multiplies hidden, head and intermediate sizes (0.5 gives the half-size comparison model)."""
     n_train: int = 60000
@@ -68,6 +70,7 @@ class ParentConfig:
     """torch threads; None keeps torch's default."""
 
     def __post_init__(self) -> None:
+        typed_blocks(self)
         for name in ("n_train", "n_test", "steps", "batch_size", "eval_batch_size", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -79,20 +82,17 @@ class ParentConfig:
             raise ConfigError(f"width_scale must be in (0, 4], got {self.width_scale}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
-        bad = sorted(set(self.model) - {f.name for f in dataclasses.fields(ModelConfig)})
-        if bad:
-            raise ConfigError(f"model: unknown ModelConfig key(s) {bad}")
 
 
 def model_config(cfg: ParentConfig, tokenizer) -> ModelConfig:
     """The parent's ModelConfig: the configured sizes, scaled, with the tokenizer's vocabulary."""
-    m = dict(cfg.model)
+    m = {}
     if cfg.width_scale != 1.0:
         for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "moe_shared_expert_intermediate_size"):
-            m[key] = max(8, int(round(m[key] * cfg.width_scale / 8)) * 8)
-        m["mamba_head_dim"] = max(4, int(round(m["mamba_head_dim"] * cfg.width_scale)))
-        m["head_dim"] = max(4, int(round(m["head_dim"] * cfg.width_scale)))
-    return ModelConfig(
+            m[key] = max(8, int(round(getattr(cfg.model, key) * cfg.width_scale / 8)) * 8)
+        m["mamba_head_dim"] = max(4, int(round(cfg.model.mamba_head_dim * cfg.width_scale)))
+        m["head_dim"] = max(4, int(round(cfg.model.head_dim * cfg.width_scale)))
+    return cfg.model.replace(
         **m, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -207,7 +207,7 @@ def train_parent(cfg: ParentConfig, out: str | Path | None = None) -> tuple[Hybr
     report = {
         "params": model.num_parameters(), "steps": len(losses), "tokens": tokens, "train_seconds": round(train_s, 1),
         "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "test": result,
-        "config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(), "threads": torch.get_num_threads(),
+        "config": to_plain(cfg), "model_config": mcfg.to_dict(), "threads": torch.get_num_threads(),
     }
     if out is not None:
         out = Path(out)
