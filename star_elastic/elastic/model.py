@@ -70,12 +70,14 @@ class ElasticLM(nn.Module):
         }
 
     def forward(self, input_ids: torch.Tensor, budget: float, **kwargs) -> torch.Tensor:
-        """Logits of the submodel the router picks for `budget` (deterministic)."""
+        """Logits of the submodel the router picks for `budget` (deterministic). kwargs go to
+        `HybridLM.forward` (seq_idx for packed rows, head, attention_mask, ...)."""
         masks = IndexSets.prefix(self.config, self.architecture(budget)).masks(device=input_ids.device)
         return self.model(input_ids, masks=masks, **kwargs)
 
     def forward_sampled(self, input_ids: torch.Tensor, budget: float, tau: float, generator=None, **kwargs):
-        """Training forward: Gumbel picks; returns (logits, picks) so the caller adds the router loss."""
+        """Training forward: Gumbel picks; returns (logits, picks) so the caller adds the router loss.
+        kwargs go to `HybridLM.forward` (seq_idx for packed rows, head, ...)."""
         vec = self.budget_vector(budget).to(input_ids.device)
         if budget >= 1.0:  # the parent itself: no router, no masks
             picks = {a: torch.nn.functional.one_hot(torch.tensor(0), len(c)).float().to(input_ids.device)

@@ -71,10 +71,10 @@ class Block(nn.Module):
         else:
             self.mixer = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x, state, attn_mask, pad_mask, masks: Masks) -> torch.Tensor:
+    def forward(self, x, state, attn_mask, pad_mask, masks: Masks, seq_idx=None) -> torch.Tensor:
         h = self.norm(x, masks.hidden)
         if self.kind == "M":
-            h = self.mixer(h, state, pad_mask, masks.mamba_heads)
+            h = self.mixer(h, state, pad_mask, masks.mamba_heads, seq_idx)
         elif self.kind == "*":
             h = self.mixer(h, state, attn_mask, masks.attn_heads)
         elif self.kind == "E":
@@ -111,6 +111,7 @@ class HybridLM(nn.Module):
         masks: Masks | None = None,
         last_only: bool = False,
         head: bool = True,
+        seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) → fp32 logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
 
@@ -118,15 +119,22 @@ class HybridLM(nn.Module):
         `lm_head` in token chunks (train/distill.py) rather than hold the full logits.
 
         attention_mask (B, T): 1 for real tokens, 0 for (left) padding. `cache` is updated in place.
+
+        seq_idx (B, T) integer, non-decreasing along T: the index of each token's document in a
+        packed training row (as mamba_ssm's / vLLM's). Every document is then computed as if alone:
+        attention is causal within it, and the Mamba-2 conv window and state start afresh at it.
+        None (or one document in every row, which takes the same path) is one document per row.
+        Not with a cache: generation runs one document per row.
         """
         masks = masks or Masks()
+        seq_idx = self._documents(input_ids, cache, seq_idx)
         x = self.backbone.embeddings(input_ids)
         if masks.hidden is not None:
             x = x * masks.hidden.to(x.dtype)
-        attn_mask, pad_mask = self._attention_masks(input_ids, cache, attention_mask)
+        attn_mask, pad_mask = self._attention_masks(input_ids, cache, attention_mask, seq_idx)
         for i, block in enumerate(self.backbone.layers):
             state = None if cache is None else cache.layers[i]
-            h = block(x, state, attn_mask, pad_mask, masks)
+            h = block(x, state, attn_mask, pad_mask, masks, seq_idx)
             if masks.layers is not None:
                 h = h * masks.layers[i].to(h.dtype)
             x = x + h
@@ -135,7 +143,25 @@ class HybridLM(nn.Module):
         x = self.backbone.norm_f(x, masks.hidden)
         return self.lm_head(x).float() if head else x
 
-    def _attention_masks(self, ids, cache, attention_mask):
+    @staticmethod
+    def _documents(ids, cache, seq_idx):
+        """seq_idx checked; None where every row is one document (the unpacked path runs then)."""
+        if seq_idx is None:
+            return None
+        if cache is not None:
+            raise ValueError("seq_idx (packed documents) is for training forwards; cached generation runs one "
+                             "document per row: pass seq_idx=None with a cache")
+        if seq_idx.shape != ids.shape or seq_idx.is_floating_point() or seq_idx.dtype == torch.bool:
+            raise ValueError(f"seq_idx must be integer document indices shaped like input_ids {tuple(ids.shape)}, "
+                             f"got {seq_idx.dtype} {tuple(seq_idx.shape)}")
+        steps = seq_idx.diff(dim=1)  # (B, T-1)
+        decreasing, packed = torch.stack([(steps < 0).any(), (steps != 0).any()]).tolist()  # one sync
+        if decreasing:
+            raise ValueError("seq_idx must be non-decreasing along each row: the index of each token's document "
+                             "within its row (0, 0, 0, 1, 1, 2, ...)")
+        return seq_idx if packed else None
+
+    def _attention_masks(self, ids, cache, attention_mask, seq_idx=None):
         """Boolean (B, 1, T, S) attention mask, or None when plain causal attention is exact."""
         B, T = ids.shape
         new_valid = (
@@ -149,12 +175,14 @@ class HybridLM(nn.Module):
         else:
             valid, padded = new_valid, attention_mask is not None and not bool(new_valid.all())
         pad_mask = attention_mask.to(self.lm_head.weight.dtype) if padded and attention_mask is not None else None
-        if not padded and (past == 0 or T == 1):
+        if not padded and (past == 0 or T == 1) and seq_idx is None:
             return None, pad_mask
         S = valid.shape[1]
         q_pos = torch.arange(past, past + T, device=ids.device)[:, None]  # (T, 1)
         k_pos = torch.arange(S, device=ids.device)[None, :]  # (1, S)
         allowed = (k_pos <= q_pos) & valid[:, None, :]  # (B, T, S)
+        if seq_idx is not None:  # no cache, so S == T: block-diagonal causal
+            allowed &= seq_idx[:, :, None] == seq_idx[:, None, :]
         allowed |= k_pos == q_pos  # a padding query still sees itself: no all-masked row, no NaN
         return allowed.unsqueeze(1), pad_mask
 

@@ -71,15 +71,39 @@ def _exp_decay(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tenso
     return _floored_exp(x, mask)
 
 
-def _decay_matrix(a_cum: torch.Tensor) -> torch.Tensor:
+def _decay_matrix(a_cum: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
     """exp(a_cum[..., l] - a_cum[..., s]) for s <= l, else 0: shape (..., L, L).
 
     a_cum holds inclusive cumulative log-decays (non-increasing) along the last axis, so the entry
     is the decay from step s to step l, and the differences at s > l (>= 0) are not used.
+    `same` (..., L, L) 0/1, broadcastable: 1 where l and s are of one document; the others are 0.
     """
     n = a_cum.shape[-1]
     diff = a_cum.unsqueeze(-1) - a_cum.unsqueeze(-2)  # (..., l, s)
-    return _exp_decay(diff, torch.ones(n, n, dtype=a_cum.dtype, device=a_cum.device).tril())
+    causal = torch.ones(n, n, dtype=a_cum.dtype, device=a_cum.device).tril()
+    return _exp_decay(diff, causal if same is None else causal * same)
+
+
+def _document_masks(seq_idx: torch.Tensor, pad: int, chunk: int, dtype: torch.dtype):
+    """0/1 masks (dtype) that keep the scan's terms within one document, for ssd_chunked.
+
+    seq_idx (b, T) non-decreasing document index of each step; padded steps join the last document.
+    Returns, shaped to broadcast against the scan's (b, c, G, R, ...) tensors:
+    within (b, c, 1, 1, Q, Q): steps l, s of a chunk in one document;
+    to_end (b, c, 1, 1, Q): step s in the document of its chunk's last step;
+    from_start (b, c, 1, 1, Q): step l in the document of the state entering its chunk;
+    carry (b, 1, 1, c+1, c+1): states k, j (entering chunk k / j; the last: leaving the sequence) in
+    one document. As indices never decrease, equal ends mean every step between is that document's.
+    """
+    b = seq_idx.shape[0]
+    s = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1).view(b, -1, chunk)  # (b, c, Q)
+    ends = torch.cat([s[:, :1, 0], s[:, :, -1]], dim=1)  # (b, c+1): document of each state; init is the first's
+    within = s.unsqueeze(-1) == s.unsqueeze(-2)
+    to_end = s == s[..., -1:]
+    from_start = s == ends[:, :-1, None]
+    carry = ends.unsqueeze(-1) == ends.unsqueeze(-2)
+    return (within[:, :, None, None].to(dtype), to_end[:, :, None, None].to(dtype),
+            from_start[:, :, None, None].to(dtype), carry[:, None, None].to(dtype))
 
 
 def ssd_chunked(
@@ -90,11 +114,15 @@ def ssd_chunked(
     Cm: torch.Tensor,
     chunk: int,
     init: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked state-space-duality scan (Mamba-2), any length T.
 
     x (b, T, H, P), dt (b, T, H) already softplus'ed, A (H,) negative, Bm/Cm (b, T, G, N),
     init (b, H, P, N) or None. Returns y (b, T, H, P) without the D skip, final state (b, H, P, N).
+    seq_idx (b, T), non-decreasing: the document of each step in a packed row. Each document then
+    starts from a zero state (init, if given, is the first document's) and the returned state is
+    the last document's; every term across documents is multiplied by an exact 0. None: one document.
     Within a chunk the quadratic (attention-like) form is used; chunk states are then carried
     across chunks with one small matrix of decays instead of a Python loop. Work happens in a
     head-major layout (b, c, G, R, Q, ...) so every contraction is a batched matmul.
@@ -110,14 +138,17 @@ def ssd_chunked(
     a_cum = torch.cumsum((dt * A).view(b, c, chunk, G, R).permute(0, 1, 3, 4, 2), dim=-1)  # (b, c, G, R, Q)
     Bm = Bm.view(b, c, chunk, G, N).transpose(2, 3).unsqueeze(3)  # (b, c, G, 1, Q, N)
     Cm = Cm.view(b, c, chunk, G, N).transpose(2, 3).unsqueeze(3)
+    within, to_end_mask, from_start, carry_mask = (
+        (None,) * 4 if seq_idx is None else _document_masks(seq_idx, pad, chunk, x.dtype)
+    )
 
     # 1. outputs from inputs of the same chunk: y[l] = sum_s (C[l]·B[s]) decay(s→l) dt[s] x[s]
-    weights = _decay_matrix(a_cum)  # (b, c, G, R, Q, Q)
+    weights = _decay_matrix(a_cum, within)  # (b, c, G, R, Q, Q)
     weights = weights * (Cm @ Bm.transpose(-1, -2))  # C·B shared by the R heads of a group
     y = weights @ xdt  # (b, c, G, R, Q, P)
 
     # 2. each chunk's own contribution to the state at its end: (b, c, G, R, P, N)
-    to_end = _exp_decay(a_cum[..., -1:] - a_cum).unsqueeze(-1)  # (b, c, G, R, Q, 1)
+    to_end = _exp_decay(a_cum[..., -1:] - a_cum, to_end_mask).unsqueeze(-1)  # (b, c, G, R, Q, 1)
     chunk_states = (xdt * to_end).transpose(-1, -2) @ Bm
 
     # 3. states entering each chunk: S_k = sum_{j<=k} exp(sum of chunk decays j..k-1) * in_j
@@ -125,11 +156,11 @@ def ssd_chunked(
         init = x.new_zeros(b, H, P, N)
     inputs = torch.cat([init.view(b, 1, G, R, P, N).to(x.dtype), chunk_states], dim=1)  # (b, c+1, G, R, P, N)
     totals = F.pad(a_cum[..., -1], (0, 0, 0, 0, 1, 0))  # (b, c+1, G, R), leading zero
-    carry = _decay_matrix(torch.cumsum(totals, dim=1).permute(0, 2, 3, 1))  # (b, G, R, c+1, c+1)
+    carry = _decay_matrix(torch.cumsum(totals, dim=1).permute(0, 2, 3, 1), carry_mask)  # (b, G, R, c+1, c+1)
     states = torch.einsum("bgrkj,bjgrpn->bkgrpn", carry, inputs)  # (b, c+1, G, R, P, N)
 
     # 4. outputs from the state entering the chunk, decayed to each step
-    y = y + (Cm @ states[:, :c].transpose(-1, -2)) * _exp_decay(a_cum).unsqueeze(-1)
+    y = y + (Cm @ states[:, :c].transpose(-1, -2)) * _exp_decay(a_cum, from_start).unsqueeze(-1)
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * chunk, H, P)[:, :T]
     return y, states[:, c].reshape(b, H, P, N)
 
@@ -168,11 +199,12 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.inner, self.n_groups, cfg.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
 
-    def _conv(self, xbc: torch.Tensor, state: MambaState | None) -> torch.Tensor:
+    def _conv(self, xbc: torch.Tensor, state: MambaState | None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Causal depthwise conv + SiLU over time. xbc (B, T, conv_dim) → (B, T, conv_dim).
 
         Written as K shifted multiply-adds: for a 4-tap depthwise filter this is several times
-        faster on CPU than a grouped conv1d call, and identical in value.
+        faster on CPU than a grouped conv1d call, and identical in value. With seq_idx (B, T) a tap
+        that would read a step of another document reads zero, as at the start of a sequence.
         """
         B, T, C = xbc.shape
         w = self.conv1d.weight.view(C, -1).t()  # (K, C)
@@ -185,9 +217,18 @@ class Mamba2Mixer(nn.Module):
             window = torch.cat([state.conv, xbc], dim=1)
             # a copy after a prefill: a view would keep the whole (B, K-1+T, C) window alive
             state.conv = window[:, -(K - 1) :] if T == 1 else window[:, -(K - 1) :].contiguous()
-        y = window[:, :T] * w[0]
+        same = None
+        if seq_idx is not None:  # (B, K, T, 1): 1 where tap k of step t reads a step of t's document
+            docs = F.pad(seq_idx, (K - 1, 0), value=-1).unfold(1, T, 1)  # (B, K, T)
+            same = (docs == seq_idx.unsqueeze(1)).unsqueeze(-1).to(xbc.dtype)
+
+        def tap(k: int) -> torch.Tensor:  # (B, T, C): the window's step t-(K-1)+k for each step t
+            part = window[:, k : k + T]
+            return part if same is None else part * same[:, k]
+
+        y = tap(0) * w[0]
         for k in range(1, K):
-            y.addcmul_(window[:, k : k + T], w[k])  # in place: autograd needs only the factors
+            y.addcmul_(tap(k), w[k])  # in place: autograd needs only the factors
         if self.conv1d.bias is not None:
             y.add_(self.conv1d.bias)
         return F.silu(y)
@@ -198,14 +239,16 @@ class Mamba2Mixer(nn.Module):
         state: MambaState | None = None,
         pad_mask: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden (B, T, C); pad_mask (B, T) 1 for real tokens; head_mask (H,) active heads."""
+        """hidden (B, T, C); pad_mask (B, T) 1 for real tokens; head_mask (H,) active heads;
+        seq_idx (B, T) document of each token of a packed row (no state then), None: one document."""
         B, T, _ = hidden.shape
         dtype = hidden.dtype
         if pad_mask is not None:  # padded steps must feed nothing into the conv window or state
             hidden = hidden * pad_mask.unsqueeze(-1).to(dtype)
         z, xbc, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = self._conv(xbc, state)
+        xbc = self._conv(xbc, state, seq_idx)
         if pad_mask is not None:
             xbc = xbc * pad_mask.unsqueeze(-1).to(dtype)
         gn = self.n_groups * self.state_size
@@ -219,7 +262,7 @@ class Mamba2Mixer(nn.Module):
             y = ssd_step(state.ssm, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0]).unsqueeze(1)
         else:
             init = None if state is None else state.ssm
-            y, final = ssd_chunked(x, dt, A, Bm, Cm, self.chunk_size, init)
+            y, final = ssd_chunked(x, dt, A, Bm, Cm, self.chunk_size, init, seq_idx)
             if state is not None:  # a copy: `final` is a view of every chunk's state (b, c+1, H, P, N)
                 state.ssm = final.contiguous()
         y = y + x * self.D.float().view(-1, 1)  # (B, T, H, P)

@@ -92,13 +92,17 @@ class DistillStep(nn.Module):
         self.elastic, self.chunk_tokens, self.architectures = elastic, chunk_tokens, architectures
 
     def forward(self, ids, budget: float, tau: float | None, generator, teacher_hidden, teacher_head, kd_mask,
-                temperature: float = 1.0, lm_mask=None):
-        """→ (KL sum, CE sum, picks); CE only when lm_mask is given; picks None for a fixed architecture."""
+                temperature: float = 1.0, lm_mask=None, seq_idx=None):
+        """→ (KL sum, CE sum, picks); CE only when lm_mask is given; picks None for a fixed architecture.
+
+        seq_idx (B, T): documents of packed rows (`HybridLM.forward`); teacher_hidden must come from
+        the teacher run with the same seq_idx. A target that starts a document is predicted from
+        another one: lm_mask must be 0 there for the CE to be that of the documents run alone."""
         if self.architectures is None:
-            hidden, picks = self.elastic.forward_sampled(ids, budget, tau, generator, head=False)
+            hidden, picks = self.elastic.forward_sampled(ids, budget, tau, generator, head=False, seq_idx=seq_idx)
         else:
             masks = IndexSets.prefix(self.elastic.config, self.architectures[budget]).masks(device=ids.device)
-            hidden, picks = self.elastic.model(ids, masks=masks, head=False), None
+            hidden, picks = self.elastic.model(ids, masks=masks, head=False, seq_idx=seq_idx), None
         kl, ce = chunked_distill_sums(hidden, teacher_hidden, self.elastic.model.lm_head, teacher_head, kd_mask,
                                       temperature, self.chunk_tokens, None if lm_mask is None else ids, lm_mask)
         return kl, ce, picks
