@@ -153,9 +153,11 @@ def test_store_round_trip_sources_shards_counts_and_weights(tmp_path, tok_dir):
     b = [{"input_ids": rng.integers(0, 58, int(rng.integers(1, 40))).tolist(), "loss_mask": None} for i in range(30)]
     for rec in b[::3]:
         rec["loss_mask"] = rng.integers(0, 2, len(rec["input_ids"])).tolist()
+    b[5:5] = [conversation(i) for i in range(4)]  # parquet rows hold every column: None where a record has none
     c1, c2 = [conversation(i) for i in range(10)], [{"text": f"t{i}"} for i in range(12)]
     write_jsonl(tmp_path / "a.jsonl", a)
-    pq.write_table(pa.Table.from_pylist(b), tmp_path / "b.parquet")
+    pq.write_table(pa.table({k: [r.get(k) for r in b] for k in ("input_ids", "loss_mask", "messages")}),
+                   tmp_path / "b.parquet")
     (tmp_path / "c").mkdir()
     write_jsonl(tmp_path / "c" / "2.jsonl", c2)
     write_jsonl(tmp_path / "c" / "1.jsonl", c1)  # a folder's files are read in sorted order
@@ -175,6 +177,10 @@ def test_store_round_trip_sources_shards_counts_and_weights(tmp_path, tok_dir):
         assert entry["tokens"] == sum(len(i) for i, _ in want) and entry["loss_tokens"] == sum(sum(m) for _, m in want)
         assert len(entry["shards"]) > 1 and entry["input"] == inputs[s]
     assert store.weights.tolist() == pytest.approx([0.5, 0.25, 0.25])
+    maps = store.sources[0].maps
+    maps.limit = 4  # a store of many shards keeps only so many memory maps (file descriptors) open
+    assert [store.doc(2, i)[0].tolist() for i in range(len(c1 + c2))] == [expected(tok, r)[0] for r in c1 + c2]
+    assert len(maps.open) == 4
     again = AutoTokenizer.from_pretrained(tok_dir)
     assert manifest["tokenizer"] == {"sha256": hashlib.sha256(again.backend_tokenizer.to_str().encode()).hexdigest(),
                                      "chat_template_sha256": hashlib.sha256(again.chat_template.encode()).hexdigest()}

@@ -79,7 +79,7 @@ class Encoder:
         if not isinstance(rec["text"], str):
             raise RecordError(f"'text' must be a string, got {type(rec['text']).__name__}")
         eos = self.tokenizer.eos_token if self.append_eos and self.tokenizer.eos_token else ""
-        ids = self.tokenizer.encode(rec["text"] + eos, add_special_tokens=False)
+        ids = self.tokenizer.encode(rec["text"] + eos, add_special_tokens=False, verbose=False)
         return _checked(np.asarray(ids, dtype=np.uint32), np.ones(len(ids), dtype=bool))
 
     def messages(self, rec: dict) -> list[Sample]:
@@ -95,7 +95,7 @@ class Encoder:
 
     def _masked(self, text: str, spans: list[tuple[int, int]]) -> Sample:
         """Tokenize `text`; the mask is 1 on every token overlapping one of the character spans."""
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # (n, 2) chars [start, end)
         starts, ends = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)
         mask = np.zeros(len(offsets), dtype=bool)

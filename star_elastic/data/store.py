@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -294,21 +294,50 @@ def write_synthetic_store(out: str | os.PathLike, n: int, seed: int, tokenizer) 
 
 
 # --- reading --------------------------------------------------------------------------------
+ARRAYS = {  # kind → (dtype, shape from the manifest's shard entry)
+    "ids": (np.uint32, lambda shard: (shard["tokens"],)),
+    "offsets": (np.uint64, lambda shard: (shard["docs"] + 1,)),
+    "mask": (np.uint8, lambda shard: ((shard["tokens"] + 7) // 8,)),
+}
+MAX_OPEN_MAPS = 192  # each memory map holds a file descriptor; a large store has thousands of shard files
+
+
+class _Maps:
+    """Memory maps opened on first use, the least recently used closed beyond `limit`."""
+
+    def __init__(self, limit: int = MAX_OPEN_MAPS):
+        self.limit, self.open = limit, OrderedDict()
+
+    def get(self, file: Path, dtype, shape: tuple[int]) -> np.ndarray:
+        arr = self.open.pop(file, None)
+        self.open[file] = _mapped(file, dtype, shape) if arr is None else arr
+        if len(self.open) > self.limit:
+            self.open.popitem(last=False)
+        return self.open[file]
+
+
 @dataclasses.dataclass
 class StoreSource:
-    """One source's shards, memory-mapped. Document i of the source lives in shard
+    """One source's shards, memory-mapped on use. Document i of the source lives in shard
     `searchsorted(doc_starts, i, "right") - 1`."""
 
     name: str
     weight: float
-    ids: list[np.ndarray]  # per shard (tokens,) uint32
-    offsets: list[np.ndarray]  # per shard (docs + 1,) uint64
-    mask_bits: list[np.ndarray]  # per shard (ceil(tokens / 8),) uint8
+    folder: Path
+    shards: list[dict]  # the manifest's entries: name, docs, tokens
     doc_starts: np.ndarray  # (shards + 1,) int64: first document of each shard
+    maps: _Maps
 
     @property
     def n_docs(self) -> int:
         return int(self.doc_starts[-1])
+
+    def array(self, shard: int, kind: str) -> np.ndarray:
+        """Shard `shard`'s memory-mapped "ids" (tokens,) uint32, "offsets" (docs + 1,) uint64 or
+        "mask" (ceil(tokens / 8),) uint8 (packed bits)."""
+        dtype, shape = ARRAYS[kind]
+        entry = self.shards[shard]
+        return self.maps.get(self.folder / f"{entry['name']}.{kind}.npy", dtype, shape(entry))
 
     def _locate(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         shard = np.searchsorted(self.doc_starts, docs, side="right") - 1
@@ -320,19 +349,20 @@ class StoreSource:
         out = np.empty(docs.shape, dtype=np.int64)
         shard, local = self._locate(docs)
         for s in np.unique(shard):
-            at = shard == s
-            out[at] = self.offsets[s][local[at] + 1].astype(np.int64) - self.offsets[s][local[at]].astype(np.int64)
+            at, offsets = shard == s, self.array(int(s), "offsets")
+            out[at] = offsets[local[at] + 1].astype(np.int64) - offsets[local[at]].astype(np.int64)
         return out
 
     def tokens(self, doc: int, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens [start, stop) of document `doc`: ids (n,) uint32 and loss mask (n,) bool."""
+        """Tokens [start, stop) of document `doc`: ids (n,) uint32 and loss mask (n,) bool (copies)."""
         if not 0 <= doc < self.n_docs:
             raise IndexError(f"source {self.name}: document {doc} out of range ({self.n_docs} documents)")
         shard, local = (int(x) for x in self._locate(np.int64(doc)))
-        first, end = int(self.offsets[shard][local]), int(self.offsets[shard][local + 1])
+        offsets = self.array(shard, "offsets")
+        first, end = int(offsets[local]), int(offsets[local + 1])
         lo, hi = first + start, first + (end - first if stop is None else stop)
-        bits = np.unpackbits(self.mask_bits[shard][lo // 8 : (hi + 7) // 8])
-        return np.array(self.ids[shard][lo:hi]), bits[lo % 8 : lo % 8 + hi - lo].astype(bool)
+        bits = np.unpackbits(self.array(shard, "mask")[lo // 8 : (hi + 7) // 8])
+        return np.array(self.array(shard, "ids")[lo:hi]), bits[lo % 8 : lo % 8 + hi - lo].astype(bool)
 
 
 class TokenStore:
@@ -343,12 +373,13 @@ class TokenStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> TokenStore:
+        """Check the manifest and every shard file's dtype and shape; map them on use."""
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"store {path}: no such folder (write one with star-elastic prepare-data)")
         raw = _read_manifest(path)
-        manifest = json.loads(raw)
-        sources = [_open_source(path, entry) for entry in manifest["sources"]]
+        manifest, maps = json.loads(raw), _Maps()
+        sources = [_open_source(path, entry, maps) for entry in manifest["sources"]]
         return cls(path, manifest, sources, hashlib.sha256(raw).hexdigest()[:16])
 
     def source(self, source: int | str) -> StoreSource:
@@ -386,23 +417,21 @@ def _read_manifest(path: Path) -> bytes:
     return raw
 
 
-def _open_source(path: Path, entry: dict) -> StoreSource:
-    ids, offsets, bits = [], [], []
-    for shard in entry["shards"]:
-        stem = path / entry["name"] / shard["name"]
-        ids.append(_mapped(stem, "ids", np.uint32, (shard["tokens"],)))
-        offsets.append(_mapped(stem, "offsets", np.uint64, (shard["docs"] + 1,)))
-        bits.append(_mapped(stem, "mask", np.uint8, ((shard["tokens"] + 7) // 8,)))
-        if int(offsets[-1][-1]) != shard["tokens"]:
-            raise ConfigError(f"store {stem}.offsets.npy: ends at {int(offsets[-1][-1])}, the manifest says "
-                              f"{shard['tokens']} tokens; prepare the store again")
+def _open_source(path: Path, entry: dict, maps: _Maps) -> StoreSource:
     starts = np.zeros(len(entry["shards"]) + 1, dtype=np.int64)
     np.cumsum([s["docs"] for s in entry["shards"]], out=starts[1:])
-    return StoreSource(entry["name"], float(entry["weight"]), ids, offsets, bits, starts)
+    source = StoreSource(entry["name"], float(entry["weight"]), path / entry["name"], entry["shards"], starts, maps)
+    for i, shard in enumerate(entry["shards"]):
+        for kind in ARRAYS:
+            source.array(i, kind)  # dtype and shape checked against the manifest
+        end = int(source.array(i, "offsets")[-1])
+        if end != shard["tokens"]:
+            raise ConfigError(f"store {source.folder / shard['name']}.offsets.npy: ends at {end}, the manifest says "
+                              f"{shard['tokens']} tokens; prepare the store again")
+    return source
 
 
-def _mapped(stem: Path, kind: str, dtype, shape: tuple[int]) -> np.ndarray:
-    file = stem.parent / f"{stem.name}.{kind}.npy"
+def _mapped(file: Path, dtype, shape: tuple[int]) -> np.ndarray:
     try:
         arr = np.load(file, mmap_mode="r")
     except (OSError, ValueError) as err:
