@@ -235,7 +235,8 @@ def test_two_workers_write_the_same_store_as_one(tmp_path, tok_dir):
 
 
 def test_bad_records_name_file_and_line_and_skip_bad_counts_them(tmp_path, tok_dir):
-    write_jsonl(tmp_path / "a.jsonl", [{"text": "ok"}, {"text": "ok"}, "{not json", {"messages": [{"role": "user", "content": "q"}]},
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "ok"}, {"text": "ok"}, "{not json",
+                                       {"messages": [{"role": "user", "content": "q"}]},
                                        {"text": 5}])
     pq.write_table(pa.Table.from_pylist([{"input_ids": [1, 2]}, {"input_ids": [3, 99]}]), tmp_path / "b.parquet")
     inputs = (f"{tmp_path}/a.jsonl", f"{tmp_path}/b.parquet")
@@ -265,7 +266,8 @@ def test_out_must_be_new_or_empty_and_open_refuses_what_is_no_store(tmp_path, to
     assert os.listdir(tmp_path / "full") == ["keep.txt"]
     (tmp_path / "empty").mkdir()
     prepare_data(PrepareConfig(inputs=(f"{tmp_path}/a.jsonl",), tokenizer=str(tok_dir), out=str(tmp_path / "empty")))
-    assert TokenStore.open(tmp_path / "empty").doc(0, 0)[0].tolist() == build_tokenizer().encode("ok</s>", add_special_tokens=False)
+    ids = TokenStore.open(tmp_path / "empty").doc(0, 0)[0]
+    assert ids.tolist() == build_tokenizer().encode("ok</s>", add_special_tokens=False)
     with pytest.raises(ConfigError, match=rf"store {tmp_path}/full: no manifest.json"):
         TokenStore.open(tmp_path / "full")
     with pytest.raises(ConfigError, match=rf"store {tmp_path}/nowhere: no such folder"):
@@ -297,3 +299,20 @@ def test_a_killed_prepare_data_leaves_nothing_that_opens(tmp_path, tok_dir):
     for folder in folders:
         with pytest.raises(ConfigError, match=rf"store {folder}: (no manifest.json|no such folder)"):
             TokenStore.open(folder)
+
+
+def test_open_data_prepares_files_and_the_synthetic_set_once_and_opens_stores(tmp_path, tok_dir):
+    from star_elastic.data.loading import open_data
+
+    notes = []
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "abc"}, conversation(1)])
+    store = open_data(str(tmp_path / "a.jsonl"), tmp_path / "prep", str(tok_dir), log=notes.append)
+    again = open_data(str(tmp_path / "a.jsonl"), tmp_path / "prep", str(tok_dir), log=notes.append)  # a resumed run
+    assert len(notes) == 1 and "preparing" in notes[0] and again.fingerprint == store.fingerprint
+    assert store.doc(0, 0)[0].tolist() == build_tokenizer().encode("abc</s>", add_special_tokens=False)
+    assert open_data(str(tmp_path / "prep"), tmp_path / "unused").fingerprint == store.fingerprint
+    tok = build_tokenizer()
+    syn = open_data("synthetic", tmp_path / "syn", tokenizer=tok, n_synthetic=50, seed=2, log=notes.append)
+    assert syn.doc(0, 3)[0].tolist() == encode_example(tok, synthetic.make_splits(50, 0, 0, seed=2)["train"][3])[0]
+    with pytest.raises(ConfigError, match=r"syn: holds a store of other data .*, not 'synthetic'"):
+        open_data("synthetic", tmp_path / "syn", tokenizer=tok, n_synthetic=60, seed=2)

@@ -8,14 +8,15 @@ Record kinds (a record holds exactly one of these keys):
   input_ids  pre-tokenized ids (no tokenizer needed), checked against the vocabulary size;
              an optional `loss_mask` (0/1, same length) says which count, else all.
 
-How the chat mask is found, for any template: the text of assistant turn a spans from where the
-conversation rendered up to a (with the generation prompt) and the conversation rendered up to and
-including a stop agreeing, to the end of the latter. A template that drops earlier turns' reasoning
-(Qwen3 / Nemotron style: only the last turn keeps its <think>) is detected by rendering: some
-"conversation up to a" is then not a prefix of the whole rendering. Such a conversation becomes one
-sample per assistant turn (the conversation up to that turn, the loss on that turn only), as
-NVIDIA's SFT preparation does. Character spans become token spans through the tokenizer's offsets:
-every token that overlaps an assistant span is in the loss.
+How the chat mask is found, for any template, by rendering prefixes: assistant turn a's text ends
+where the rendering of messages[:a+1] ends, and starts where that rendering stops agreeing with the
+rendering of messages[:a] plus the generation prompt (right after the prompt when that is a prefix
+of it; so the demo template's `<think>` opener, part of its prompt, is not in the loss).
+A template that drops earlier turns' reasoning (Qwen3 / Nemotron style: only the last turn keeps
+its <think>) is detected by rendering: some "conversation up to a" is then not a prefix of the
+whole rendering. Such a conversation becomes one sample per assistant turn (the conversation up to
+that turn, the loss on that turn only), as NVIDIA's SFT preparation does. Character spans become
+token spans through the tokenizer's offsets: every token that overlaps an assistant span is in the loss.
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def _checked_messages(rec: dict) -> tuple[list[dict], list | None]:
             raise RecordError(f"messages[{i}]: needs a role among {list(ROLES)}")
         if not isinstance(m.get("content"), str) and not (m["role"] == "assistant" and m.get("tool_calls")):
             raise RecordError(f"messages[{i}] ({m['role']}): 'content' must be a string")
-        if m.get("reasoning_content") is not None and (m["role"] != "assistant" or not isinstance(m["reasoning_content"], str)):
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None and (m["role"] != "assistant" or not isinstance(reasoning, str)):
             raise RecordError(f"messages[{i}] ({m['role']}): 'reasoning_content' must be a string on an assistant turn")
     if not any(m["role"] == "assistant" for m in msgs):
         raise RecordError("'messages' has no assistant turn: nothing to train on")
@@ -207,4 +209,5 @@ def encode_chunk(encoder: Encoder, chunk: list[tuple[int, str, bytes | dict]]) -
 
 
 def worker_chunk(chunk):
+    """`encode_chunk` with this worker process's encoder."""
     return encode_chunk(_WORKER, chunk)
