@@ -59,15 +59,18 @@ def length_store(path: Path, lengths: np.ndarray) -> TokenStore:
     return TokenStore.open(path)
 
 
-def packed(store: TokenStore, seq_len: int, window: int) -> float:
-    """Efficiency of the sampler's rows over the first windows (plan only: lengths, no tokens read)."""
+def packed(store: TokenStore, seq_len: int, window: int) -> tuple[float, float]:
+    """Efficiency of the sampler's rows over the first windows (plan only: lengths, no tokens read),
+    and the milliseconds each window's plan took."""
     sampler = PackedSampler(store, seq_len, seed=0, window=window)
     real = rows = 0
+    t0 = time.perf_counter()
     while sampler.state_dict()["draws"] < 6 * 1024 or sampler.state_dict()["taken"]:  # whole windows
         for row in sampler.take(1):
             real += sum(p.length for p in row)
             rows += 1
-    return real / (rows * seq_len)
+    ms = (time.perf_counter() - t0) * 1e3 / (sampler.state_dict()["draws"] / window)
+    return real / (rows * seq_len), ms
 
 
 def efficiency(n_docs: int, seq_len: int) -> None:
@@ -85,8 +88,9 @@ def efficiency(n_docs: int, seq_len: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = length_store(Path(tmp) / "store", lengths)
         for window in (256, 1024, 4096):
-            print(f"  packed, window {window:4d} documents{'':15s}: {packed(store, seq_len, window):.3f}  "
-                  "(no token cut off: long documents split across rows)")
+            eff, ms = packed(store, seq_len, window)
+            print(f"  packed, window {window:4d} documents{'':15s}: {eff:.3f}  (no token cut off: long documents "
+                  f"split across rows; planning {ms:.0f} ms per window)")
         rows = PackedSampler(store, seq_len, window=1024).next_rows(64)
         print(f"  (64 rows read through the store: {rows.real.float().mean():.3f} real)")
 
@@ -111,7 +115,13 @@ def throughput(n_records: int) -> None:
         with open(tmp / "text.jsonl", "w") as f:
             f.writelines(json.dumps({"text": chat_record(rng)["messages"][0]["content"] * 8}) + "\n"
                          for _ in range(n_records))
-        print(f"prepare-data throughput, demo tokenizer, {n_records} records per kind:")
+        one = tmp / "one.jsonl"
+        one.write_text('{"text": "a"}\n')
+        t0 = time.perf_counter()
+        prepare_data(PrepareConfig(inputs=(str(one),), tokenizer=str(tmp / "tok"), out=str(tmp / "one"),
+                                   workers=2))
+        print(f"prepare-data throughput, demo tokenizer, {n_records} records per kind (a one-record input takes "
+              f"{time.perf_counter() - t0:.1f} s with 2 workers: starting the processes):")
         for kind in ("chat", "text"):
             for workers in (1, 2):
                 out = tmp / f"{kind}-{workers}"

@@ -268,7 +268,11 @@ def _encoded(sources: list[Source], encoder: Encoder, workers: int) -> Iterator[
         return
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(workers, init_worker, (encoder,)) as pool:
+    # forkserver: one fresh process imports the libraries once and forks the workers from it (no
+    # threads of this process are inherited, as with fork; no import per worker, as with spawn)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["star_elastic.data.encode", "transformers"])
+    with ctx.Pool(workers, init_worker, (encoder,)) as pool:
         pending = deque()
         for chunk in _chunks(sources):
             pending.append(pool.apply_async(worker_chunk, (chunk,)))
