@@ -60,8 +60,8 @@ def test_chat_template_keeps_a_system_message_and_rejects_unknown_roles():
     tok = build_tokenizer()
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+2="}]
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == "be brief<|user|>1+2=<|assistant|><think>"
-    with pytest.raises(jinja2.TemplateError, match="unsupported chat role tool"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    with pytest.raises(jinja2.TemplateError, match="unsupported chat role critic"):
+        tok.apply_chat_template([{"role": "critic", "content": "x"}], tokenize=False)
 
 
 def test_transformers_4_gets_a_one_line_message(saved_slice, monkeypatch):

@@ -1,5 +1,8 @@
 """Training data → token sequences: local jsonl / parquet files or the built-in synthetic set.
 
+`open_data` is the token-store path (data/store.py, packing.py, sampler.py): every DATA becomes a
+memory-mapped store. The list-based functions below are the path it replaces.
+
 A record holds one of `input_ids` (pre-tokenized), `messages` (chat, rendered with the
 tokenizer's chat template) or `text`. Every sequence comes back as (ids, loss_mask); for chat
 records and the synthetic set the mask covers the assistant turn, otherwise every token.
@@ -8,7 +11,9 @@ records and the synthetic set the mask covers the assistant turn, otherwise ever
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +21,35 @@ import torch
 from star_elastic.config import ConfigError
 
 BUILTIN = "synthetic"
+
+
+def open_data(data: str, prepared: str | os.PathLike, model_dir: str | None = None, tokenizer=None,
+              n_synthetic: int = 20000, seed: int = 0, log=None):
+    """DATA as a TokenStore, the recipes' one data path. A store folder (prepare-data's) opens as it
+    is; the built-in synthetic set (with `tokenizer`) or a .jsonl / .parquet file (with the
+    tokenizer of `model_dir`) is first written to the folder `prepared`, with a note on stderr, or
+    reused when `prepared` already holds that data (a resumed run)."""
+    from star_elastic.data.store import MANIFEST, PrepareConfig, TokenStore, prepare_data, write_synthetic_store
+
+    if Path(data).is_dir():
+        return TokenStore.open(data)
+    prepared, made_from = Path(prepared), {"n": n_synthetic, "seed": seed} if data == BUILTIN else None
+    if (prepared / MANIFEST).is_file():
+        store = TokenStore.open(prepared)
+        held = store.manifest.get("synthetic") if data == BUILTIN else store.manifest["sources"][0]["input"]
+        if held != (made_from if data == BUILTIN else data):
+            raise ConfigError(f"{prepared}: holds a store of other data ({held}), not {data!r}; remove it or "
+                              "name another folder")
+        return store
+    (log or (lambda msg: print(msg, file=sys.stderr)))(
+        f"note: preparing {data} into a token store at {prepared} (star-elastic prepare-data does it once, "
+        "in parallel, for every run)")
+    if data == BUILTIN:
+        _needs_tokenizer(tokenizer, "the built-in synthetic", f"data {data!r}")
+        write_synthetic_store(prepared, n_synthetic, seed, tokenizer)
+    else:
+        prepare_data(PrepareConfig(inputs=(data,), tokenizer=model_dir, out=str(prepared)))
+    return TokenStore.open(prepared)
 
 
 def _records_jsonl(path: Path) -> list[dict]:

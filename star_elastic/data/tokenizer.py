@@ -9,6 +9,10 @@ The chat template renders
     [SYSTEM]<|user|>PROMPT<|assistant|><think>TRACE</think>ANSWER</s>
 (a system message, if any, as plain text before the first user turn; an unknown role is an error),
 and, for generation, stops after `<|assistant|><think>` so the model starts inside its trace.
+An assistant turn's `reasoning_content` is rendered as `<think>REASONING</think>` before its content
+(every turn's, none dropped), its `tool_calls` as ` call:NAME(ARGUMENTS)` after it; a tool result
+is a user-side turn `<|user|>tool:RESULT`, and `tools` are listed by name first, `tools:A,B.` (the
+vocabulary stays the demo parent's: no new tokens).
 The tokenizer pads on the left, as batched generation needs.
 """
 
@@ -26,11 +30,18 @@ THINK_MARKERS = ("<think>", "</think>")  # added tokens, not special: decoding n
 ALPHABET = string.digits + string.ascii_lowercase + " +-*=?|.,:()<>"
 MODEL_MAX_LENGTH = 4096  # ModelConfig.max_position_embeddings' default; the demo trains on 128-token rows
 CHAT_TEMPLATE = (
+    "{% if tools %}tools:{% for t in tools %}{{ t['function']['name'] }}{{ ',' if not loop.last }}{% endfor %}.{% endif %}"
     "{% for m in messages %}"
     "{% if m['role'] == 'system' and loop.first %}{{ m['content'] }}"
     "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}</s>"
-    "{% else %}{{ raise_exception('unsupported chat role ' ~ m['role'] ~ ': use system (first), user or assistant') }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>"
+    "{% if m['reasoning_content'] %}<think>{{ m['reasoning_content'] }}</think>{% endif %}"
+    "{{ m['content'] or '' }}"
+    "{% for c in m['tool_calls'] or [] %} call:{{ c['function']['name'] }}("
+    "{{ c['function']['arguments'] if c['function']['arguments'] is string else c['function']['arguments'] | tojson }})"
+    "{% endfor %}</s>"
+    "{% elif m['role'] == 'tool' %}<|user|>tool:{{ m['content'] }}"
+    "{% else %}{{ raise_exception('unsupported chat role ' ~ m['role'] ~ ': use system (first), user, assistant or tool') }}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|><think>{% endif %}"
