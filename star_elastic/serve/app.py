@@ -176,12 +176,16 @@ def visible(prog: Progress, spec: Spec) -> tuple[str, str]:
     return prog.reasoning, content
 
 
+def closing_text(spec: Spec) -> str:
+    """What a completion's text shows between trace and answer."""
+    return "" if spec.skip_special_tokens else "</think>"
+
+
 def completion_text(prog: Progress, spec: Spec) -> str:
     reasoning, content = visible(prog, spec)
     if spec.think_budget is None:
         return content
-    close = "" if spec.skip_special_tokens else "</think>"
-    return reasoning + (close if prog.finish is not None or content else "") + content
+    return reasoning + (closing_text(spec) if prog.finish is not None or content else "") + content
 
 
 def usage(progs: list[Progress], n: int = 1) -> dict:
@@ -204,14 +208,23 @@ def _finite(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 
 
-def scored(prog: Progress, spec: Spec, echo: bool) -> list[tuple[int, Logprob | None, str, float | str]]:
-    """(token, log-probabilities, part, budget) of each token a completion's `logprobs` lists: the
-    echoed prompt's, then every generated token (the trace and its closing token, the answer and its eos)."""
+def scored(engine, prog: Progress, spec: Spec, echo: bool) -> list[tuple[int, Logprob | None, str, float | str, int]]:
+    """(token, log-probabilities, part, budget, width in the text) of each token a completion's `logprobs`
+    lists: the echoed prompt's, then every generated token (the trace and its closing token, the answer
+    and its eos). Widths follow `completion_text`: the closing token takes the room of the `</think>` it
+    writes (none with skip_special_tokens), eos none, special tokens the text skips none."""
+    def width(t: int) -> int:
+        return len(engine.token_text(t, spec.skip_special_tokens))
+
+    close = len(closing_text(spec))
     out = []
     if echo:
-        out += [(t, lp, "prompt", spec.answer_budget) for t, lp in zip(prog.prompt_ids, prog.prompt_logprobs or [])]
-    out += [(t, lp, "reasoning", spec.think_budget) for t, lp in zip(prog.think_ids, prog.think_logprobs)]
-    out += [(t, lp, "answer", spec.answer_budget) for t, lp in zip(prog.answer_ids, prog.answer_logprobs)]
+        out += [(t, lp, "prompt", spec.answer_budget, width(t))
+                for t, lp in zip(prog.prompt_ids, prog.prompt_logprobs or [])]
+    out += [(t, lp, "reasoning", spec.think_budget, width(t) if i < prog.trace_end else close)
+            for i, (t, lp) in enumerate(zip(prog.think_ids, prog.think_logprobs))]
+    out += [(t, lp, "answer", spec.answer_budget, width(t) if i < prog.body_end else 0)
+            for i, (t, lp) in enumerate(zip(prog.answer_ids, prog.answer_logprobs))]
     return out
 
 
@@ -228,13 +241,13 @@ def budget_ranges(parts: list[tuple[str, float | str]]) -> list[dict]:
 
 def completion_logprobs(engine, prog: Progress, spec: Spec, echo: bool) -> tuple[dict, list[dict]]:
     """OpenAI's legacy `logprobs` object of one choice, and its `logprob_budgets`."""
-    entries = scored(prog, spec, echo)
+    entries = scored(engine, prog, spec, echo)
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     offset = 0
-    for token, lp, _, _ in entries:
+    for token, lp, _, _, width in entries:
         out["tokens"].append(engine.token_text(token))
         out["text_offset"].append(offset)
-        offset += len(engine.token_text(token, spec.skip_special_tokens))  # skipped special tokens take no room
+        offset += width
         if lp is None:
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
@@ -244,7 +257,7 @@ def completion_logprobs(engine, prog: Progress, spec: Spec, echo: bool) -> tuple
             top.setdefault(engine.token_text(alt), _finite(value))
         out["token_logprobs"].append(_finite(lp.logprob))
         out["top_logprobs"].append(top)
-    return out, budget_ranges([(part, budget) for _, _, part, budget in entries])
+    return out, budget_ranges([(part, budget) for _, _, part, budget, _ in entries])
 
 
 def _chat_entry(engine, token: int, lp: Logprob) -> dict:
