@@ -12,6 +12,7 @@ from server_helpers import NAME, serve, tiny_budget_server
 from star_elastic import accounting
 from star_elastic.data.tokenizer import format_prompt
 from star_elastic.infer.generate import GenerationConfig, generate
+from star_elastic.serve import schemas
 
 RAW = {"skip_special_tokens": False}
 TOL = 1e-5
@@ -29,8 +30,11 @@ def live(server):
 
 
 def post(bg, path: str, body: dict) -> dict:
+    """A 200's body, checked against the response model /openapi.json documents."""
     r = httpx.post(bg.url + path, json=body, timeout=120)
     assert r.status_code == 200, r.text
+    model = schemas.ChatResponse if "chat" in path else schemas.CompletionResponse
+    model.model_validate(r.json(), strict=True)
     return r.json()
 
 
@@ -184,7 +188,9 @@ def test_think_and_answer_logprobs_come_from_their_budgets(live, server, think, 
 
 def test_models_list_each_budgets_parameter_counts(live, server):
     parent = accounting.count_params(server.parent.config)
-    entries = {m["id"]: m for m in httpx.get(live.url + "/v1/models").json()["data"]}
+    listed = httpx.get(live.url + "/v1/models").json()
+    schemas.ModelList.model_validate(listed, strict=True)
+    entries = {m["id"]: m for m in listed["data"]}
     for b in server.elastic.ecfg.budgets:
         entry = entries[f"{NAME}@{b:g}"]
         counts = accounting.count_params(server.model(b).config)  # the served view's own config

@@ -83,6 +83,7 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
     if cfg.top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # tokens before the mass reaches top_p
+        keep[..., 0] = True  # the most likely always: a top_p below float32's range compares as 0
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

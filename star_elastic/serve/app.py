@@ -85,8 +85,10 @@ def budget_id(name: str, budget: float | str) -> str:
 
 
 def same_budget(a: float | str, b) -> bool:
+    """Whether a request's value names budget `a`: the same number exactly (as /openapi.json's enum
+    lists them; JSON's 0.75 is the double a run's 0.75 is), or the same variant name."""
     if isinstance(a, float):
-        return isinstance(b, (int, float)) and not isinstance(b, bool) and abs(a - b) < 1e-9
+        return isinstance(b, (int, float)) and not isinstance(b, bool) and a == b
     return a == b
 
 
@@ -384,14 +386,18 @@ def _documented(*statuses: int, stream: bool = False, ok=None) -> dict:
     out: dict = {status: {"model": schemas.ErrorResponse, "description": ERRORS[status]} for status in statuses}
     if ok is not None:
         out[200] = {"model": ok, "description": "OK"}
-        if stream:
-            out[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        if stream:  # each event's data: a JSON chunk (or error body), then "[DONE]"
+            event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+            out[200]["content"] = {"text/event-stream": {"schema": event}}
     return out
 
 
-def openapi_schema(app: FastAPI, served: list[str], budgets: list[float | str]) -> dict:
-    """FastAPI's schema, made true to this server: validation errors are 400s (not 422s), and `model`
-    / `think_budget` / `answer_budget` list the ids and budgets it serves."""
+CAPS = ("max_tokens", "max_completion_tokens", "max_think_tokens", "thinking_token_budget")
+
+
+def openapi_schema(app: FastAPI, served: list[str], budgets: list[float | str], context: int | None) -> dict:
+    """FastAPI's schema, made true to this server: validation errors are 400s (not 422s), `model` /
+    `think_budget` / `answer_budget` list the ids and budgets it serves, token caps stop at its context."""
     from fastapi.openapi.utils import get_openapi
 
     schema = get_openapi(title=app.title, version="1", routes=app.routes)
@@ -407,6 +413,9 @@ def openapi_schema(app: FastAPI, served: list[str], budgets: list[float | str]) 
         if budgets:
             for field in ("think_budget", "answer_budget"):
                 props[field] = {"anyOf": [{"enum": budgets}, {"type": "null"}], "title": field}
+        for field in CAPS:
+            if context is not None and field in props:
+                props[field]["anyOf"][0]["maximum"] = context
     return schema
 
 
@@ -481,7 +490,7 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
     def openapi() -> dict:
         if app.openapi_schema is None:
             served = [cfg.name] + [budget_id(cfg.name, b) for b in router.budgets]
-            app.openapi_schema = openapi_schema(app, served, router.budgets)
+            app.openapi_schema = openapi_schema(app, served, router.budgets, getattr(engine, "max_context", None))
         return app.openapi_schema
 
     app.openapi = openapi

@@ -41,7 +41,9 @@ def _tokenizable(text: str) -> str:
     return text
 
 
-Text = Annotated[StrictStr, AfterValidator(_tokenizable)]
+# /openapi.json says the same as a pattern (documentation only: pydantic's regex engine takes no surrogates)
+TEXT_PATTERN = r"^[^\u0000\ud800-\udfff]*$"  # ASCII: the regex engine reads the escapes
+Text = Annotated[StrictStr, AfterValidator(_tokenizable), Field(json_schema_extra={"pattern": TEXT_PATTERN})]
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
