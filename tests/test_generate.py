@@ -262,7 +262,8 @@ def test_an_isolated_row_failure_ends_that_row_only(monkeypatch):
     monkeypatch.setattr(generate_module, "sample_next", sample_next)
     prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
     bad = Row(prompts[1], GenerationConfig(max_new_tokens=6, temperature=1.0, seed=99))
-    rows = [Row(prompts[0], GenerationConfig(max_new_tokens=6)), bad, Row(prompts[2], GenerationConfig(max_new_tokens=6))]
+    rows = [Row(prompts[0], GenerationConfig(max_new_tokens=6)), bad,
+            Row(prompts[2], GenerationConfig(max_new_tokens=6))]
     with pytest.raises(RuntimeError, match="sampling fails"):  # generate's batches raise
         batch = DecodeBatch(m)
         batch.join(rows)

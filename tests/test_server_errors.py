@@ -44,7 +44,8 @@ BAD = [  # (body changes, status, param named in the error)
     ({"seed": -1}, 400, "seed"),
     ({"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages.0.content"),  # once a 500 TypeError
     ({"messages": [{"role": "user", "content": "1+\x00"}]}, 400, "messages.0.content"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, 400, "messages.0.content.0.text"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, 400,
+     "messages.0.content.0.text"),
     ({"stop": ["\ud800"]}, 400, "stop.0"),
     ({"user": "\x00"}, 400, "user"),
     ({"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"},  # the template refuses
@@ -58,7 +59,7 @@ BAD = [  # (body changes, status, param named in the error)
     ({"think_budget": "0.5"}, 400, "think_budget"),
     ({"max_think_tokens": -1}, 400, "max_think_tokens"),
     ({"max_think_tokens": 3, "thinking_token_budget": 4}, 400, None),
-    ({"stop": [""]}, 400, None),
+    ({"stop": [""]}, 400, "stop.0"),
     ({"messages": [{"role": "user", "content": "1" * (CONTEXT + 1)}]}, 400, "prompt"),
     ({"max_tokens": CONTEXT * 4}, 400, "prompt"),
     ({"model": "gpt-4"}, 404, "model"),
@@ -121,6 +122,10 @@ def test_openapi_schema_documents_this_server(live):
         assert props["think_budget"]["anyOf"][0]["enum"] == budgets
         assert props["max_tokens"]["anyOf"][0]["maximum"] == CONTEXT
         assert props["user"]["anyOf"][0]["pattern"] == TEXT_PATTERN
+    vocab = tiny_budget_server().parent.config.vocab_size
+    prompt = schema["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert prompt[2]["items"] == {"type": "integer", "minimum": 0, "maximum": vocab - 1}
+    assert prompt[3]["items"]["items"] == prompt[2]["items"]
 
 
 def test_malformed_bodies(live):

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -210,7 +211,10 @@ def _finite(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 
 
-def scored(engine, prog: Progress, spec: Spec, echo: bool) -> list[tuple[int, Logprob | None, str, float | str, int]]:
+Scored = tuple[int, Logprob | None, str, float | str, int]  # token, log-probabilities, part, budget, width
+
+
+def scored(engine, prog: Progress, spec: Spec, echo: bool) -> list[Scored]:
     """(token, log-probabilities, part, budget, width in the text) of each token a completion's `logprobs`
     lists: the echoed prompt's, then every generated token (the trace and its closing token, the answer
     and its eos). Widths follow `completion_text`: the closing token takes the room of the `</think>` it
@@ -395,11 +399,11 @@ def _documented(*statuses: int, stream: bool = False, ok=None) -> dict:
 CAPS = ("max_tokens", "max_completion_tokens", "max_think_tokens", "thinking_token_budget")
 
 
-def openapi_schema(app: FastAPI, served: list[str], budgets: list[float | str], context: int | None) -> dict:
+def openapi_schema(app: FastAPI, served: list[str], budgets: list[float | str], context: int | None,
+                   vocab_size: int | None) -> dict:
     """FastAPI's schema, made true to this server: validation errors are 400s (not 422s), `model` /
-    `think_budget` / `answer_budget` list the ids and budgets it serves, token caps stop at its context."""
-    from fastapi.openapi.utils import get_openapi
-
+    `think_budget` / `answer_budget` list the ids and budgets it serves, token caps stop at its context,
+    prompt token ids below its vocabulary size."""
     schema = get_openapi(title=app.title, version="1", routes=app.routes)
     for path in schema["paths"].values():
         for op in path.values():
@@ -416,7 +420,22 @@ def openapi_schema(app: FastAPI, served: list[str], budgets: list[float | str], 
         for field in CAPS:
             if context is not None and field in props:
                 props[field]["anyOf"][0]["maximum"] = context
+        if vocab_size is not None and "prompt" in props:
+            for token in _integers(props["prompt"]):
+                token["maximum"] = vocab_size - 1
     return schema
+
+
+def _integers(schema):
+    """The integer schemas nested in `schema` (a prompt's token ids)."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer":
+            yield schema
+        for value in schema.values():
+            yield from _integers(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            yield from _integers(value)
 
 
 def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
@@ -490,7 +509,8 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
     def openapi() -> dict:
         if app.openapi_schema is None:
             served = [cfg.name] + [budget_id(cfg.name, b) for b in router.budgets]
-            app.openapi_schema = openapi_schema(app, served, router.budgets, getattr(engine, "max_context", None))
+            app.openapi_schema = openapi_schema(app, served, router.budgets, getattr(engine, "max_context", None),
+                                                getattr(engine, "vocab_size", None))
         return app.openapi_schema
 
     app.openapi = openapi

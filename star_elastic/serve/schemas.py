@@ -41,10 +41,11 @@ def _tokenizable(text: str) -> str:
     return text
 
 
-# /openapi.json says the same as a pattern (documentation only: pydantic's regex engine takes no surrogates)
-TEXT_PATTERN = r"^[^\u0000\ud800-\udfff]*$"  # ASCII: the regex engine reads the escapes
+# /openapi.json documents the NUL rule as a pattern (for the schema only: pydantic's regex engine is not
+# needed twice); lone surrogates are left out of it, as JSON Schema tools cannot draw or negate them.
+TEXT_PATTERN = r"^[^\u0000]*$"
 Text = Annotated[StrictStr, AfterValidator(_tokenizable), Field(json_schema_extra={"pattern": TEXT_PATTERN})]
-TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]  # below the vocabulary size
 
 
 class StreamOptions(BaseModel):
@@ -65,7 +66,8 @@ class BaseRequest(BaseModel):
     top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     """Sampling seed in [0, 2**63 - 1]; choice i (n > 1) uses (seed + i) mod 2**63."""
-    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    stop: Annotated[Text, Field(min_length=1)] | Annotated[list[Annotated[Text, Field(min_length=1)]],
+                                                          Field(max_length=4)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     """Independent choices per prompt."""
     stream: StrictBool = False
@@ -85,8 +87,6 @@ class BaseRequest(BaseModel):
         if self.max_think_tokens is not None and self.thinking_token_budget is not None \
                 and self.max_think_tokens != self.thinking_token_budget:
             raise ValueError("give max_think_tokens or thinking_token_budget, not two different values")
-        if any(s == "" for s in self.stops()):
-            raise ValueError("stop strings must not be empty")
         return self
 
     def check(self) -> None:
