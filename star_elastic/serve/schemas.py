@@ -113,7 +113,7 @@ class CompletionRequest(BaseRequest):
     """Text, a list of texts, one prompt as token ids, or a list of token-id prompts (choices n per prompt)."""
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     """Cap on answer tokens; 0 with `echo` and `logprobs` scores the prompt only."""
-    echo: StrictBool = False
+    echo: StrictBool | None = False
     """Return the prompt before the text (and, with `logprobs`, its tokens' log-probabilities)."""
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     """Each token's log-probability and the `logprobs` most likely alternatives' (legacy format)."""
@@ -155,7 +155,7 @@ class ChatRequest(BaseRequest):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     """OpenAI's newer name for `max_tokens`."""
-    logprobs: StrictBool = False
+    logprobs: StrictBool | None = False
     """Return each generated token's log-probability (reasoning and content apart)."""
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     """With `logprobs`: the most likely alternatives listed per token."""
