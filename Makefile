@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench interop clean
+.PHONY: demo test bench interop fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,12 @@ interop: $(STAMP)
 	$(BIN)/lm_eval --model hf --model_args pretrained=interop_out/fp32-slice,dtype=float32 --include_path interop/lm_eval \
 		--tasks star_elastic_demo --batch_size 8 --log_samples --output_path interop_out/lm_eval --gen_kwargs max_gen_toks=48
 	$(BIN)/python interop/lm_eval_check.py $$(ls -t interop_out/lm_eval/*/samples_*.jsonl | head -1) interop_out/fp32-slice
+
+# Optional, not part of `test`: schemathesis fuzzes the server's HTTP API from its own OpenAPI schema
+# (a tiny random model on 127.0.0.1, 10 minutes at most); prints "N requests, M failures".
+fuzz: $(STAMP)
+	$(BIN)/pip install -q -e ".[fuzz]"
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/fuzz_server.py --max-time 600
 
 clean:
 	rm -rf $(VENV) demo_out interop_out

@@ -43,6 +43,29 @@ def _sleep(seconds: float, *_):
     time.sleep(seconds)
 
 
+class FailingServer(ElasticServer):
+    """Requests whose prompt holds a marker fail in the engine process, the others are served as usual
+    (a subclass, not a monkeypatch: the server is pickled to the engine process). FAIL_ANSWER: an
+    exception while building the answer phase (that request alone fails); END_SCHEDULER: SystemExit at
+    admission, which ends the scheduler's thread (the engine process then exits)."""
+
+    FAIL_ANSWER, END_SCHEDULER = "zzz", "qqq"
+
+    def _holds(self, prompt: list[int], marker: str) -> bool:
+        ids = self.parent.tokenizer.encode(marker, add_special_tokens=False)
+        return any(prompt[i : i + len(ids)] == ids for i in range(len(prompt)))
+
+    def think_row(self, prompt, *args, **kwargs):
+        if self._holds(list(prompt), self.END_SCHEDULER):
+            raise SystemExit("injected: the scheduler thread ends")
+        return super().think_row(prompt, *args, **kwargs)
+
+    def answer_row(self, think, *args, **kwargs):
+        if self._holds(think.prompt, self.FAIL_ANSWER):
+            raise ValueError("injected failure in the answer phase")
+        return super().answer_row(think, *args, **kwargs)
+
+
 def serve(server: ElasticServer, **cfg) -> BackgroundServer:
     app = make_local_app(server, ServeConfig(name=NAME, **cfg), max_context=CONTEXT)
     return BackgroundServer(app)

@@ -178,6 +178,8 @@ def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     picks = {int(sample_next(logits, GenerationConfig(temperature=1.0, top_p=0.7), None)) for _ in range(200)}
     assert picks == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
+    tiny = GenerationConfig(temperature=1.0, top_p=5e-324)  # 0 in float32 (a fuzzer's find): the top token only
+    assert {int(sample_next(logits, tiny, None)) for _ in range(20)} == {0}
 
 
 def test_bad_generation_config_messages():
@@ -208,3 +210,70 @@ def test_rows_joining_and_leaving_a_running_batch_decode_as_if_alone():
     for p, n, r in zip(prompts, caps, rows):
         assert r.tokens == greedy_uncached(m, p, n)
         assert r.finish == "length"
+
+
+def test_rows_asking_for_logprobs_get_a_plain_forwards_and_the_others_are_untouched():
+    """Scored rows (prompt log-probabilities, top K per sampled token) batched with plain rows: their
+    values equal log_softmax of one uncached forward over prompt + output (fp32, 1e-5); the plain rows'
+    tokens equal their uncached greedy decode. With isolate_rows, a row whose sampling raises ends with
+    its error and the others go on."""
+    from star_elastic.infer.generate import DecodeBatch, Row
+
+    m = model(seed=2, chunk_size=4)
+    prompts = [[3, 4, 5, 6, 7, 8], [12, 13], [20, 21, 22, 23, 24], [30, 31, 32]]
+    rows = [Row(prompts[0], GenerationConfig(max_new_tokens=7, logprobs=3), score_prompt=6),
+            Row(prompts[1], GenerationConfig(max_new_tokens=9)),
+            Row(prompts[2], GenerationConfig(max_new_tokens=0, logprobs=0), score_prompt=4),  # scored only
+            Row(prompts[3], GenerationConfig(max_new_tokens=5, temperature=1.0, seed=1, logprobs=2),
+                generator=torch.Generator().manual_seed(1))]
+    batch = DecodeBatch(m)
+    batch.join(rows)
+    while batch.rows:
+        batch.step()
+    assert rows[1].tokens == greedy_uncached(m, prompts[1], 9)
+    for r in (rows[0], rows[2], rows[3]):
+        with torch.no_grad():
+            lp = torch.log_softmax(m(torch.tensor([r.prompt + r.tokens]))[0].float(), -1)
+        n = len(r.prompt)
+        for pos, got in enumerate(r.token_logprobs):  # token pos of the output, predicted at n + pos - 1
+            row = lp[n + pos - 1]
+            assert got.logprob == pytest.approx(float(row[r.tokens[pos]]), abs=1e-5)
+            assert [t for t, _ in got.top] == row.topk(r.cfg.logprobs).indices.tolist()
+        assert len(r.token_logprobs) == len(r.tokens)
+        if r.score_prompt:
+            assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == r.score_prompt
+            want = [float(lp[i - 1, r.prompt[i]]) for i in range(1, r.score_prompt)]
+            assert [s.logprob for s in r.prompt_logprobs[1:]] == pytest.approx(want, abs=1e-5)
+    assert rows[2].tokens == [] and rows[2].finish == "length"
+
+
+def test_an_isolated_row_failure_ends_that_row_only(monkeypatch):
+    from star_elastic.infer import generate as generate_module
+    from star_elastic.infer.generate import DecodeBatch, Row
+
+    m = model(seed=3)
+    real = generate_module.sample_next
+
+    def sample_next(logits, cfg, generator):
+        if cfg.seed == 99:
+            raise RuntimeError("this row's sampling fails")
+        return real(logits, cfg, generator)
+
+    monkeypatch.setattr(generate_module, "sample_next", sample_next)
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
+    bad = Row(prompts[1], GenerationConfig(max_new_tokens=6, temperature=1.0, seed=99))
+    rows = [Row(prompts[0], GenerationConfig(max_new_tokens=6)), bad,
+            Row(prompts[2], GenerationConfig(max_new_tokens=6))]
+    with pytest.raises(RuntimeError, match="sampling fails"):  # generate's batches raise
+        batch = DecodeBatch(m)
+        batch.join(rows)
+        batch.step()
+    rows = [Row(p, r.cfg) for p, r in zip(prompts, rows)]
+    batch = DecodeBatch(m, isolate_rows=True)
+    batch.join(rows)
+    finished = batch.step()
+    assert finished == [rows[1]] and rows[1].finish == "error" and "sampling fails" in str(rows[1].error)
+    while batch.rows:
+        batch.step()
+    for r in (rows[0], rows[2]):
+        assert r.tokens == greedy_uncached(m, r.prompt, 6)

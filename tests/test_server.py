@@ -88,9 +88,7 @@ def test_sixteen_concurrent_clients_get_their_one_at_a_time_outputs(live, budget
         c = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0)
         return await asyncio.gather(*(c.chat.completions.create(**chat_kwargs(case)) for case in cases))
 
-    t0 = time.perf_counter()
     results = asyncio.run(all_at_once())
-    assert time.perf_counter() - t0 < 60
     assert sched.peak_rows > 1  # requests really shared decode steps
     for case, r in zip(cases, results):
         reasoning, answer, n_think, _ = reference(budget_server, case)

@@ -1,8 +1,14 @@
-"""The FastAPI app: OpenAI routes → request schema → `Spec` → engine → JSON or SSE response.
+"""The FastAPI app: OpenAI routes → request schema → `Spec`s (one per prompt and choice) → engine →
+JSON or SSE response. The OpenAPI schema is served at /openapi.json.
 
 Model ids: NAME (elastic: the server's default budgets) and NAME@B for every trained budget B
 (think and answer on B; a plain completion on B for /v1/completions). Per-request fields
 override: `think_budget`, `answer_budget`, `max_think_tokens` / `thinking_token_budget`.
+
+Log-probabilities (completions `logprobs: K`, chat `logprobs` + `top_logprobs: K`) are those of the
+raw model distribution (log_softmax of the logits, before temperature and top_p), each token's under
+the budget that produced it: the think budget's for the trace and its closing token, the answer
+budget's for the answer and for an echoed prompt; each choice's `logprob_budgets` lists the ranges.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -20,18 +27,21 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
 from star_elastic.config import ConfigError
+from star_elastic.infer.generate import GenerationConfig, Logprob
 from star_elastic.runtime import check_device
-from star_elastic.infer.generate import GenerationConfig
-from star_elastic.serve import errors
+from star_elastic.serve import errors, schemas
 from star_elastic.serve.engine import Progress, Spec
 from star_elastic.serve.errors import RequestError
 from star_elastic.serve.schemas import BaseRequest, ChatRequest, CompletionRequest
 
 MAX_BODY_BYTES = 1 << 22
+LOGPROB_FLOOR = -9999.0  # a log-probability of -inf is reported as this (JSON has no infinity), as vLLM
+log = logging.getLogger("star_elastic.serve")
 
 
 @dataclasses.dataclass
@@ -94,8 +104,10 @@ def budget_id(name: str, budget: float | str) -> str:
 
 
 def same_budget(a: float | str, b) -> bool:
+    """Whether a request's value names budget `a`: the same number exactly (as /openapi.json's enum
+    lists them; JSON's 0.75 is the double a run's 0.75 is), or the same variant name."""
     if isinstance(a, float):
-        return isinstance(b, (int, float)) and not isinstance(b, bool) and abs(a - b) < 1e-9
+        return isinstance(b, (int, float)) and not isinstance(b, bool) and a == b
     return a == b
 
 
@@ -140,7 +152,8 @@ class Router:
         raise RequestError(f"model {model!r} does not exist; GET /v1/models lists "
                            f"{self.cfg.name!r} and its budgets", param="model", code="model_not_found", status=404)
 
-    def spec(self, req: BaseRequest, prompt, chat: bool) -> Spec:
+    def spec(self, req: BaseRequest, prompt, chat: bool, choice: int = 0, request_id: str = "") -> Spec:
+        """The Spec of one prompt's choice `choice` (its seed: the request's + choice, mod 2**63)."""
         pinned = self.model_budget(req.model)
         default_think = self.default_think if pinned is None else pinned
         default_answer = self.default_answer if pinned is None else pinned
@@ -150,11 +163,18 @@ class Router:
         if two_phase:
             think = default_think if req.think_budget is None else self._budget(req.think_budget, "think_budget")
         cap = req.think_cap()
-        max_tokens = (req.answer_cap() if isinstance(req, ChatRequest) else req.max_tokens) or self.cfg.max_tokens
-        sampling = GenerationConfig(temperature=float(req.temperature), top_p=float(req.top_p), seed=req.seed,
-                                    stop_strings=req.stops())
-        return Spec(prompt, answer, think, self.cfg.max_think_tokens if cap is None else cap, max_tokens, sampling,
-                    req.skip_special_tokens)
+        answer_cap = req.answer_cap() if isinstance(req, ChatRequest) else req.max_tokens
+        greedy = req.temperature < schemas.GREEDY_BELOW
+        seed = None if req.seed is None else (req.seed + choice) % (schemas.MAX_SEED + 1)
+        sampling = GenerationConfig(temperature=0.0 if greedy else float(req.temperature), top_p=float(req.top_p),
+                                    seed=seed, stop_strings=req.stops(), logprobs=req.top_logprobs_k())
+        return Spec(prompt, answer, think, self.cfg.max_think_tokens if cap is None else cap,
+                    self.cfg.max_tokens if answer_cap is None else answer_cap, sampling, req.skip_special_tokens,
+                    echo=bool(getattr(req, "echo", False)), request_id=request_id)
+
+    def specs(self, req: BaseRequest, prompts: list, chat: bool, request_id: str) -> list[Spec]:
+        """Choice i*n + j: prompt i, choice j (OpenAI's order)."""
+        return [self.spec(req, p, chat, j, request_id) for p in prompts for j in range(req.n)]
 
 
 # --- responses -------------------------------------------------------------------------------
@@ -177,16 +197,21 @@ def visible(prog: Progress, spec: Spec) -> tuple[str, str]:
     return prog.reasoning, content
 
 
+def closing_text(spec: Spec) -> str:
+    """What a completion's text shows between trace and answer."""
+    return "" if spec.skip_special_tokens else "</think>"
+
+
 def completion_text(prog: Progress, spec: Spec) -> str:
     reasoning, content = visible(prog, spec)
     if spec.think_budget is None:
         return content
-    close = "" if spec.skip_special_tokens else "</think>"
-    return reasoning + (close if prog.finish is not None or content else "") + content
+    return reasoning + (closing_text(spec) if prog.finish is not None or content else "") + content
 
 
-def usage(progs: list[Progress]) -> dict:
-    prompt = sum(p.prompt_tokens for p in progs)
+def usage(progs: list[Progress], n: int = 1) -> dict:
+    """Token counts of a response; choices come n per prompt, each prompt counted once."""
+    prompt = sum(p.prompt_tokens for p in progs[::n])
     reasoning = sum(p.reasoning_tokens for p in progs)
     completion = reasoning + sum(p.content_tokens for p in progs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
@@ -199,6 +224,86 @@ def finish_fields(prog: Progress, spec: Spec) -> dict:
             "forced_end_of_think": prog.forced_end_of_think if spec.think_budget is not None else None}
 
 
+# --- log-probabilities -------------------------------------------------------------------------
+def _finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+Scored = tuple[int, Logprob | None, str, float | str, int]  # token, log-probabilities, part, budget, width
+
+
+def scored(engine, prog: Progress, spec: Spec, echo: bool) -> list[Scored]:
+    """(token, log-probabilities, part, budget, width in the text) of each token a completion's `logprobs`
+    lists: the echoed prompt's, then every generated token (the trace and its closing token, the answer
+    and its eos). Widths follow `completion_text`: the closing token takes the room of the `</think>` it
+    writes (none with skip_special_tokens), eos none, special tokens the text skips none."""
+    def width(t: int) -> int:
+        return len(engine.token_text(t, spec.skip_special_tokens))
+
+    close = len(closing_text(spec))
+    out = []
+    if echo:
+        out += [(t, lp, "prompt", spec.answer_budget, width(t))
+                for t, lp in zip(prog.prompt_ids, prog.prompt_logprobs or [])]
+    out += [(t, lp, "reasoning", spec.think_budget, width(t) if i < prog.trace_end else close)
+            for i, (t, lp) in enumerate(zip(prog.think_ids, prog.think_logprobs))]
+    out += [(t, lp, "answer", spec.answer_budget, width(t) if i < prog.body_end else 0)
+            for i, (t, lp) in enumerate(zip(prog.answer_ids, prog.answer_logprobs))]
+    return out
+
+
+def budget_ranges(parts: list[tuple[str, float | str]]) -> list[dict]:
+    """Consecutive tokens of one part and budget → {"part", "budget", "start", "end"} ranges."""
+    ranges: list[dict] = []
+    for i, (part, budget) in enumerate(parts):
+        if ranges and (ranges[-1]["part"], ranges[-1]["budget"]) == (part, budget):
+            ranges[-1]["end"] = i + 1
+        else:
+            ranges.append({"part": part, "budget": budget, "start": i, "end": i + 1})
+    return ranges
+
+
+def completion_logprobs(engine, prog: Progress, spec: Spec, echo: bool) -> tuple[dict, list[dict]]:
+    """OpenAI's legacy `logprobs` object of one choice, and its `logprob_budgets`."""
+    entries = scored(engine, prog, spec, echo)
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token, lp, _, _, width in entries:
+        out["tokens"].append(engine.token_text(token))
+        out["text_offset"].append(offset)
+        offset += width
+        if lp is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        top = {engine.token_text(token): _finite(lp.logprob)}  # the token's own, then the alternatives
+        for alt, value in lp.top:
+            top.setdefault(engine.token_text(alt), _finite(value))
+        out["token_logprobs"].append(_finite(lp.logprob))
+        out["top_logprobs"].append(top)
+    return out, budget_ranges([(part, budget) for _, _, part, budget, _ in entries])
+
+
+def _chat_entry(engine, token: int, lp: Logprob) -> dict:
+    def one(t: int, value: float) -> dict:
+        text = engine.token_text(t)
+        return {"token": text, "logprob": _finite(value), "bytes": list(text.encode())}
+
+    return one(token, lp.logprob) | {"top_logprobs": [one(alt, value) for alt, value in lp.top]}
+
+
+def chat_logprobs(engine, prog: Progress, spec: Spec) -> tuple[dict, list[dict]]:
+    """OpenAI's chat `logprobs` object (plus `reasoning_content`, the trace's) and its `logprob_budgets`."""
+    trace = zip(prog.think_ids[: prog.trace_end], prog.think_logprobs)
+    body = zip(prog.answer_ids[: prog.body_end], prog.answer_logprobs)
+    out = {"content": [_chat_entry(engine, t, lp) for t, lp in body],
+           "reasoning_content": [_chat_entry(engine, t, lp) for t, lp in trace], "refusal": None}
+    ranges = [{"part": "reasoning", "budget": spec.think_budget, "start": 0, "end": len(out["reasoning_content"])},
+              {"part": "answer", "budget": spec.answer_budget, "start": 0, "end": len(out["content"])}]
+    return out, [r for r in ranges if r["end"] > 0]
+
+
+# --- running ---------------------------------------------------------------------------------
 async def final(engine, spec: Spec) -> Progress:
     async with contextlib.aclosing(engine.run(spec, partial=False)) as it:
         async for prog in it:
@@ -208,14 +313,22 @@ async def final(engine, spec: Spec) -> Progress:
 
 
 async def final_unless_gone(request: Request, engine, specs: list[Spec]) -> list[Progress]:
-    """Every spec's result; if the client disconnects first, cancel them (freeing their slots)."""
-    task = asyncio.ensure_future(asyncio.gather(*(final(engine, s) for s in specs)))
-    while not task.done():
-        await asyncio.wait({task}, timeout=0.25)
-        if not task.done() and await request.is_disconnected():
-            task.cancel()
-            raise RequestError("client disconnected", status=499)
-    return task.result()
+    """Every spec's result. If one fails, or the client disconnects first, the others are cancelled
+    (freeing their slots) and the failure (or a 499) is raised."""
+    tasks = [asyncio.ensure_future(final(engine, s)) for s in specs]
+    try:
+        while True:
+            done, pending = await asyncio.wait(tasks, timeout=0.25, return_when=asyncio.FIRST_EXCEPTION)
+            failures = [t.exception() for t in done if t.exception() is not None]
+            if failures:
+                raise failures[0]
+            if not pending:
+                return [t.result() for t in tasks]
+            if await request.is_disconnected():
+                raise RequestError("client disconnected", status=499)
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def sse(obj) -> str:
@@ -285,6 +398,64 @@ class Guard:
         return None
 
 
+ERRORS = {400: "bad input, naming the field", 401: "missing or wrong API key", 404: "no such model",
+          413: "body too large", 500: "generating this request failed (logged with its id)",
+          503: "the engine process is gone: restart the server"}
+
+
+def _documented(*statuses: int, stream: bool = False, ok=None) -> dict:
+    """The `responses` of a route for its OpenAPI entry: the 200 model and error bodies."""
+    out: dict = {status: {"model": schemas.ErrorResponse, "description": ERRORS[status]} for status in statuses}
+    if ok is not None:
+        out[200] = {"model": ok, "description": "OK"}
+        if stream:  # each event's data: a JSON chunk (or error body), then "[DONE]"
+            event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+            out[200]["content"] = {"text/event-stream": {"schema": event}}
+    return out
+
+
+CAPS = ("max_tokens", "max_completion_tokens", "max_think_tokens", "thinking_token_budget")
+
+
+def openapi_schema(app: FastAPI, served: list[str], budgets: list[float | str], context: int | None,
+                   vocab_size: int | None) -> dict:
+    """FastAPI's schema, made true to this server: validation errors are 400s (not 422s), `model` /
+    `think_budget` / `answer_budget` list the ids and budgets it serves, token caps stop at its context,
+    prompt token ids below its vocabulary size."""
+    schema = get_openapi(title=app.title, version="1", routes=app.routes)
+    for path in schema["paths"].values():
+        for op in path.values():
+            op.get("responses", {}).pop("422", None)
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for name in ("CompletionRequest", "ChatRequest"):
+        props = components[name]["properties"]
+        props["model"] = {"type": "string", "enum": served, "title": "Model"}
+        if budgets:
+            for field in ("think_budget", "answer_budget"):
+                props[field] = {"anyOf": [{"enum": budgets}, {"type": "null"}], "title": field}
+        for field in CAPS:
+            if context is not None and field in props:
+                props[field]["anyOf"][0]["maximum"] = context
+        if vocab_size is not None and "prompt" in props:
+            for token in _integers(props["prompt"]):
+                token["maximum"] = vocab_size - 1
+    return schema
+
+
+def _integers(schema):
+    """The integer schemas nested in `schema` (a prompt's token ids)."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer":
+            yield schema
+        for value in schema.values():
+            yield from _integers(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            yield from _integers(value)
+
+
 def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
     """The HTTP API over `engine` (LocalEngine or ProxyEngine); budgets name the model entries."""
     router = Router(cfg, budgets)
@@ -294,7 +465,7 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
         yield
         await engine.aclose()
 
-    app = FastAPI(title="star-elastic", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="star-elastic", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.add_exception_handler(RequestError, errors.on_request_error)
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)
     app.add_exception_handler(HTTPException, errors.on_http_error)
@@ -302,28 +473,30 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
     app.state.engine, app.state.router = engine, router
 
     app.add_middleware(Guard, api_key=cfg.api_key)
+    facts = getattr(engine, "facts", {})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_documented(401, ok=schemas.ModelList))
     async def models() -> dict:
         now = int(time.time())
         entries = [{"id": cfg.name, "object": "model", "created": now, "owned_by": "star-elastic",
                     "think_budget": router.default_think, "answer_budget": router.default_answer}]
         entries += [{"id": budget_id(cfg.name, b), "object": "model", "created": now, "owned_by": "star-elastic",
-                     "parent": cfg.name, "budget": b} for b in router.budgets]
+                     "parent": cfg.name, "budget": b} | facts.get(b, {}) for b in router.budgets]
         return {"object": "list", "data": entries}
 
-    @app.get("/health")
+    @app.get("/health", responses=_documented(503, ok=schemas.Health))
     async def health():
         failure = engine.failure()
         if failure is not None:  # orchestrators restart a server whose engine died
             return errors.error_response(failure, 503, code="engine_unavailable")
         return {"status": "ok"}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_documented(400, 401, 404, 413, 500, 503, stream=True,
+                                                       ok=schemas.CompletionResponse))
     async def completions(req: CompletionRequest, request: Request):
-        prompts = [req.prompt] if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else req.prompt
-        specs = [router.spec(req, p, chat=False) for p in prompts]
+        req.check()
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        specs = router.specs(req, req.prompts(), False, head["id"])
         if req.stream:
             if len(specs) > 1:
                 raise RequestError("stream one prompt per request", param="prompt")
@@ -332,26 +505,55 @@ def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
             return StreamingResponse(stream_events(engine, specs[0], head, False, include),
                                      media_type="text/event-stream")
         progs = await final_unless_gone(request, engine, specs)
-        choices = [{"index": i, "text": completion_text(p, s), "logprobs": None} | finish_fields(p, s)
-                   for i, (p, s) in enumerate(zip(progs, specs))]
-        return head | {"object": "text_completion", "choices": choices, "usage": usage(list(progs))}
+        choices = [completion_choice(engine, i, p, s, req.echo) for i, (p, s) in enumerate(zip(progs, specs))]
+        return head | {"object": "text_completion", "choices": choices, "usage": usage(progs, req.n)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_documented(400, 401, 404, 413, 500, 503, stream=True,
+                                                            ok=schemas.ChatResponse))
     async def chat(req: ChatRequest, request: Request):
+        req.check()
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        spec = router.spec(req, engine.chat_prompt(messages), chat=True)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        specs = router.specs(req, [engine.chat_prompt(messages)], True, head["id"])
         if req.stream:
-            engine.check(spec)
+            engine.check(specs[0])
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(engine, spec, head, True, include), media_type="text/event-stream")
-        (prog,) = await final_unless_gone(request, engine, [spec])
-        reasoning, content = visible(prog, spec)
-        message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
-        return head | {"object": "chat.completion", "usage": usage([prog]),
-                       "choices": [{"index": 0, "message": message} | finish_fields(prog, spec)]}
+            return StreamingResponse(stream_events(engine, specs[0], head, True, include),
+                                     media_type="text/event-stream")
+        progs = await final_unless_gone(request, engine, specs)
+        choices = [chat_choice(engine, i, p, s) for i, (p, s) in enumerate(zip(progs, specs))]
+        return head | {"object": "chat.completion", "usage": usage(progs, req.n), "choices": choices}
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            served = [cfg.name] + [budget_id(cfg.name, b) for b in router.budgets]
+            app.openapi_schema = openapi_schema(app, served, router.budgets, getattr(engine, "max_context", None),
+                                                getattr(engine, "vocab_size", None))
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def completion_choice(engine, index: int, prog: Progress, spec: Spec, echo: bool) -> dict:
+    text = completion_text(prog, spec)
+    if echo:
+        prompt = spec.prompt if isinstance(spec.prompt, str) else \
+            engine.tokenizer.decode(prog.prompt_ids, skip_special_tokens=spec.skip_special_tokens)
+        text = prompt + text
+    choice = {"index": index, "text": text, "logprobs": None} | finish_fields(prog, spec)
+    if spec.sampling.logprobs is not None:
+        choice["logprobs"], choice["logprob_budgets"] = completion_logprobs(engine, prog, spec, echo)
+    return choice
+
+
+def chat_choice(engine, index: int, prog: Progress, spec: Spec) -> dict:
+    reasoning, content = visible(prog, spec)
+    choice = {"index": index, "message": {"role": "assistant", "content": content, "reasoning_content": reasoning}}
+    choice |= finish_fields(prog, spec)
+    if spec.sampling.logprobs is not None:
+        choice["logprobs"], choice["logprob_budgets"] = chat_logprobs(engine, prog, spec)
+    return choice
 
 
 def make_local_app(server, cfg: ServeConfig, budgets: list[float | str] | None = None,

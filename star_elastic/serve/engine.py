@@ -14,7 +14,10 @@ import dataclasses
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from star_elastic.infer.generate import GenerationConfig
+from jinja2 import TemplateError
+
+from star_elastic import accounting
+from star_elastic.infer.generate import GenerationConfig, Logprob
 from star_elastic.serve.errors import RequestError
 from star_elastic.serve.scheduler import Job
 from star_elastic.serve.worker import EngineProcess
@@ -29,8 +32,10 @@ class Spec:
     think_budget: float | None  # None: one phase (a plain completion on answer_budget)
     max_think_tokens: int
     max_tokens: int
-    sampling: GenerationConfig  # temperature, top_p, seed, stop strings
+    sampling: GenerationConfig  # temperature, top_p, seed, stop strings, logprobs (top K)
     skip_special_tokens: bool = True
+    echo: bool = False  # with sampling.logprobs: score the prompt too (Progress.prompt_logprobs)
+    request_id: str = ""  # the HTTP response's id: in the log and in the error of a failed generation
 
 
 @dataclasses.dataclass
@@ -45,6 +50,16 @@ class Progress:
     finish: str | None = None
     forced_end_of_think: bool = False
     stop_reason: str | None = None  # the stop string that ended the answer, if one did
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    think_ids: list[int] = dataclasses.field(default_factory=list)  # the trace and its closing token
+    answer_ids: list[int] = dataclasses.field(default_factory=list)  # the answer and its eos, if any
+    trace_end: int = 0  # think_ids[:trace_end] make `reasoning` (the closing token excluded)
+    body_end: int = 0  # answer_ids[:body_end] make `content` (eos excluded)
+    # with Spec.sampling.logprobs: one per id above (None: not sampled, e.g. a forced </think>),
+    # the think budget's for think_ids, the answer budget's for answer_ids and prompt_ids
+    prompt_logprobs: list[Logprob | None] | None = None  # with Spec.echo; the first token's None
+    think_logprobs: list[Logprob | None] = dataclasses.field(default_factory=list)
+    answer_logprobs: list[Logprob | None] = dataclasses.field(default_factory=list)
 
 
 class Mailbox:
@@ -79,8 +94,10 @@ class LocalEngine:
         self.vocab_size = server.model(self.budgets[0]).config.vocab_size
         for budget in self.budgets:  # every view built here, pickled with the server: the engine process builds none
             server.model(budget)
+        self.facts = {b: budget_facts(server, b) for b in self.budgets}
         self.scheduler = EngineProcess(server, max_batch, threads=threads)  # the decode loop, in its own process
         self._mailbox: Mailbox | None = None
+        self._texts: dict[tuple[int, bool], str] = {}
 
     def close(self) -> None:
         self.scheduler.close()
@@ -89,7 +106,14 @@ class LocalEngine:
         await asyncio.to_thread(self.close)
 
     def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_prompt(self.tokenizer, messages)
+
+    def token_text(self, token: int, skip_special_tokens: bool = False) -> str:
+        """One token's text decoded alone (cached)."""
+        key = (token, skip_special_tokens)
+        if key not in self._texts:
+            self._texts[key] = self.tokenizer.decode([token], skip_special_tokens=skip_special_tokens)
+        return self._texts[key]
 
     def failure(self) -> str | None:
         """Why no request can be served now (the engine process is gone), else None."""
@@ -129,24 +153,30 @@ class LocalEngine:
         events: asyncio.Queue = asyncio.Queue()
         job = Job(ids, spec.answer_budget, spec.max_tokens, spec.sampling,
                   emit=lambda evs: mailbox.post(events, evs),
-                  think_budget=spec.think_budget, max_think_tokens=spec.max_think_tokens)
+                  think_budget=spec.think_budget, max_think_tokens=spec.max_think_tokens, echo=spec.echo,
+                  request_id=spec.request_id)
         self.scheduler.submit(job)
-        think: list[int] = []
-        answer: list[int] = []
-        prog = Progress(prompt_tokens=len(ids))
+        prog = Progress(prompt_tokens=len(ids), prompt_ids=ids)
+        scores = prog.answer_logprobs  # where the next "logprob" event goes: after its token's phase
         try:
             while True:
                 for kind, value in await events.get():  # one scheduler step's events
                     if kind == "error":
-                        raise RuntimeError(value)
+                        raise self._error(value)
                     if kind == "think":
-                        think.append(value)
+                        prog.think_ids.append(value)
+                        scores = prog.think_logprobs
                     elif kind == "answer":
-                        answer.append(value)
+                        prog.answer_ids.append(value)
+                        scores = prog.answer_logprobs
+                    elif kind == "logprob":
+                        scores.append(value)
+                    elif kind == "prompt_logprobs":
+                        prog.prompt_logprobs = value
                     else:
                         prog.finish, prog.forced_end_of_think = value, job.forced_end_of_think
                 if partial or prog.finish is not None:  # text is decoded only where it is read
-                    self._fill(prog, think, answer, spec.skip_special_tokens)
+                    self._fill(prog, spec.skip_special_tokens)
                     yield prog
                 if prog.finish is not None:
                     return
@@ -158,10 +188,40 @@ class LocalEngine:
             self._mailbox = Mailbox(loop)
         return self._mailbox
 
-    def _fill(self, prog: Progress, think: list[int], answer: list[int], skip_special: bool) -> None:
+    def _error(self, message: str) -> RequestError:
+        """A job's error event: 503 when the engine process is gone, else 500 (this request's generation failed)."""
+        if self.failure() is not None:
+            return RequestError(message, status=503, code="engine_unavailable")
+        return RequestError(message, status=500, code="generation_failed")
+
+    def _fill(self, prog: Progress, skip_special: bool) -> None:
+        think, answer = prog.think_ids, prog.answer_ids
         closers = (self.server.think_end_id, self.server.eos_id)
         trace = think[:-1] if think and think[-1] in closers else think
         body = answer[:-1] if answer and answer[-1] == self.server.eos_id else answer
+        prog.trace_end, prog.body_end = len(trace), len(body)
         prog.reasoning = self.tokenizer.decode(trace, skip_special_tokens=skip_special)
         prog.content = self.tokenizer.decode(body, skip_special_tokens=skip_special)
         prog.reasoning_tokens, prog.content_tokens = len(think), len(answer)
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat template's text; a conversation the template refuses (a role out of place) is a 400."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as err:
+        raise RequestError(f"messages: the model's chat template refuses them: {err}", param="messages") from None
+
+
+def budget_facts(server, budget: float | str) -> dict:
+    """What /v1/models tells of a budget: its parameter counts, active ones over the parent's
+    (`active_params_ratio`), and for a router budget the run's target and achieved relative cost."""
+    config = server.parent.config
+    counts = accounting.count_params(server.architecture(budget).model_config(config))
+    facts = {"total_params": counts.total_params, "active_params": counts.active_params,
+             "active_params_ratio": counts.active_params / accounting.count_params(config).active_params}
+    if server.elastic is not None and not isinstance(budget, str):
+        described = server.elastic.describe(budget)
+        facts |= {"budget_type": described["budget_type"], "target": described["target"],
+                  "achieved": described["achieved"]}
+    return facts

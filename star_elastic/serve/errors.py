@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
+         405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 502: "server_error",
          503: "server_error"}
 
 
+log = logging.getLogger("star_elastic.serve")
+
+
 class RequestError(Exception):
-    """Bad input, reported to the client with `status` (4xx); or 503 when the server cannot serve now."""
+    """An error reported to the client with `status`: 4xx for its input, 500 when generating its request
+    failed, 502 when a proxy's backend did, 503 when the engine process is gone."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
         super().__init__(message)
@@ -30,14 +36,18 @@ def error_response(message: str, status: int, param: str | None = None, code: st
 
 
 async def on_request_error(request: Request, err: RequestError) -> JSONResponse:
+    if err.status >= 500:  # the message names the request id where there is one
+        log.error("%s %s: %d %s", request.method, request.url.path, err.status, err.message)
     return error_response(err.message, err.status, err.param, err.code)
 
 
 async def on_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    """pydantic's first complaint as one line naming the field (malformed JSON included)."""
-    first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(p)]
-    param = ".".join(loc) or None
+    """pydantic's most specific complaint as one line naming the field (malformed JSON included): of a
+    union's members, the one that got deepest into the value (a list of parts over "not a string")."""
+    found = err.errors() or [{"loc": (), "msg": "invalid request"}]
+    locs = [[str(p) for p in e.get("loc", ()) if p != "body" and not _union_tag(p)] for e in found]
+    deepest = max(range(len(found)), key=lambda i: len(locs[i]))  # the first of the deepest
+    first, param = found[deepest], ".".join(locs[deepest]) or None
     if first.get("type") == "json_invalid":
         return error_response(f"the body is not valid JSON ({first.get('msg')})", 400, None, "invalid_json")
     where = f"{param}: " if param else ""
@@ -55,4 +65,5 @@ async def on_http_error(request: Request, err: HTTPException) -> JSONResponse:
 
 
 async def on_any_error(request: Request, err: Exception) -> JSONResponse:
+    log.error("%s %s: internal error", request.method, request.url.path, exc_info=err)
     return error_response(f"internal error: {type(err).__name__}", 500)

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from star_elastic.config import ConfigError
-from star_elastic.serve.engine import Progress, Spec
+from star_elastic.serve.engine import Progress, Spec, chat_prompt
 from star_elastic.serve.errors import RequestError
 
 
@@ -53,9 +53,12 @@ class ProxyEngine:
     def check(self, spec: Spec) -> None:
         if not isinstance(spec.prompt, str):
             raise RequestError("the proxy takes text prompts, not token ids", param="prompt")
+        if spec.sampling.logprobs is not None:
+            raise RequestError("the proxy returns no log-probabilities (serve the run itself for them)",
+                               param="logprobs")
 
     def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_prompt(self.tokenizer, messages)
 
     def close(self) -> None:
         pass  # the client is closed by aclose() in the app's lifespan

@@ -26,8 +26,10 @@ import torch.multiprocessing as mp
 
 from star_elastic.serve.scheduler import Job, Scheduler
 
-_SPEC_FIELDS = ("prompt", "answer_budget", "max_tokens", "sampling", "think_budget", "max_think_tokens")
+_SPEC_FIELDS = ("prompt", "answer_budget", "max_tokens", "sampling", "think_budget", "max_think_tokens", "echo",
+                "request_id")
 START_TIMEOUT_S = 600
+WATCH_S = 1.0  # how often the engine process checks that its scheduler thread still runs
 
 
 @dataclasses.dataclass
@@ -194,7 +196,9 @@ def _ends(events: list) -> bool:
 # --- the child ---------------------------------------------------------------------------------
 def _child_main(conn, server, max_batch: int, join_wait: int, threads: int | None) -> None:
     """The engine process: a `Scheduler` over `server`, fed by the parent's messages until "stop" or
-    until the parent is gone; the scheduler's worker sends each step's events (`_Outbox.flush`)."""
+    until the parent is gone; the scheduler's worker sends each step's events (`_Outbox.flush`).
+    Should the scheduler's thread end otherwise, the process exits (code 70): the parent then fails
+    every waiting job and answers 503, where a live process with no scheduler would hang them all."""
     from star_elastic.runtime import tune_cpu_allocator
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
@@ -210,6 +214,11 @@ def _child_main(conn, server, max_batch: int, join_wait: int, threads: int | Non
     jobs: dict[int, Job] = {}
     while True:
         try:
+            if not conn.poll(WATCH_S):
+                if scheduler.alive:
+                    continue
+                print("star-elastic engine: the scheduler thread ended; exiting", file=sys.stderr, flush=True)
+                os._exit(70)
             message = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             break
