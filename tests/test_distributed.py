@@ -36,8 +36,8 @@ from star_elastic.quant.qad import QuantizeConfig, quantize_run
 from star_elastic.train.distill import DistillStep
 from star_elastic.train.elastify import ElastifyConfig, prepare, state_digest, train
 
-BASE = dict(steps=4, batch_size=4, n_synthetic=100, calibration_batches=3, router_fit_steps=20, stage1_seq_len=24,
-            stage2_seq_len=32, checkpoint_every=2, optimizer="sgd", lr=0.5, router_lr=0.5, warmup_steps=1)
+BASE = dict(data="synthetic", steps=4, batch_size=4, n_synthetic=100, calibration_batches=3, router_fit_steps=20,
+            stage1_seq_len=24, stage2_seq_len=32, checkpoint_every=2, optimizer="sgd", lr=0.5, router_lr=0.5, warmup_steps=1)
 
 
 QAD = dict(quant={"format": "fp8"}, qad_steps=4, batch_size=4, seq_len=24, calibration_batches=2, n_synthetic=100,

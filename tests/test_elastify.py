@@ -38,7 +38,7 @@ def parent_dir(tmp_path_factory):
 
 
 def config(parent_dir, out, **changes) -> ElastifyConfig:
-    base = dict(model=str(parent_dir), out=str(out), steps=6, batch_size=4, n_synthetic=200, calibration_batches=2,
+    base = dict(model=str(parent_dir), data="synthetic", out=str(out), steps=6, batch_size=4, n_synthetic=200, calibration_batches=2,
                 router_fit_steps=30, stage1_seq_len=32, stage2_seq_len=48, checkpoint_every=2)
     return from_dict(ElastifyConfig, base | changes)
 

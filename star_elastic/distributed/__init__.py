@@ -4,6 +4,7 @@ from star_elastic.distributed.parallel import (
     PARALLEL_MODES,
     Engine,
     barrier,
+    broadcast_json,
     full_state_dict,
     global_sum,
     init_process_group,
@@ -15,5 +16,6 @@ from star_elastic.distributed.parallel import (
     sum_over_ranks,
 )
 
-__all__ = ["PARALLEL_MODES", "Engine", "barrier", "full_state_dict", "global_sum", "init_process_group", "on_full_copy",
-           "parallelize", "prepare_teacher", "resolve_mode", "shutdown", "sum_over_ranks"]
+__all__ = ["PARALLEL_MODES", "Engine", "barrier", "broadcast_json", "full_state_dict", "global_sum",
+           "init_process_group", "on_full_copy", "parallelize", "prepare_teacher", "resolve_mode", "shutdown",
+           "sum_over_ranks"]
