@@ -355,9 +355,9 @@ def render_markdown(r: dict) -> str:
     p = r["parent"]
     if r["quick"]:
         lines += [f"**A smoke test of the pipeline, not a result.** `demo --quick` runs every stage on a toy parent "
-                  f"({p['steps']} training steps, {p['accuracy']:.1%} on its test split) with a few steps each, to show "
-                  "that the stages run end to end; its accuracies, speeds and sizes say nothing about the method. "
-                  "`star-elastic demo` (without --quick) gives the results.", ""]
+                  f"({p['steps']} training steps, {p['accuracy']:.1%} on its test split) with a few steps each, to "
+                  "show that the stages run end to end; its accuracies, speeds and sizes say nothing about the "
+                  "method. `star-elastic demo` (without --quick) gives the results.", ""]
     lines += [f"Parent: {p['params']:,} parameters, trained {p['train_seconds']} s ({p['steps']} steps, "
               f"{p.get('tokens') or 0:,} tokens), "
               f"test accuracy {p['accuracy']:.1%} on its {p['n_test']}-problem test split; "
