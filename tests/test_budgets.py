@@ -202,8 +202,8 @@ def test_trained_run_records_and_prints_target_and_achieved(tmp_path, capsys):
     parent.tokenizer = tok
     parent.save_pretrained(tmp_path / "parent")
     run = tmp_path / "run"
-    assert main(["elastify", "--model", str(tmp_path / "parent"), "--budgets", "1.0,0.75,0.5", "--steps", "4",
-                 "--seq-len", "32", "--batch-size", "2", "--out", str(run), "--budget-mode", "ceiling",
+    assert main(["elastify", "--model", str(tmp_path / "parent"), "--data", "synthetic", "--budgets", "1.0,0.75,0.5",
+                 "--steps", "4", "--seq-len", "32", "--batch-size", "2", "--out", str(run), "--budget-mode", "ceiling",
                  "--nested-budgets"]) == 0
     capsys.readouterr()
     elastic = load_elastic(run)
