@@ -158,6 +158,8 @@ def _running(holder: dict) -> bool:
 
 
 def _who(holder: dict) -> str:
+    if not holder:
+        return "a process that is just starting"
     return f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('since')}"
 
 
@@ -288,7 +290,10 @@ def _clear(run: Path, keep: tuple[str, ...] = ()) -> list[str]:
         path = run / name
         if name in keep or not (path.exists() or path.is_symlink()):
             continue
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
         gone.append(name)
     return gone
 
