@@ -45,7 +45,7 @@ def run_variant(parent: str, out: Path, variant: dict, steps: int | None, seed: 
 
     demo = DemoConfig()
     elastic = {k: v for k, v in variant.items() if k not in ELASTIFY_KEYS}
-    overrides = dict(demo.elastify, model=parent, out=str(out / "run"), elastic=elastic, seed=seed,
+    overrides = dict(demo.elastify, model=parent, out=str(out / "run"), overwrite=True, elastic=elastic, seed=seed,
                      **{k: v for k, v in variant.items() if k in ELASTIFY_KEYS})
     if steps is not None:
         overrides["steps"] = steps

@@ -28,8 +28,8 @@ PARENT = dict(vocab_size=16384, hidden_size=768, pattern="M-M-M-M*M-M-M-M-M*M-M-
               num_key_value_heads=4, head_dim=64, intermediate_size=3072, mamba_num_heads=24, mamba_head_dim=64,
               ssm_state_size=64, n_groups=1, chunk_size=64, n_routed_experts=4, num_experts_per_tok=2,
               moe_intermediate_size=256, moe_shared_expert_intermediate_size=256)
-RUN = dict(steps=3, batch_size=4, stage1_seq_len=256, stage2_seq_len=256, n_synthetic=200, calibration_batches=2,
-           calibration_seq_len=64, router_fit_steps=20, checkpoint_every=1000, kd_chunk_tokens=256, optimizer="adamw")
+RUN = dict(data="synthetic", overwrite=True, steps=3, batch_size=4, stage1_seq_len=256, stage2_seq_len=256,
+           n_synthetic=200, calibration_batches=2, calibration_seq_len=64, router_fit_steps=20, checkpoint_every=1000, kd_chunk_tokens=256, optimizer="adamw")
 
 
 def _rss() -> int:

@@ -13,13 +13,14 @@ from pathlib import Path
 from safetensors.torch import save_file
 from test_packed import distill_loss, distill_setup
 
-from star_elastic.distributed import init_process_group, parallelize, prepare_teacher, shutdown
+from star_elastic.distributed import EngineConfig, init_process_group, parallelize, prepare_teacher, shutdown
 from star_elastic.train.distill import DistillStep
 
-mode, rank, world = init_process_group("fsdp")
+ENGINE = EngineConfig(parallel="fsdp", activation_checkpointing=True)
+mode, rank, world = init_process_group(ENGINE)
 elastic, teacher, ids, seq_idx, lm_mask = distill_setup()
-engine = parallelize(DistillStep(elastic, chunk_tokens=16), prepare_teacher(teacher, mode), mode, rank, world,
-                     activation_checkpointing=True)
+engine = parallelize(DistillStep(elastic, chunk_tokens=16), prepare_teacher(teacher, mode, ENGINE), mode, rank, world,
+                     ENGINE)
 row = slice(rank, rank + 1)
 sums = distill_loss(engine, ids[row], seq_idx[row], lm_mask[row])
 sums.sum().backward()

@@ -202,9 +202,9 @@ def test_trained_run_records_and_prints_target_and_achieved(tmp_path, capsys):
     parent.tokenizer = tok
     save_model(parent, tmp_path / "parent")
     run = tmp_path / "run"
-    assert main(["elastify", "--model", str(tmp_path / "parent"), "--budgets", "1.0,0.75,0.5", "--steps", "4",
-                 "--stage1-seq-len", "16", "--stage2-seq-len", "32", "--batch-size", "2", "--out", str(run),
-                 "--budget-mode", "ceiling", "--nested"]) == 0
+    assert main(["elastify", "--model", str(tmp_path / "parent"), "--data", "synthetic", "--budgets", "1.0,0.75,0.5",
+                 "--steps", "4", "--stage1-seq-len", "16", "--stage2-seq-len", "32", "--batch-size", "2",
+                 "--out", str(run), "--budget-mode", "ceiling", "--nested"]) == 0
     capsys.readouterr()
     elastic = load_elastic(run)
     recorded = json.loads((run / "run.json").read_text())["costs"]

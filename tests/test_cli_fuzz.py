@@ -40,8 +40,9 @@ def world(tmp_path_factory):
     model = randomize(HybridLM(ModelConfig(**PARENT, vocab_size=len(tok))), seed=0, scale=0.2)
     model.tokenizer = tok
     save_model(model, root / "parent")
-    train(from_dict(ElastifyConfig, dict(model=str(root / "parent"), out=str(root / "run"), steps=0, batch_size=2,
-                                         n_synthetic=50, calibration_batches=1, router_fit_steps=10)), log=lambda m: None)
+    train(from_dict(ElastifyConfig, dict(model=str(root / "parent"), data="synthetic", out=str(root / "run"), steps=0,
+                                         batch_size=2, n_synthetic=50, calibration_batches=1, router_fit_steps=10)),
+          log=lambda m: None)
     assert main(["slice", str(root / "parent"), "--arch", "hidden=16", "--out", str(root / "keep")]) == 0
     (root / "a_file").write_text("not a folder")
     return root

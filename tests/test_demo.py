@@ -4,12 +4,13 @@ whose baseline bookkeeping (steps, tokens) matches a recount from the data."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from star_elastic.cli import main
 from star_elastic.data.loading import batch_for_step, load_sequences
-from star_elastic.demo import QUICK
+from star_elastic.demo import QUICK, render_markdown
 from star_elastic.hf import load_model
 from star_elastic.infer.evaluate import headline, pareto_front
 
@@ -71,8 +72,39 @@ def check_baselines(report: dict, out) -> None:
         assert row["tokens_ratio_lower_bound"] == pytest.approx(row["tokens"] / elastic["tokens_per_size"])
 
 
-def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
+def check_conclusions(report: dict, md: str) -> None:
+    """A quick report says it is a smoke test at its top and draws no conclusions; the same numbers
+    from a parent at or above min_parent_accuracy in a full run get the headline and the story, and
+    from a parent below it none, saying why."""
+    assert md.splitlines()[2].startswith("**A smoke test of the pipeline, not a result.**")
+    assert report["conclusions"] is False and report["headline"] is None
+    assert "No conclusions are drawn from these numbers: a quick run is a smoke test." in md
+    assert "matches or beats" not in md and "What it shows" not in md and "parent's default" not in md
+    points = report["budget_control"]
+    parent = next(p for p in points if p["think_budget"] == p["answer_budget"] == 1.0
+                  and p["max_think_tokens"] == max(report["eval"]["think_caps"]))
+    full = dict(report, quick=False, conclusions=True, headline=headline(points, parent),
+                parent=dict(report["parent"], accuracy=0.95))
+    md_full = render_markdown(full)
+    assert "What it shows" in md_full and "smoke test" not in md_full and "No conclusions" not in md_full
+    low = dict(full, conclusions=False, headline=None, parent=dict(report["parent"], accuracy=0.5))
+    assert ("No conclusions are drawn from these numbers: the parent scores 50.0% on its test split, below the 90% "
+            "(DemoConfig.min_parent_accuracy) a comparison with it needs.") in render_markdown(low)
+
+
+def test_demo_quick_writes_a_complete_report(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    limits, savefig = {}, Figure.savefig
+
+    def recording(fig, path, *args, **kwargs):  # the accuracy axis of every plot the demo saves
+        limits[Path(path).name] = [ax.get_ylim() for ax in fig.axes if "accuracy" in ax.get_ylabel()]
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
     assert main(["demo", "--out", str(tmp_path), "--quick", "--baselines"]) == 0
+    assert set(limits) == {"pareto.png", "budgets.png", "baselines.png"}
+    assert all(0 <= lo < hi <= 1 for axes in limits.values() for lo, hi in axes) and all(limits.values()), limits
     report = json.loads((tmp_path / "report.json").read_text())
     assert {"accuracy", "params"} <= set(report["parent"])
     budgets = report["budgets"]
@@ -99,6 +131,7 @@ def test_demo_quick_writes_a_complete_report(tmp_path, capsys):
     q = report["quantization"]
     assert q["nvfp4-ptq"]["bytes"] < q["fp8-ptq"]["bytes"] < cb["elastic"]
     check_baselines(report, tmp_path)
+    check_conclusions(report, md)
     for name in ("pareto.png", "budgets.png", "baselines.png", "report.md"):
         assert (tmp_path / name).stat().st_size > 1000
     assert report["reused_stages_s"] == {}

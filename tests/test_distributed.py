@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from jobs import alive, descendants, elastify_job, free_port
 from test_elastify import TINY_PARENT, save_tiny_parent
 
 from star_elastic import HybridLM, ModelConfig, save_model
@@ -37,8 +36,9 @@ from star_elastic.quant.qad import QuantizeConfig, quantize_run
 from star_elastic.train.distill import DistillStep
 from star_elastic.train.elastify import ElastifyConfig, prepare, state_digest, train
 
-BASE = dict(steps=4, batch_size=4, n_synthetic=100, calibration_batches=3, router_fit_steps=20, stage1_seq_len=24,
-            stage2_seq_len=32, checkpoint_every=2, optimizer="sgd", lr=0.5, router_lr=0.5, warmup_steps=1)
+BASE = dict(data="synthetic", steps=4, batch_size=4, n_synthetic=100, calibration_batches=3, router_fit_steps=20,
+            stage1_seq_len=24, stage2_seq_len=32, checkpoint_every=2, optimizer="sgd", lr=0.5, router_lr=0.5,
+            warmup_steps=1)
 
 
 QAD = dict(quant={"format": "fp8"}, qad_steps=4, batch_size=4, seq_len=24, calibration_batches=2, n_synthetic=100,
@@ -52,41 +52,13 @@ def _engine(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in ENGINE_KEYS} | ({"engine": engine} if engine else {})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cfg(parent, out, **changes) -> dict:
     return _engine(BASE | {"model": str(parent), "out": str(out)} | changes)
-
-
-def _elastify_job(cfg: dict, procs: int, root: Path) -> subprocess.Popen:
-    """`star-elastic elastify --config` as a user starts it: under torchrun for several processes."""
-    yaml_path = root / f"{Path(cfg['out']).name}-{procs}.yaml"
-    yaml_path.write_text(yaml.safe_dump(cfg))
-    launcher = [sys.executable] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port())]
-    with open(yaml_path.with_suffix(".log"), "w") as log:  # a file: a full pipe would stall the job
-        job = subprocess.Popen(launcher + ["-m", "star_elastic.cli", "elastify", "--config", str(yaml_path)],
-                               env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT)
-    job.log = yaml_path.with_suffix(".log")
-    return job
 
 
 def _latest_step(ckpt_dir: Path) -> int:
     pointer = ckpt_dir / "latest"
     return int(pointer.read_text().removeprefix("step-")) if pointer.is_file() else 0
-
-
-def _descendants(pid: int) -> list[int]:
-    try:
-        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
-    return children + [d for c in children for d in _descendants(c)]
 
 
 def _kill_9_after(job: subprocess.Popen, ckpt_dir: Path, step: int, writing: bool) -> None:
@@ -96,20 +68,13 @@ def _kill_9_after(job: subprocess.Popen, ckpt_dir: Path, step: int, writing: boo
     while not (writing and (ckpt_dir / f".step-{step:06d}.tmp").exists() or _latest_step(ckpt_dir) >= step):
         assert job.poll() is None, f"the job ended before checkpoint {step}: ...{job.log.read_text()[-2000:]}"
         time.sleep(0.002)
-    pids = [job.pid] + _descendants(job.pid)
+    pids = [job.pid] + descendants(job.pid)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     job.wait()
-    while any(_alive(pid) for pid in pids):
+    while any(alive(pid) for pid in pids):
         time.sleep(0.01)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # state after "(comm)"
-    except FileNotFoundError:
-        return False
 
 
 def _two_nodes(phases: list[dict], root: Path) -> None:
@@ -117,7 +82,7 @@ def _two_nodes(phases: list[dict], root: Path) -> None:
     multi-node path: `--nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT`)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     worker = Path(__file__).with_name("dist_worker.py")
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(r), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
                                "--rdzv-id", "star-elastic-test", str(worker), json.dumps(phases), str(root)],
@@ -297,7 +262,7 @@ def test_kill_9_mid_run_resumes_bitwise_and_across_world_sizes(runs, tmp_path):
     and equals the one-process run. A partially written checkpoint is never picked up: `latest`
     only ever names complete ones, and a truncated newer one left in place is ignored."""
     job_cfg = _cfg(runs / "parent", tmp_path / "killed", activation_checkpointing=True, checkpoint_every=1)
-    _kill_9_after(_elastify_job(job_cfg, 2, tmp_path), tmp_path / "killed" / "checkpoints", 2, writing=True)
+    _kill_9_after(elastify_job(job_cfg, 2, tmp_path), tmp_path / "killed" / "checkpoints", 2, writing=True)
     ckpts = tmp_path / "killed" / "checkpoints"
     assert 1 <= _latest_step(ckpts) <= 2
     newest = ckpts / f"step-{_latest_step(ckpts):06d}"
@@ -312,7 +277,7 @@ def test_kill_9_mid_run_resumes_bitwise_and_across_world_sizes(runs, tmp_path):
 
     one_cfg = _cfg(runs / "parent", tmp_path / "hop", parallel="none", checkpoint_every=1, resume=True)
     hop = tmp_path / "hop" / "checkpoints"
-    _kill_9_after(_elastify_job(one_cfg, 1, tmp_path), hop, _latest_step(ckpts) + 1, writing=False)
+    _kill_9_after(elastify_job(one_cfg, 1, tmp_path), hop, _latest_step(ckpts) + 1, writing=False)
     assert _latest_step(ckpts) < _latest_step(hop) < BASE["steps"]  # the newest checkpoint is one process's
 
     _two_nodes([{"name": "killed", "cfg": job_cfg | {"resume": True}},

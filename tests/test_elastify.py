@@ -38,7 +38,7 @@ def parent_dir(tmp_path_factory):
 
 
 def config(parent_dir, out, **changes) -> ElastifyConfig:
-    base = dict(model=str(parent_dir), out=str(out), steps=6, batch_size=4, n_synthetic=200, calibration_batches=2,
+    base = dict(model=str(parent_dir), data="synthetic", out=str(out), steps=6, batch_size=4, n_synthetic=200, calibration_batches=2,
                 router_fit_steps=30, stage1_seq_len=32, stage2_seq_len=48, checkpoint_every=2)
     return from_dict(ElastifyConfig, base | changes)
 
@@ -181,3 +181,28 @@ def test_shipped_yaml_configs_load_and_flags_override_them():
     raw = read_yaml_mapping(root / "quantize_nvfp4.yaml")
     quantize = from_dict(QuantizeConfig, raw)
     assert (quantize.quant.format, quantize.qad_steps, quantize.lr) == ("nvfp4", raw["qad_steps"], raw["lr"])
+
+
+def test_metrics_log_the_router_loss_parts_by_name(parent_dir, tmp_path):
+    """Each step's budget penalty and capacity reward, recomputed from its logged cost and architecture
+    with the band's dead zone (±1% for ±2%) and the parameter counts of the sliced config; the objective
+    is kd + penalty − reward (router_weight 1), so it dips below 0 only by the reward."""
+    from star_elastic.accounting import count_params
+
+    train(config(parent_dir, tmp_path, steps=6, settle_every=0), log=lambda m: None)
+    full = ModelConfig(**TINY_PARENT, vocab_size=len(build_tokenizer()))
+    total = count_params(full).total_params
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["budget_penalty"] > 0 for r in records)  # a step outside its dead zone
+    for r in records:
+        dev = r["relative_cost"] / r["budget"] - 1
+        excess = max(0.0, -0.01 - dev) + max(0.0, dev - 0.01)
+        a = r["arch"]
+        sized = full.replace(hidden_size=a["hidden"], num_attention_heads=a["attn_heads"] * full.num_key_value_heads,
+                             mamba_num_heads=a["mamba_heads"] * full.n_groups, n_routed_experts=a["experts"],
+                             moe_intermediate_size=a["expert_inter"], moe_shared_expert_intermediate_size=a["shared_inter"],
+                             intermediate_size=a["mlp_inter"])
+        assert r["budget_penalty"] == pytest.approx(excess + excess ** 2, abs=1e-9)
+        assert r["capacity_reward"] == pytest.approx(0.01 * count_params(sized).total_params / total, rel=1e-9)
+        assert r["objective"] == pytest.approx(r["kd"] + r["budget_penalty"] - r["capacity_reward"], abs=1e-12)
+        assert "loss" not in r and "router" not in r

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from test_generate import recurrence_f64
 
 from star_elastic import HybridLM
-from star_elastic.distributed import parallelize
+from star_elastic.distributed import EngineConfig, parallelize
 from star_elastic.model.mamba2 import ssd_chunked
 from star_elastic.train.distill import DistillStep
 
@@ -160,7 +160,8 @@ def test_packed_distill_step_under_activation_checkpointing_equals_each_document
     """DistillStep (chunked KD + CE, teacher called with seq_idx) with each block checkpointed:
     the packed rows' KL and CE sums and their gradients equal the documents' own."""
     elastic, teacher, ids, seq_idx, lm_mask = distill_setup()
-    engine = parallelize(DistillStep(elastic, chunk_tokens=16), teacher, "none", 0, 1, activation_checkpointing=True)
+    engine = parallelize(DistillStep(elastic, chunk_tokens=16), teacher, "none", 0, 1,
+                         EngineConfig(activation_checkpointing=True))
     with torch.no_grad():
         packed = distill_loss(engine, ids, seq_idx, lm_mask)
     sums, g_alone = distill_alone(engine, ids, lm_mask)
@@ -247,7 +248,7 @@ def test_packed_under_two_process_fsdp_equals_each_document_alone(tmp_path):
     two_sums = torch.tensor([json.loads((tmp_path / f"sums-{r}.json").read_text()) for r in range(2)])  # (rank, 2)
 
     elastic, teacher, ids, seq_idx, lm_mask = distill_setup()
-    sums, g_one = distill_alone(parallelize(DistillStep(elastic, chunk_tokens=16), teacher, "none", 0, 1), ids, lm_mask)
+    sums, g_one = distill_alone(parallelize(DistillStep(elastic, chunk_tokens=16), teacher, "none", 0, 1, EngineConfig()), ids, lm_mask)
     torch.testing.assert_close(two_sums, sums, atol=ATOL, rtol=SUM_RTOL)
     assert any(k.startswith("router.") for k in g_one)
     two = {k.removeprefix("elastic."): v for k, v in two.items()}

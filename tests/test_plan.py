@@ -111,8 +111,8 @@ def test_real_recipes_load_and_fit_where_their_headers_say(name, data, gpus):
 
 
 def test_elastify_refuses_with_the_plan_when_it_cannot_fit(tmp_path, capsys):
-    assert main(["elastify", "--model", str(NANO3), "--out", str(tmp_path / "run"), "--stage2-seq-len", "8192",
-                 "--gpu-memory-gb", "80"]) == 2
+    assert main(["elastify", "--model", str(NANO3), "--data", "synthetic", "--out", str(tmp_path / "run"),
+                 "--stage2-seq-len", "8192", "--gpu-memory-gb", "80"]) == 2
     err = capsys.readouterr().err
     assert "elastifying needs more memory per GPU than there is" in err and "does NOT fit in 74.51 GiB" in err
     assert "optimizer_states" in err and not (tmp_path / "run").exists()  # refused before reading weights

@@ -5,6 +5,7 @@ from star_elastic.runtime import resolve_device
 from star_elastic.distributed.parallel import (
     Engine,
     barrier,
+    broadcast_json,
     full_state_dict,
     global_sum,
     init_process_group,
@@ -16,5 +17,6 @@ from star_elastic.distributed.parallel import (
     sum_over_ranks,
 )
 
-__all__ = ["Engine", "EngineConfig", "barrier", "full_state_dict", "global_sum", "init_process_group", "on_full_copy",
-           "parallelize", "prepare_teacher", "resolve_device", "resolve_mode", "shutdown", "sum_over_ranks"]
+__all__ = ["Engine", "EngineConfig", "barrier", "broadcast_json", "full_state_dict", "global_sum", "init_process_group",
+           "on_full_copy", "parallelize", "prepare_teacher", "resolve_device", "resolve_mode", "shutdown",
+           "sum_over_ranks"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import socket
 import warnings
@@ -40,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from star_elastic.config import ConfigError
 from star_elastic.distributed.config import EngineConfig
 from star_elastic.runtime import resolve_device
+from star_elastic.distributed.launcher import watch_launcher
 
 # The budget router returns per-axis logits that are views of its Linear output; nothing edits them
 # in place, which is what FSDP2 warns about.
@@ -112,8 +114,10 @@ def device_for_rank() -> torch.device:
 
 
 def init_process_group(engine: EngineConfig) -> tuple[str, int, int]:
-    """(resolved mode, rank, world). Uses torchrun's env; fsdp/ddp in a plain process get a 1-rank group."""
+    """(resolved mode, rank, world). Uses torchrun's env; fsdp/ddp in a plain process get a 1-rank group.
+    A worker started by torchrun ends when torchrun does (`launcher.watch_launcher`)."""
     global _DEVICE
+    watch_launcher()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     mode = resolve_mode(engine, world)
     _DEVICE = engine.device
@@ -145,6 +149,22 @@ def shutdown() -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_json(obj, src: int = 0):
+    """`obj` (JSON-able) as rank `src` has it, on every rank; `obj` itself without a process group.
+    Collective: every rank calls it (the others' `obj` is ignored)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    device = device_for_rank()  # NCCL broadcasts CUDA tensors only
+    data = json.dumps(obj).encode() if dist.get_rank() == src else b""
+    size = torch.tensor([len(data)], dtype=torch.long, device=device)
+    dist.broadcast(size, src)
+    buf = torch.zeros(int(size), dtype=torch.uint8, device=device)
+    if dist.get_rank() == src:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, src)
+    return json.loads(bytes(buf.cpu().tolist()).decode())
 
 
 def global_sum(t: torch.Tensor) -> torch.Tensor:

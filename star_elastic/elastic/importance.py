@@ -30,13 +30,14 @@ per-layer means) for callers that want one order per axis.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -333,10 +334,44 @@ def compute_scores(stats: ImportanceStats) -> dict[str, torch.Tensor]:
 
 
 # --- storage (safetensors, never pickle) ---------------------------------------------------------
-def save_scores(scores: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write `scores` to a safetensors file."""
+CONTENT = "star_elastic importance scores"
+KEY_NAMES = {"parent": "parent weights", "calibration": "calibration batches"}
+"""What a scores file's key says it was computed from (safetensors metadata)."""
+
+
+def save_scores(scores: dict[str, torch.Tensor], path: str | Path, key: dict[str, str] | None = None) -> None:
+    """Write `scores` to a safetensors file; `key` (see KEY_NAMES: fingerprints of what they were
+    computed from) goes into its metadata."""
     save_file({k: v.detach().cpu().contiguous() for k, v in scores.items()}, str(path),
-              metadata={"content": "star_elastic importance scores"})
+              metadata={"content": CONTENT, **(key or {})})
+
+
+def batches_fingerprint(batches: list[torch.Tensor]) -> str:
+    """SHA-256 over the calibration batches' shapes and token ids: the key's "calibration"."""
+    h = hashlib.sha256()
+    for ids in batches:
+        h.update(str(tuple(ids.shape)).encode())
+        h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def scores_match(path: str | Path, key: dict[str, str], log) -> bool:
+    """Whether the scores file at `path` was computed from `key` (so it can be reused); a file that
+    was not, or that has no key (an older star-elastic's) or cannot be read, gets a note in `log`."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        log(f"note: {path} is unreadable ({err}); recomputing the importance scores")
+        return False
+    differ = [KEY_NAMES.get(k, k) for k in key if saved.get(k) != key[k]]
+    if differ:
+        log(f"note: {path} was not computed from these {' and '.join(differ)} (fingerprints differ); recomputing "
+            "the importance scores")
+    return not differ
 
 
 def load_scores(path: str | Path) -> dict[str, torch.Tensor]:

@@ -168,20 +168,30 @@ CAPACITY_WEIGHT = 1e-2
 
 
 def router_loss(cost_model: CostModel, picks: dict[str, torch.Tensor], budget: float) -> torch.Tensor:
-    """Dead-zone loss on the picked architecture's relative deviation from the target budget.
+    """The router's objective: `budget_penalty` minus `capacity_reward` (see both)."""
+    penalty, reward = router_loss_parts(cost_model, picks, budget)
+    return penalty - reward
 
-    Zero inside the inner half of the budget's window (`projection.dead_zone`: ±tol/2 in band mode,
-    [−1.5·tol, −0.5·tol] in ceiling mode), linear plus quadratic outside: unlike a plain square,
-    whose pull vanishes near the target and lets distillation drag the picks up (+9% on the demo),
-    the pull stays ≥ 1 per unit of deviation (budget_mode none keeps that plain square). Minus a
-    small reward for capacity (ties between equal-cost architectures go to the larger one)."""
+
+def router_loss_parts(cost_model: CostModel, picks: dict[str, torch.Tensor],
+                      budget: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(budget_penalty ≥ 0, capacity_reward ≥ 0); the router minimises penalty − reward.
+
+    budget_penalty: a dead-zone loss on the picked architecture's relative deviation from the
+    target budget. Zero inside the inner half of the budget's window (`projection.dead_zone`:
+    ±tol/2 in band mode, [−1.5·tol, −0.5·tol] in ceiling mode), linear plus quadratic outside:
+    unlike a plain square, whose pull vanishes near the target and lets distillation drag the picks
+    up (+9% on the demo), the pull stays ≥ 1 per unit of deviation (budget_mode none keeps that plain
+    square). capacity_reward: CAPACITY_WEIGHT × the architecture's total parameters relative to the
+    full model's (at most 0.01), so that ties between equal-cost architectures go to the larger one."""
     ecfg = cost_model.ecfg
     dev = cost_model.relative(picks) / budget - 1.0
+    reward = CAPACITY_WEIGHT * cost_model.capacity(picks)
     if ecfg.budget_mode == "none":
-        return dev ** 2 - CAPACITY_WEIGHT * cost_model.capacity(picks)
+        return dev ** 2, reward
     lo, hi = dead_zone(ecfg.budget_mode, ecfg.budget_tolerance)
     excess = F.relu(lo - dev) + F.relu(dev - hi)
-    return excess + excess ** 2 - CAPACITY_WEIGHT * cost_model.capacity(picks)
+    return excess + excess ** 2, reward
 
 
 def fit_router_to_cost(

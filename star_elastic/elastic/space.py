@@ -2,7 +2,9 @@
 
 Choices come from `ElasticConfig.fractions` (rounded so that input dimensions stay multiples of
 `ElasticConfig.multiple`) or from explicit lists, and are validated against the model config here,
-once, with messages that name the axis and the value.
+once, with messages that name the axis and the value. The default grid is feasible for every valid
+config: each axis's choices include its full size and never exceed it, whatever its divisibility
+(an axis below `multiple`, or with no multiple of it below its size, keeps its full size only).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from star_elastic.config import ConfigError, ElasticConfig, ModelConfig
 from star_elastic.elastic.arch import Architecture, IndexSets
+
 
 def _axis_full(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """Axis → (full size, input channels per unit). Heads are kept per group, so a group's kept
@@ -30,8 +33,11 @@ def _axis_full(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def _from_fraction(axis: str, full: int, unit: int, f: float, multiple: int, cfg: ModelConfig) -> int:
-    if unit == 1:  # channels: round to the multiple
-        return max(multiple, int(round(full * f / multiple)) * multiple) if full >= multiple else full
+    """The size for fraction `f` of `full`: never above `full`, and `full` itself for f = 1."""
+    if unit == 1:  # channels: round to the multiple, within multiple .. the largest multiple below full
+        if f == 1.0 or full < multiple:
+            return full
+        return min(max(multiple, int(round(full * f / multiple)) * multiple), full // multiple * multiple)
     if axis == "experts":
         return max(cfg.num_experts_per_tok, int(round(full * f)))
     if unit:  # heads: the nearest count whose kept run of k * head_dim channels fills whole blocks
@@ -102,12 +108,12 @@ def _mask_length(cfg: ModelConfig, axis: str) -> int:
 
 
 def _check(axis: str, values: list[int], full: int, unit: int, multiple: int, cfg: ModelConfig) -> None:
-    if values[0] != full:
-        raise ConfigError(f"choices for {axis!r} must include the full size {full}, got {values}")
     low = cfg.num_experts_per_tok if axis == "experts" else 1
     bad = [v for v in values if not low <= v <= full]
     if bad:
         raise ConfigError(f"choice {bad[0]} for {axis!r} is outside {low}..{full}")
+    if values[0] != full:
+        raise ConfigError(f"choices for {axis!r} must include the full size {full}, got {values}")
     if unit:
         off = [v for v in values if (v * unit) % multiple and v != full]
         if off:

@@ -266,6 +266,13 @@ def sweep(server: ElasticServer, examples: list[dict], caps: list[int], batch_si
     return points
 
 
+def accuracy_limits(accuracies: list[float]) -> tuple[float, float]:
+    """y-axis limits for accuracies: their range with room for labels (12 %, at least 0.05), within [0, 1]."""
+    lo, hi = min(accuracies), max(accuracies)
+    pad = max(0.05, 0.12 * (hi - lo))
+    return max(0.0, lo - pad), min(1.0, hi + pad)
+
+
 def plot_front(points: list[dict], parent: dict, path: Path, title: str = "Accuracy vs latency") -> None:
     import matplotlib
 
@@ -293,7 +300,8 @@ def plot_front(points: list[dict], parent: dict, path: Path, title: str = "Accur
                 textcoords="offset points", xytext=(8, 10), arrowprops=dict(arrowstyle="-", lw=0.5, color="0.4"))
     ax.scatter([parent["latency_s"]], [parent["accuracy"]], marker="*", s=220, c="gold", edgecolors="k",
                zorder=5, label="parent default")
-    ax.margins(x=0.06, y=0.12)  # room for the labels inside the axes
+    ax.margins(x=0.06)  # room for the labels inside the axes
+    ax.set_ylim(*accuracy_limits([p["accuracy"] for p in points]))
     ax.set_xlabel("latency per query (s, batched)")
     ax.set_ylabel("exact-match accuracy")
     ax.set_title(title)

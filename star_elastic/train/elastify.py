@@ -50,7 +50,13 @@ from star_elastic.distributed.loading import fill_from_checkpoint, meta_model
 from star_elastic.distributed.parallel import device_for_rank
 from star_elastic.elastic import importance
 from star_elastic.elastic.model import ElasticLM, cost_line
-from star_elastic.elastic.router import BudgetRouter, fit_router_to_cost, profile_latency, router_loss, settle_router
+from star_elastic.elastic.router import (
+    BudgetRouter,
+    fit_router_to_cost,
+    profile_latency,
+    router_loss_parts,
+    settle_router,
+)
 from star_elastic.elastic.run import build_elastic, save_run
 from star_elastic.elastic.sort import sort_model, sort_rules
 from star_elastic.elastic.space import ChoiceSpace
@@ -58,8 +64,9 @@ from star_elastic.hf import load_model
 from star_elastic.model.hybrid import HybridLM
 from star_elastic.plan import PlanConfig, format_plan, plan
 from star_elastic.quant.load import read_quant_config
-from star_elastic.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from star_elastic.train.checkpoint import load_checkpoint, save_checkpoint
 from star_elastic.train.distill import DistillStep
+from star_elastic.train.runfolder import fingerprint, open_run
 
 
 @dataclasses.dataclass
@@ -68,10 +75,11 @@ class ElastifyConfig:
 
     model: str = ""
     """Parent model directory (transformers nemotron_h layout)."""
-    data: str = "synthetic"
-    """jsonl / parquet file with text, messages or input_ids; or "synthetic" (built-in reasoning set)."""
+    data: str = ""
+    """jsonl / parquet file with text, messages or input_ids; or "synthetic" (the built-in toy
+    arithmetic set). Required: no recipe trains on the toy set unless told to."""
     out: str = ""
-    """Run folder to write."""
+    """Run folder to write (absent or empty; an existing run needs resume or overwrite)."""
     elastic: ElasticConfig = dataclasses.field(default_factory=ElasticConfig)
     """What is elastic and which budgets are trained (budgets, budget_type, fractions, axes, choices, ...)."""
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
@@ -113,7 +121,13 @@ class ElastifyConfig:
     checkpoint_every: int = 50
     stop_after: int | None = None
     """Stop (after checkpointing) once this many steps are done: for preemption tests."""
-    resume: bool = False
+    resume: bool | str = False
+    """true: continue RUN from RUN/checkpoints/latest (an error without one); auto: continue when
+    there is a checkpoint, else start (again); false: start, refusing a folder that holds a run. A
+    resume refuses a change to any key that shapes the trained state (train/runfolder.py)."""
+    overwrite: bool = False
+    """Start again in a folder holding an earlier run: every file that run wrote is deleted first
+    (importance scores included); other files stay."""
     save_initial: bool = False
     """Also write the sorted, router-fitted, untrained state to RUN/initial (zero-shot baseline)."""
     seed: int = 0
@@ -136,6 +150,12 @@ class ElastifyConfig:
             raise ConfigError(f"stage1_fraction must be in [0, 1], got {self.stage1_fraction}")
         if abs(sum(self.stage2_probs) - 1) > 1e-6 or any(p < 0 for p in self.stage2_probs):
             raise ConfigError(f"stage2_probs must be non-negative and sum to 1, got {list(self.stage2_probs)}")
+        if isinstance(self.resume, str):  # a flag's text
+            self.resume = {"true": True, "false": False}.get(self.resume.lower(), self.resume)
+        if not (isinstance(self.resume, bool) or self.resume == "auto"):
+            raise ConfigError(f"resume must be true, false or auto, got {self.resume!r}")
+        if self.overwrite and self.resume is not False:
+            raise ConfigError(f"overwrite (start again) and resume {self.resume!r} (continue) exclude each other")
         if len(self.tau) != 2 or min(self.tau) <= 0:
             raise ConfigError(f"tau must be two positive temperatures, got {list(self.tau)}")
         if len(self.stage2_probs) != len(self.elastic.budgets):
@@ -174,14 +194,20 @@ def lr_scale(cfg: ElastifyConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def calibration_stats(cfg: ElastifyConfig, parent: HybridLM, seqs, rank: int, world: int) -> importance.ImportanceStats:
+def calibration_batches(cfg: ElastifyConfig, seqs, pad: int) -> list[torch.Tensor]:
+    """Every calibration batch's token ids, each (batch_size, ≤ calibration_seq_len); the same on every rank."""
+    return [batch_for_step(seqs, -1 - i, 0, cfg.batch_size, cfg.calibration_seq_len, pad, cfg.seed)[0]
+            for i in range(cfg.calibration_batches)]
+
+
+def calibration_stats(cfg: ElastifyConfig, parent: HybridLM, batches: list[torch.Tensor], rank: int,
+                      world: int) -> importance.ImportanceStats:
     """Importance statistics over the calibration batches: each rank runs every world-th batch and
     the sums are added over ranks, so N processes give one process's statistics. Every rank runs
     the same number of forwards (a sharded parent gathers its weights in each): a rank out of
     batches runs one of padding only, which adds nothing."""
     pad = parent.config.pad_token_id
-    mine = [batch_for_step(seqs, -1 - i, 0, cfg.batch_size, cfg.calibration_seq_len, pad, cfg.seed)[0]
-            for i in range(rank, cfg.calibration_batches, world)]
+    mine = batches[rank::world]
     valid = [ids != pad if pad is not None else torch.ones_like(ids, dtype=torch.bool) for ids in mine]
     while len(mine) < math.ceil(cfg.calibration_batches / world):
         mine.append(torch.zeros((1, 1), dtype=torch.long))
@@ -195,18 +221,21 @@ def calibration_stats(cfg: ElastifyConfig, parent: HybridLM, seqs, rank: int, wo
 
 
 def importance_scores(cfg: ElastifyConfig, parent: HybridLM, seqs, rank: int, world: int, log) -> dict:
-    """RUN/importance.safetensors when it exists (a resumed or repeated run), else computed and saved."""
+    """RUN/importance.safetensors when it was computed for this parent's weights and these
+    calibration batches (a resumed run), else computed and saved with that key."""
     out = Path(cfg.out)
     scores_path = out / "importance.safetensors"
-    reuse = scores_path.is_file()
+    batches = calibration_batches(cfg, seqs, parent.config.pad_token_id)
+    key = {"parent": fingerprint(cfg.model), "calibration": importance.batches_fingerprint(batches)}
+    reuse = importance.scores_match(scores_path, key, log)
     barrier()  # every rank decides before rank 0 writes the file
     if reuse:
         log(f"importance: reusing {scores_path}")
         return importance.load_scores(scores_path)
-    scores = importance.compute_scores(calibration_stats(cfg, parent, seqs, rank, world))
+    scores = importance.compute_scores(calibration_stats(cfg, parent, batches, rank, world))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        importance.save_scores(scores, scores_path)
+        importance.save_scores(scores, scores_path, key)
     return scores
 
 
@@ -288,14 +317,33 @@ def rank_batch(cfg: ElastifyConfig, seqs, step: int, seq_len: int, pad: int, ran
     return ids[rows], mask[rows]
 
 
+def check_inputs(cfg: ElastifyConfig) -> None:
+    """The checks that need no weights, before any are loaded: the required keys, the parent's
+    config.json and the choice grid on it (a bad grid fails at once, not after importance)."""
+    for key, how in (("model", "--model DIR (the parent)"), ("out", "--out RUN (the run folder)"),
+                     ("data", "--data FILE.jsonl|FILE.parquet, or --data synthetic for the built-in toy "
+                              "arithmetic set (there is no default)")):
+        if not getattr(cfg, key):
+            raise ConfigError(f"elastify needs {key}: {how}, or '{key}:' in the YAML config")
+    ChoiceSpace.build(ModelConfig.from_json(accounting._config_path(cfg.model)), cfg.elastic)
+
+
 def train(cfg: ElastifyConfig, log=None) -> dict:
-    """Run the whole recipe; returns a summary. Rank 0 writes the run folder."""
+    """Run the whole recipe; returns a summary. The checks that need no weights run first; then
+    rank 0 writes the run folder, holding its writer lock (train/runfolder.py) to the end."""
     mode, rank, world = init_process_group(cfg.engine)
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
     check_micro_batch_size(cfg.engine.micro_batch_size, cfg.batch_size, world)
     log = log or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
+    check_inputs(cfg)
     check_plan(cfg, world, log)
+    with open_run(cfg, rank, log) as latest:
+        return run_recipe(cfg, latest, mode, rank, world, log)
+
+
+def run_recipe(cfg: ElastifyConfig, latest: Path | None, mode: str, rank: int, world: int, log) -> dict:
+    """The recipe in an open run folder, from checkpoint `latest` or from the start."""
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     load = resolve_load(cfg, mode)
@@ -307,7 +355,6 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     ecfg = elastic.ecfg
     pad = elastic.config.pad_token_id
     ckpt_dir = out / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir) if cfg.resume else None
     if latest is None:
         hist = fit_router_to_cost(elastic.router, elastic.cost, ecfg.budgets, steps=cfg.router_fit_steps, seed=cfg.seed)
         log(f"router fitted to {ecfg.budget_type} in {len(hist)} steps")
@@ -353,8 +400,9 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
         opt.step()
         done = step + 1
         record = step_record(cfg, elastic, step, stage, budget, tau, picks, kl, ce, n_kd, n_lm, rl, t0)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", kd=f"{record['kd']:.3f}", rl=f"{record['router']:.4f}",
-                        budget=budget, cost=f"{record['relative_cost']:.2f}",
+        bar.set_postfix(kd=f"{record['kd']:.3f}", budget_penalty=f"{record['budget_penalty']:.4f}",
+                        capacity_reward=f"{record['capacity_reward']:.4f}", budget=budget,
+                        cost=f"{record['relative_cost']:.2f}",
                         arch="/".join(map(str, record["arch"].values())))
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
@@ -385,7 +433,7 @@ def accumulate(cfg: ElastifyConfig, engine, elastic: ElasticLM, step: int, budge
     add up to the whole batch's: each is divided by the global counts, the router loss is added
     once, gradients are reduced over processes as `Engine.gradient_sync` says. Every micro-batch
     samples the step's architecture from the same Gumbel noise. Returns the summed (KL, CE), picks,
-    router loss."""
+    and the router loss's (budget penalty, capacity reward)."""
     kl = ce = 0.0
     for last, (g_ids, g_mask, g_attn) in micro_batches(cfg.engine.micro_batch_size, attn, ids, mask, attn):
         with engine.gradient_sync(last):
@@ -396,8 +444,8 @@ def accumulate(cfg: ElastifyConfig, engine, elastic: ElasticLM, step: int, budge
                                                cfg.kd_temperature, g_mask.float() if cfg.lm_weight > 0 else None)
             loss = g_kl * world / n_kd.clamp_min(1)
             if last:
-                rl = router_loss(elastic.cost, {a: p.cpu() for a, p in picks.items()}, budget)
-                loss = loss + cfg.router_weight * rl.float().to(loss.device)
+                rl = router_loss_parts(elastic.cost, {a: p.cpu() for a, p in picks.items()}, budget)
+                loss = loss + cfg.router_weight * (rl[0] - rl[1]).float().to(loss.device)
             if cfg.lm_weight > 0:
                 loss = loss + cfg.lm_weight * g_ce * world / n_lm.clamp_min(1)
             loss.backward()
@@ -436,13 +484,18 @@ def save_untrained(cfg: ElastifyConfig, elastic: ElasticLM, engine, mode: str, r
 
 
 def step_record(cfg, elastic, step, stage, budget, tau, picks, kl, ce, n_kd, n_lm, rl, t0) -> dict:
-    """One metrics.jsonl line; the losses are the whole batch's (summed over ranks)."""
+    """One metrics.jsonl line; the losses are the whole batch's (summed over ranks). kd: the
+    distillation KL; budget_penalty (≥ 0): the router's dead-zone loss on the cost's deviation from
+    the budget; capacity_reward (0 to 0.01): the router's tie-break towards larger architectures,
+    subtracted (so the objective can dip below 0 where kd is near 0); objective: what the step
+    minimises, kd + router_weight·(budget_penalty − capacity_reward) (+ lm_weight·lm)."""
     kd = float(global_sum(kl) / n_kd.clamp_min(1))
     lm = float(global_sum(ce) / n_lm.clamp_min(1)) if cfg.lm_weight > 0 else None
     arch = {a: elastic.space.choices[a][int(p.argmax())] for a, p in picks.items()}
-    loss = kd + cfg.router_weight * float(rl.detach()) + (cfg.lm_weight * lm if lm is not None else 0.0)
-    return {"step": step + 1, "stage": stage, "budget": budget, "tau": round(tau, 4), "loss": loss, "kd": kd,
-            "router": float(rl.detach()), "lm": lm,
+    penalty, reward = (float(t.detach()) for t in rl)
+    objective = kd + cfg.router_weight * (penalty - reward) + (cfg.lm_weight * lm if lm is not None else 0.0)
+    return {"step": step + 1, "stage": stage, "budget": budget, "tau": round(tau, 4), "objective": objective, "kd": kd,
+            "budget_penalty": penalty, "capacity_reward": reward, "lm": lm,
             "relative_cost": float(elastic.cost.relative({a: p.detach().cpu() for a, p in picks.items()})),
             "arch": arch, "seconds": round(time.perf_counter() - t0, 2)}
 
