@@ -67,19 +67,20 @@ def _train_parent(cfg) -> int:
     return 0
 
 
-def _elastify(cfg) -> int:
-    from star_elastic.config import check_out_dir
+def _on_every_process(recipe, cfg) -> dict:
+    """A recipe that every process of a torchrun job runs; they leave the process group together."""
     from star_elastic.distributed import shutdown
-    from star_elastic.train.elastify import train
 
-    for key in ("model", "out"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"elastify needs --{key} (or '{key}:' in the YAML config)")
-    check_out_dir(cfg.out)
     try:
-        summary = train(cfg)
+        return recipe(cfg)
     finally:
         shutdown()
+
+
+def _elastify(cfg) -> int:
+    from star_elastic.train.elastify import train
+
+    summary = _on_every_process(train, cfg)  # checks model, out and data before anything is loaded
     if summary["rank"] == 0:
         _print_json(summary["architectures"])
     return 0
@@ -163,17 +164,13 @@ def _eval(cfg) -> int:
 
 def _quantize(cfg) -> int:
     from star_elastic.config import check_out_dir
-    from star_elastic.distributed import shutdown
     from star_elastic.quant.qad import quantize_run
 
     for key, flag in (("run", "RUN"), ("out", "--out QRUN")):
         if not getattr(cfg, key):
             raise ConfigError(f"quantize needs {flag} (or '{key}:' in the YAML config)")
     check_out_dir(cfg.out)
-    try:
-        summary = quantize_run(cfg)
-    finally:
-        shutdown()
+    summary = _on_every_process(quantize_run, cfg)
     if summary.pop("rank") == 0:
         _print_json(summary)
     return 0

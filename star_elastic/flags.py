@@ -154,9 +154,3 @@ def given_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_source(args: argparse.Namespace, command: str) -> str:
     return getattr(args, "config", None) or f"{command} flags"
-
-
-def require(value: Any, flag: str, command: str) -> None:
-    """A setting a command cannot run without."""
-    if value in (None, "", ()):
-        raise ConfigError(f"{command} needs {flag} (or its key in the YAML config)")
