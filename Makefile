@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench interop clean
+.PHONY: demo test bench interop gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -49,5 +49,13 @@ interop: $(STAMP)
 		--tasks star_elastic_demo --batch_size 8 --log_samples --output_path interop_out/lm_eval --gen_kwargs max_gen_toks=48
 	$(BIN)/python interop/lm_eval_check.py $$(ls -t interop_out/lm_eval/*/samples_*.jsonl | head -1) interop_out/fp32-slice
 
+# Every CUDA path in one command and one table (checks/gpu_check.py); exits 0 only if every line holds.
+# Without a CUDA device: one line, exit 0, nothing installed or run. With one: its own venv, built on first use
+# (torch==2.13.0 from the package index, the CUDA build on Linux x86-64; then this repository). Sized for under
+# 10 minutes on one H100 with the install. GPU_VENV=/path/to/venv picks another venv.
+GPU_VENV ?= .venv-gpu
+gpu-check:
+	@$(PY) checks/gpu_check.py --venv $(GPU_VENV) --work gpu_check_out
+
 clean:
-	rm -rf $(VENV) demo_out interop_out
+	rm -rf $(VENV) demo_out interop_out gpu_check_out
