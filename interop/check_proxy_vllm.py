@@ -16,6 +16,7 @@ Exit status 1 on any difference.
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def main() -> int:
     half = slice_model(model, arch)
     half.tokenizer = model.tokenizer
     save_model(half, work / "proxy-half")
+    (work / "archs.json").write_text(json.dumps({"half": arch.to_dict()}))  # `serve proxy-full --arch-file` (lm-eval recipe)
     local = make_local_app(ElasticServer.from_checkpoint(work / "proxy-full", {"half": arch}), ServeConfig(name="local"))
 
     backends = [vllm_server(a.vllm_python, work / "proxy-half", "half", work),
