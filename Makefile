@@ -52,10 +52,12 @@ interop: $(STAMP)
 # Every CUDA path in one command and one table (checks/gpu_check.py); exits 0 only if every line holds.
 # Without a CUDA device: one line, exit 0, nothing installed or run. With one: its own venv, built on first use
 # (torch==2.13.0 from the package index, the CUDA build on Linux x86-64; then this repository). Sized for under
-# 10 minutes on one H100 with the install. GPU_VENV=/path/to/venv picks another venv.
+# 10 minutes on one H100 with the install. GPU_VENV=/path/to/venv picks another venv; GPU_PYTHON=/path/to/python
+# uses an interpreter that already has CUDA torch and the dependencies (a machine without a package index).
 GPU_VENV ?= .venv-gpu
+GPU_PYTHON ?=
 gpu-check:
-	@$(PY) checks/gpu_check.py --venv $(GPU_VENV) --work gpu_check_out
+	@$(PY) checks/gpu_check.py --venv $(GPU_VENV) $(if $(GPU_PYTHON),--python $(GPU_PYTHON)) --work gpu_check_out
 
 clean:
 	rm -rf $(VENV) demo_out interop_out gpu_check_out

@@ -1,6 +1,6 @@
 """`make gpu-check`: the project's CUDA paths proven by one command, reported in one table.
 
-    python3 checks/gpu_check.py [--venv .venv-gpu] [--work gpu_check_out]
+    python3 checks/gpu_check.py [--venv .venv-gpu | --python PYTHON] [--work gpu_check_out]
 
 Without a CUDA device (nvidia-smi lists none, or CUDA_VISIBLE_DEVICES hides them all) it prints one
 line and exits 0, having installed and run nothing. With one it
@@ -132,13 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--venv", type=Path, default=REPO / ".venv-gpu", help="venv to build or reuse (default .venv-gpu)")
     ap.add_argument("--work", type=Path, default=REPO / "gpu_check_out",
                     help="folder for the checkpoints, runs and logs (default gpu_check_out; replaced each time)")
+    ap.add_argument("--python", type=Path, default=None,
+                    help="use this interpreter as it is instead of VENV (it needs CUDA torch and this repository's "
+                         "dependencies; the repository goes on PYTHONPATH): for a machine without a package index")
     a = ap.parse_args(argv)
     gpus, why = visible_gpus(dict(os.environ), nvidia_smi_lines())
     if gpus == 0:
         print(NO_CUDA.format(why=why))
         return 0
-    python = ensure_venv(a.venv.resolve())
-    return subprocess.call([str(python), str(HERE / "cuda_checks.py"), "--work", str(a.work.resolve())], cwd=REPO)
+    env = dict(os.environ)
+    if a.python is None:
+        python = ensure_venv(a.venv.resolve())
+    else:
+        python = a.python
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return subprocess.call([str(python), str(HERE / "cuda_checks.py"), "--work", str(a.work.resolve())], cwd=REPO,
+                           env=env)
 
 
 if __name__ == "__main__":
