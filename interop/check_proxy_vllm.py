@@ -1,21 +1,23 @@
 """`make interop`, part 2: the budget-control proxy over two real vLLM servers. Not part of `make test`.
 
-    python interop/check_proxy_vllm.py --vllm-python .venv-vllm/bin/python [--work DIR] [--prompts 8]
+    python interop/check_proxy_vllm.py --vllm-python .venv-vllm/bin/python [--work DIR]
 
 A small random model (head_dim 32, vocabulary = the demo tokenizer's, so every id decodes to text
 and back) is saved with its tokenizer; its nested half (interop/check_vllm.py's slice) and itself
-are served by two `vllm.entrypoints.openai.api_server` processes on 127.0.0.1 (fp32, the relu² CPU
+are served by two `vllm.entrypoints.openai.api_server` processes on 127.0.0.1 (fp32, our relu² CPU
 MoE plugin). `star-elastic serve CKPT --think-backend vLLM-half --answer-backend vLLM-full` then
 answers chat requests (greedy, `skip_special_tokens: false` so `</think>` and eos text survive), and
-every reasoning/answer text and token count must equal in-process budget control
-(`ElasticServer.generate`, think on the half architecture's view, answer on the full model).
+each answer must equal, field by field (reasoning and answer text, token counts, forced end of the
+trace), the one our own server gives for the same request with the same split in-process
+(`make_local_app` over the checkpoint: think on the variant "half", answer on "full").
 Exit status 1 on any difference.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,11 +33,9 @@ from star_elastic.data.tokenizer import build_tokenizer
 from star_elastic.elastic.arch import slice_model
 from star_elastic.hf import save_model
 from star_elastic.infer.budget import ElasticServer
+from star_elastic.serve.app import BackgroundServer, ServeConfig, make_local_app
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from check_vllm import CONFIG, nested_slice  # noqa: E402  (the same small model and slice as part 1; puts tests/ on the path)
-from server_helpers import reference  # noqa: E402  (the test suite's in-process reference)
+from check_vllm import CONFIG, nested_slice, vllm_env  # this folder: the same small model and slice as part 1
 
 MESSAGES = ["2+7-5-1=", "a=6 b=a+2 c=b+3 d=c*3 d?", "reverse abcdef", "12*3+4=", "x=3 y=x*x y?", "9-4+8=",
             "what is 7-5?", "sort 3 1 2"]
@@ -87,8 +87,6 @@ class Process:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -96,27 +94,32 @@ def free_port() -> int:
 
 def vllm_server(python: str, model: Path, name: str, work: Path) -> Process:
     port = free_port()
-    env = dict(os.environ, STAR_PATCH_RELU2="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1",
-               OMP_NUM_THREADS="1")
+    env = vllm_env(OMP_NUM_THREADS="1")
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", name,
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
            "--max-num-seqs", "8", "--enforce-eager", "--seed", "0"]
     return Process(cmd, port, work / f"vllm_{name}.log", env)
 
 
-def compare(proxy_url: str, server: ElasticServer, cap: int, n: int) -> int:
-    c = openai.OpenAI(base_url=proxy_url + "/v1", api_key="none", max_retries=0, timeout=600)
-    same = ended = 0
+def answer(url: str, model: str, msg: str, cap: int, n: int, budgets: dict) -> tuple:
+    """(reasoning text, answer text, reasoning tokens, completion tokens, forced </think>) of one greedy chat."""
+    c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": msg}], temperature=0, max_tokens=n,
+                                  extra_body={"max_think_tokens": cap, "skip_special_tokens": False} | budgets)
+    choice = r.choices[0]
+    return (choice.message.reasoning_content, choice.message.content, r.usage.completion_tokens_details.reasoning_tokens,
+            r.usage.completion_tokens, choice.forced_end_of_think)
+
+
+def compare(proxy_url: str, local_url: str, cap: int, n: int) -> int:
+    same = forced = 0
     for msg in MESSAGES:
-        r = c.chat.completions.create(model="proxy", messages=[{"role": "user", "content": msg}], temperature=0,
-                                      max_tokens=n, extra_body={"max_think_tokens": cap, "skip_special_tokens": False})
-        got = (r.choices[0].message.reasoning_content, r.choices[0].message.content,
-               r.usage.completion_tokens_details.reasoning_tokens, r.usage.completion_tokens)
-        want = reference(server, (msg, "half", "full", cap, n))  # the half thinks, the full model answers
+        got = answer(proxy_url, "proxy", msg, cap, n, {})
+        want = answer(local_url, "local", msg, cap, n, {"think_budget": "half", "answer_budget": "full"})
         same += got == want
-        print(f"{'ok ' if got == want else 'BAD'} {msg!r}: proxy {got} in-process {want}")
-        ended += not r.choices[0].forced_end_of_think
-    print(f"{ended} of {len(MESSAGES)} traces closed themselves, the others hit the cap (</think> forced)")
+        forced += want[-1]
+        print(f"{'ok ' if got == want else 'BAD'} {msg!r}: proxy over vLLM {got[:4]} in-process {want[:4]}")
+    print(f"{len(MESSAGES) - forced} of {len(MESSAGES)} traces closed themselves, the others hit the cap (</think> forced)")
     print(f"proxy over vLLM (think: half slice, answer: full model) == in-process budget control on {same} of "
           f"{len(MESSAGES)} chat requests (think cap {cap}, answer cap {n}, greedy, token counts included)")
     return len(MESSAGES) - same
@@ -137,7 +140,8 @@ def main() -> int:
     half = slice_model(model, arch)
     half.tokenizer = model.tokenizer
     save_model(half, work / "proxy-half")
-    server = ElasticServer.from_checkpoint(work / "proxy-full", {"half": arch})
+    (work / "archs.json").write_text(json.dumps({"half": arch.to_dict()}))  # `serve proxy-full --arch-file` (lm-eval recipe)
+    local = make_local_app(ElasticServer.from_checkpoint(work / "proxy-full", {"half": arch}), ServeConfig(name="local"))
 
     backends = [vllm_server(a.vllm_python, work / "proxy-half", "half", work),
                 vllm_server(a.vllm_python, work / "proxy-full", "full", work)]
@@ -150,7 +154,8 @@ def main() -> int:
                          "--name", "proxy", "--think-backend", f"{backends[0].url}#half",
                          "--answer-backend", f"{backends[1].url}/v1#full"], port, work / "proxy.log")
         proxy.wait_ready(120)
-        bad = compare(proxy.url, server, a.think_cap, a.max_tokens)
+        with BackgroundServer(local) as bg:
+            bad = compare(proxy.url, bg.url, a.think_cap, a.max_tokens)
     finally:
         for p in [proxy, *backends]:
             if p is not None:

@@ -4,10 +4,10 @@
 
 (a) Fresh FP8 and NVFP4 exports of a small random elastic model, full and as a nested slice with a
     layer dropped (renumbered): for every module vLLM builds, vLLM's own ModelOpt matcher must say
-    "excluded" exactly when the safetensors store it unquantized, and tests/vllm_rule.py (the
-    re-implementation the normal suite uses) must give vLLM's verdict.
+    "excluded" exactly when the safetensors store it unquantized, and star_elastic.quant.vllm_rule
+    (the re-implementation the test suite uses) must give vLLM's verdict.
 (b) An fp32 slice of a model with head_dim 32 (vLLM's CPU attention needs >= 32): vLLM's greedy
-    tokens must equal star_elastic's on every prompt (relu² CPU MoE plugin, STAR_PATCH_RELU2=1).
+    tokens must equal star_elastic's on every prompt (with our relu² CPU MoE plugin, interop/vllm/plugin).
 Exit status 1 on any disagreement.
 """
 
@@ -33,10 +33,9 @@ from star_elastic.hf import save_model
 from star_elastic.infer.generate import GenerationConfig, generate
 from star_elastic.quant.export import quant_metadata, quantized_state, slice_packed, write_quantized
 from star_elastic.quant.fake import apply_fake_quant, set_mode
+from star_elastic.quant.vllm_rule import is_excluded, vllm_patterns
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-from vllm_rule import is_excluded, vllm_patterns  # noqa: E402  (the test suite's oracle, checked here)
 
 CONFIG = dict(vocab_size=256, hidden_size=128, pattern="M*EM-E*M", num_attention_heads=4, num_key_value_heads=2,
               head_dim=32, intermediate_size=128, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
@@ -62,9 +61,13 @@ def nested_slice(cfg: ModelConfig) -> Architecture:
     return Architecture(**half, layers=tuple(i for i in full.layers if i != 3))
 
 
+def vllm_env(**extra: str) -> dict[str, str]:
+    """Environment of every vLLM process: our relu² MoE plugin on (interop/vllm/plugin), CPU, 1 GiB KV cache."""
+    return dict(os.environ, STAR_ELASTIC_VLLM_RELU2="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1", **extra)
+
+
 def vllm(python: str, *args: str) -> None:
-    env = dict(os.environ, STAR_PATCH_RELU2="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1")
-    subprocess.run([python, str(HERE / "vllm_side.py"), *args], check=True, env=env)
+    subprocess.run([python, str(HERE / "vllm_side.py"), *args], check=True, env=vllm_env())
 
 
 def quantized_exports(model: HybridLM, work: Path) -> list[Path]:
@@ -124,7 +127,7 @@ def check_greedy(python: str, model: HybridLM, work: Path, n_prompts: int, max_t
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vllm-python", required=True, help="python of the vLLM venv (see interop/README)")
+    ap.add_argument("--vllm-python", required=True, help="python of the vLLM venv (interop/vllm/install.sh builds it)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the exports (default: a temp folder)")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=24)

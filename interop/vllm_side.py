@@ -6,7 +6,8 @@
 `verdicts` asks vLLM's own ModelOpt config (hf_quant_config.json, with NemotronHForCausalLM's
 `packed_modules_mapping` and rename mapper applied as at load) about every module vLLM builds from
 the checkpoint's linears, and records which HF tensors each is built from and their dtypes.
-`greedy` needs STAR_PATCH_RELU2=1 (the test-only relu² CPU MoE plugin) and head_dim >= 32.
+`greedy` needs STAR_ELASTIC_VLLM_RELU2=1 (our relu² CPU MoE plugin, interop/vllm/plugin) and head_dim >= 32
+(vLLM's CPU attention kernel).
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""Exported `exclude_modules` read the way vLLM reads them (vllm_rule.py: vLLM 0.32's matcher, re-implemented).
+"""Exported `exclude_modules` read the way vLLM reads them (star_elastic/quant/vllm_rule.py: vLLM 0.32's matcher,
+re-implemented).
 
 For every module vLLM builds from a checkpoint (q/k/v fused into qkv_proj, one experts module per
 MoE layer), vLLM's verdict "excluded" must equal "stored unquantized" in the safetensors. The same
@@ -18,7 +19,7 @@ from star_elastic.config import QuantConfig
 from star_elastic.elastic.arch import Architecture
 from star_elastic.quant.export import quant_metadata, quantized_state, slice_packed, write_quantized
 from star_elastic.quant.fake import apply_fake_quant, set_mode
-from vllm_rule import is_excluded, vllm_modules, vllm_patterns
+from star_elastic.quant.vllm_rule import is_excluded, vllm_modules, vllm_patterns
 
 
 def stored_quantized(tensors: dict[str, torch.Tensor]) -> dict[str, bool]:

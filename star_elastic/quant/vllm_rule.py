@@ -4,8 +4,9 @@ An exact re-implementation of what vLLM 0.32.0 applies when it loads a ModelOpt 
 (`vllm/model_executor/layers/quantization/modelopt.py`: `ModelOptQuantConfigBase.apply_vllm_mapper`
 and `.is_layer_excluded`; `quantization/utils/quant_utils.py`: `is_layer_skipped` in "exact" mode;
 `models/nemotron_h.py`: `NemotronHForCausalLM.hf_to_vllm_mapper` renames and
-`packed_modules_mapping`). It lets the normal test suite check our `exclude_modules` without vLLM;
-`interop/check_vllm.py` checks it, verdict by verdict, against the real vLLM.
+`packed_modules_mapping`). It lets the test suite (and anyone holding an export) check our
+`exclude_modules` without vLLM; `make interop` (interop/check_vllm.py) checks it, verdict by verdict,
+against the real vLLM.
 
 vLLM asks the rule for its own module names: `model.` for `backbone.`, q/k/v fused into
 `qkv_proj`, one `mixer.experts` module per MoE layer (see `vllm_modules`).
