@@ -156,9 +156,9 @@ def format_plan(result: dict) -> str:
 
 def check_plan(pc: PlanConfig, doing: str, log) -> dict:
     """The recipes' memory check before any weights are read: log the plan of `pc` and refuse
-    (ConfigError, the plan in it) when it cannot fit the GPU memory, given as gpu_memory_gb or read
-    from this process's CUDA device (unknown on CPU: logged only). `doing` names the run
-    ("elastifying", "QAD")."""
+    (ConfigError, one line after the logged plan) when it cannot fit the GPU memory, given as
+    gpu_memory_gb or read from this process's CUDA device (unknown on CPU: logged only). `doing`
+    names the run ("elastifying", "QAD")."""
     device = device_for_rank()
     if pc.engine.gpu_memory_gb is None and device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory / 1e9
@@ -166,9 +166,10 @@ def check_plan(pc: PlanConfig, doing: str, log) -> dict:
     result = plan(ModelConfig.from_json(accounting._config_path(pc.model)), pc)
     log(format_plan(result))
     if result["fits"] is False:
-        raise ConfigError(f"{pc.model}: {doing} needs more memory per GPU than there is:\n{format_plan(result)}\n"
-                          "use more GPUs, --activation-checkpointing, --optimizer-offload, --dtype bf16 or a "
-                          "shorter --seq-len")
+        need, have = result["per_gpu_bytes"] / 2**30, result["gpu_memory_bytes"] / 2**30
+        raise ConfigError(f"{pc.model}: {doing} needs more memory per GPU than there is ({need:.2f} GiB planned, "
+                          f"{have:.2f} GiB per GPU; the plan above): use more GPUs, --activation-checkpointing, "
+                          "--optimizer-offload, --dtype bf16 or a shorter --seq-len")
     return result
 
 

@@ -480,10 +480,10 @@ def gathered_elastic(elastic: ElasticLM, engine) -> ElasticLM | None:
     none/ddp, rank 0 only for fsdp (the shards are gathered there; other ranks get None)."""
 
     def plain(state: dict[str, torch.Tensor]) -> ElasticLM:
-        part = lambda prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
-        model = HybridLM.from_state_dict(elastic.config, part("model."), elastic.model.tokenizer)
-        out = ElasticLM(model, elastic.ecfg, elastic.space, elastic.cost)
-        out.router.load_state_dict(part("router."))
+        model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        out = ElasticLM(HybridLM.from_state_dict(elastic.config, model_state, elastic.model.tokenizer),
+                        elastic.ecfg, elastic.space, elastic.cost)
+        out.router.load_state_dict({k.removeprefix("router."): v for k, v in state.items() if k.startswith("router.")})
         return out
 
     return gathered(engine, elastic, plain)
