@@ -27,6 +27,7 @@ import json
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -261,7 +262,7 @@ def full_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, tor
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
-def gathered(engine: Engine, module: nn.Module, plain):
+def gathered(engine: Engine, module: nn.Module, plain: Callable[[dict[str, torch.Tensor]], nn.Module]):
     """`module` (the engine's state module or one inside it) with whole weights: `module` itself for
     none / ddp (every rank holds them); for fsdp its full state, gathered onto rank 0's CPU, made
     into a plain module by `plain(state)` (keys relative to `module`), and None on the other ranks.
