@@ -158,6 +158,8 @@ def test_qad_resume_continues_only_the_same_quantize_run(skewed_run, tmp_path):
                "batch_size": 2, "seq_len": 16, "calibration_batches": 1, "n_synthetic": 50} | changes
         return quantize_run(from_dict(QuantizeConfig, cfg), log=lambda m: None)
 
+    with pytest.raises(ConfigError, match="is the run being quantized"):
+        run(out=str(skewed_run), overwrite=True)
     assert not run(stop_after=1)["finished"]
     with pytest.raises(ConfigError, match="holds an earlier run; resume to continue it"):
         run()

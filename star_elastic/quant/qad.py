@@ -234,6 +234,8 @@ def quantize_run(cfg: QuantizeConfig, log=None) -> dict:
     check_micro_batch_size(cfg.engine.micro_batch_size, cfg.batch_size, world)
     log = log or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
     run = Path(cfg.run)
+    if Path(cfg.out).resolve() == run.resolve():
+        raise ConfigError(f"--out {cfg.out}: is the run being quantized; name a new folder for QRUN")
     meta = read_run_metadata(run)
     if meta.get("quantization"):
         raise ConfigError(f"{run}: already quantized ({meta['quantization']['format']}); quantize the BF16 run")
