@@ -75,7 +75,7 @@ def worker(cfg: dict, result: Path) -> None:
     recipe.save_checkpoint = save
     plans = []
     real_check = recipe.check_plan
-    recipe.check_plan = lambda c, w, lg: plans.append(real_check(c, w, lambda m: None)) or plans[-1]
+    recipe.check_plan = lambda pc, doing, lg: plans.append(real_check(pc, doing, lambda m: None)) or plans[-1]
     base = _rss()
     threading.Thread(target=sample, daemon=True).start()
     summary = recipe.train(from_dict(recipe.ElastifyConfig, cfg), log=log)

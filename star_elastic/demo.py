@@ -191,7 +191,7 @@ def stage_quant(cfg: DemoConfig, out: Path, examples: list[dict], bf16_acc: dict
         qrun = out / "quant" / name
         if not (qrun / "quantize_report.json").is_file():
             _log(f"quantize: {name}")
-            quantize_run(from_dict(QuantizeConfig, {"run": str(out / "run"), "out": str(qrun),
+            quantize_run(from_dict(QuantizeConfig, {"run": str(out / "run"), "out": str(qrun), "resume": "auto",
                                                     "quant": {"format": fmt}, "qad_steps": steps}, source="demo.quant"))
         rows = evaluate_budgets(qrun, examples, cfg)
         results[name] = {

@@ -29,9 +29,12 @@ import dataclasses
 import json
 import sys
 
+import torch
+
 from star_elastic import accounting
 from star_elastic.config import ConfigError, ModelConfig, typed_blocks
 from star_elastic.distributed.config import EngineConfig
+from star_elastic.distributed.parallel import device_for_rank
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 STATE_BYTES_PER_PARAM = 16  # fp32 master (4) + fp32 grad (4) + AdamW exp_avg, exp_avg_sq (8)
@@ -149,6 +152,25 @@ def format_plan(result: dict) -> str:
         verdict = "fits" if result["fits"] else "does NOT fit"
         lines.append(f"  {verdict} in {result['gpu_memory_bytes'] / gib:.2f} GiB")
     return "\n".join(lines)
+
+
+def check_plan(pc: PlanConfig, doing: str, log) -> dict:
+    """The recipes' memory check before any weights are read: log the plan of `pc` and refuse
+    (ConfigError, one line after the logged plan) when it cannot fit the GPU memory, given as
+    gpu_memory_gb or read from this process's CUDA device (unknown on CPU: logged only). `doing`
+    names the run ("elastifying", "QAD")."""
+    device = device_for_rank()
+    if pc.engine.gpu_memory_gb is None and device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory / 1e9
+        pc = dataclasses.replace(pc, engine=dataclasses.replace(pc.engine, gpu_memory_gb=memory))
+    result = plan(ModelConfig.from_json(accounting._config_path(pc.model)), pc)
+    log(format_plan(result))
+    if result["fits"] is False:
+        need, have = result["per_gpu_bytes"] / 2**30, result["gpu_memory_bytes"] / 2**30
+        raise ConfigError(f"{pc.model}: {doing} needs more memory per GPU than there is ({need:.2f} GiB planned, "
+                          f"{have:.2f} GiB per GPU; the plan above): use more GPUs, --activation-checkpointing, "
+                          "--optimizer-offload, --dtype bf16 or a shorter --seq-len")
+    return result
 
 
 def plan_command(pc: PlanConfig) -> int:

@@ -2,7 +2,8 @@
 
 Two torchrun "nodes" (one process each, c10d rendezvous on 127.0.0.1) run every multi-process
 phase (FSDP2 with the parent loaded on the meta device and with it loaded whole, DDP, DCP resume at
-the same and at a changed world size, QAD); the references run in this process. The kill -9 test
+the same and at a changed world size, QAD loaded on the meta device and whole, QAD stopped and resumed,
+the gather of a sharded model); the references run in this process. The kill -9 test
 starts `star-elastic elastify` itself, under torchrun and alone, and kills it mid-checkpoint.
 SGD, because AdamW divides by √v + eps and router gradients sit near eps, which turns
 ~1e-8 reduction-order differences into visible ones.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -24,12 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 from jobs import alive, descendants, elastify_job, free_port
+from safetensors.torch import load_file
 from test_elastify import TINY_PARENT, save_tiny_parent
 
 from star_elastic import HybridLM, ModelConfig, save_model
 from star_elastic.config import from_dict
 from star_elastic.data.tokenizer import build_tokenizer
-from star_elastic.distributed import EngineConfig, parallelize
+from star_elastic.distributed import EngineConfig, gathered, parallelize
 from star_elastic.elastic import importance
 from star_elastic.elastic.run import load_elastic
 from star_elastic.quant.qad import QuantizeConfig, quantize_run
@@ -120,8 +123,18 @@ def runs(tmp_path_factory):
         {"name": "ddp", "cfg": _cfg(p, root / "ddp", parallel="ddp", micro_batch_size=1)},  # 2 forwards, no_sync
         {"name": "fsdp_micro", "cfg": _cfg(p, root / "fsdp_micro", activation_checkpointing=True, micro_batch_size=1)},
         {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
-        {"name": "qad", "kind": "quantize",  # 2 forwards per process
+        {"name": "qad", "kind": "quantize",  # 2 forwards per process; meta load (auto under fsdp)
          "cfg": _engine(QAD | {"run": str(root / "one"), "out": str(root / "qad_two"), "micro_batch_size": 1})},
+        {"name": "qad_full", "kind": "quantize",
+         "cfg": _engine(QAD | {"run": str(root / "one"), "out": str(root / "qad_full"), "micro_batch_size": 1,
+                               "load": "full"})},
+        {"name": "qad_stop", "kind": "quantize",
+         "cfg": _engine(QAD | {"run": str(root / "one"), "out": str(root / "qad_resumed"), "micro_batch_size": 1,
+                               "stop_after": 2})},
+        {"name": "qad_resume", "kind": "quantize",
+         "cfg": _engine(QAD | {"run": str(root / "one"), "out": str(root / "qad_resumed"), "micro_batch_size": 1,
+                               "resume": True})},
+        {"name": "gather", "kind": "gather", "cfg": {"run": str(root / "one")}},
     ]
     _two_nodes(phases, root)
     train(from_dict(ElastifyConfig, _cfg(p, root / "two_to_one", parallel="none", resume=True)), log=quiet)
@@ -172,15 +185,60 @@ def _qad_numbers(summary) -> torch.Tensor:
     return torch.tensor([summary["kd_ptq"], summary["kd_final"], *summary["qad_loss_first"]], dtype=torch.float64)
 
 
+def _qrun_tensors(qrun: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted((qrun / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _qrun_digest(qrun: Path) -> str:
+    """SHA-256 over the written QRUN tensors (packed weights, scales, BF16 rest), in key order."""
+    h = hashlib.sha256()
+    for key, t in sorted(_qrun_tensors(qrun).items()):
+        h.update(key.encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def test_qad_on_the_engine_two_processes_equal_one_process(runs):
-    """QAD (fake-quantized student, router frozen) under FSDP2 with 2 processes, each in 2
-    micro-batches: held-out KD before and after, and every step's loss, equal one process's (one
-    forward per step, SGD)."""
+    """QAD (fake-quantized student, router frozen) under FSDP2 with 2 processes, student and teacher
+    loaded on the meta device and filled shard by shard, each process in 2 micro-batches: held-out KD
+    before and after, and every step's loss, equal one process's with the run loaded whole (one
+    forward per step, SGD); the input scales, calibrated through the sharded engine, are one
+    process's exactly."""
     two, one = _summary(runs, "qad"), _summary(runs, "qad_one")
-    assert (two["parallel"], two["world"], one["world"]) == ("fsdp", 2, 1) and len(one["qad_loss_first"]) == 4
+    assert (two["parallel"], two["world"], two["load"]) == ("fsdp", 2, "meta")
+    assert (one["world"], one["load"]) == (1, "full") and len(one["qad_loss_first"]) == 4
     assert abs(one["kd_final"] - one["kd_ptq"]) > 1e-5  # QAD moved the weights
     torch.testing.assert_close(_qad_numbers(two), _qad_numbers(one), atol=1e-7, rtol=0)
-    assert (runs / "qad_two" / "model" / "hf_quant_config.json").is_file()
+    scales_two, scales_one = _qrun_tensors(runs / "qad_two"), _qrun_tensors(runs / "qad_one")
+    scales = [k for k in scales_one if k.endswith(".input_scale")]
+    assert len(scales) > 10 and all(torch.equal(scales_two[k], scales_one[k]) for k in scales)
+
+
+def test_qad_meta_load_equals_full_load_under_fsdp(runs):
+    assert _summary(runs, "qad_full")["load"] == "full" and _summary(runs, "qad")["load"] == "meta"
+    assert _qrun_digest(runs / "qad_full") == _qrun_digest(runs / "qad_two")
+
+
+def test_qad_resumed_after_a_stop_equals_uninterrupted(runs):
+    """Stopped after step 2 (a DCP checkpoint, with the calibrated scales), then resumed: the written
+    QRUN is the uninterrupted run's byte for byte, and its numbers are the same."""
+    stopped, resumed = _summary(runs, "qad_stop"), _summary(runs, "qad_resume")
+    assert not stopped["finished"] and stopped["kd_final"] is None and len(stopped["qad_loss_first"]) == 2
+    assert (runs / "qad_resumed" / "checkpoints" / "step-000002").is_dir()
+    assert _qrun_digest(runs / "qad_resumed") == _qrun_digest(runs / "qad_two")
+    assert _qad_numbers(resumed).tolist() == _qad_numbers(_summary(runs, "qad")).tolist()
+
+
+def test_gathered_gives_the_module_itself_or_the_full_state_on_rank_0(runs):
+    """`distributed.gathered`: none and ddp hand back the module (every rank holds it whole); fsdp
+    gathers the shards onto rank 0 (the run's weights exactly) and gives the other rank nothing."""
+    want = state_digest(load_elastic(runs / "one").model)
+    r0, r1 = _summary(runs, "gather", 0), _summary(runs, "gather", 1)
+    assert r0["ddp"] == r1["ddp"] == "self"
+    assert r0["fsdp"] == want and r1["fsdp"] is None
+    elastic = load_elastic(runs / "one")
+    engine = parallelize(DistillStep(elastic), None, "none", 0, 1, EngineConfig())
+    assert gathered(engine, elastic.model, None) is elastic.model
 
 
 def test_qad_micro_batches_equal_one_forward(runs):

@@ -13,11 +13,13 @@ import pytest
 import torch
 from conftest import randomize, tiny_config
 
+from star_elastic.config import QuantConfig
 from star_elastic.distributed.loading import fill_from_checkpoint, meta_model, rows_rule
 from star_elastic.elastic.arch import gather
 from star_elastic.elastic.sort import expected_shapes, sort_model, sort_rules
 from star_elastic.hf import CheckpointError, load_model, save_model
 from star_elastic.model.hybrid import HybridLM
+from star_elastic.quant.fake import apply_fake_quant
 
 
 def _random_scores(cfg, seed=0) -> dict[str, torch.Tensor]:
@@ -75,3 +77,26 @@ def test_missing_tensor_names_the_key(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing tensor 'backbone\.layers\.2\.mixer\.experts\.3\.down_proj"):
         _filled(tmp_path)
+
+
+def test_fake_quantized_meta_model_is_filled_with_the_master_weights(tmp_path):
+    """QAD's student under meta loading: fake-quantized on the meta device (parametrized weights are
+    `parametrizations.weight.original`), then filled from the files. Its state and its logits equal
+    the model loaded whole and fake-quantized afterwards (the parametrization quantizes the filled
+    weights, per-tensor scales of the full tensors)."""
+    cfg = tiny_config(tie_word_embeddings=True)
+    save_model(randomize(HybridLM(cfg), seed=4), tmp_path, max_shard_bytes=20_000)
+    qcfg = QuantConfig(format="fp8", activations=False)
+    whole = load_model(tmp_path)
+    apply_fake_quant(whole, qcfg)
+    meta = meta_model(tmp_path)
+    apply_fake_quant(meta, qcfg)
+    meta.to_empty(device="cpu")
+    fill_from_checkpoint(meta, tmp_path)
+    want, got = whole.state_dict(), meta.state_dict()
+    assert got.keys() == want.keys() and any(".parametrizations.weight.original" in k for k in got)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(meta(ids), whole(ids))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,20 @@ def test_elastify_refuses_with_the_plan_when_it_cannot_fit(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "elastifying needs more memory per GPU than there is" in err and "does NOT fit in 74.51 GiB" in err
     assert "optimizer_states" in err and not (tmp_path / "run").exists()  # refused before reading weights
+
+
+def test_quantize_refuses_qad_that_cannot_fit_in_one_line_before_reading_weights(tmp_path, capsys):
+    """QAD checks the same plan as elastify: an elastic run of Nemotron-3-Nano's shape (config only,
+    no weights to read) at 8K tokens on one 80 GB GPU is refused, plan printed, QRUN never made."""
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    shutil.copy(NANO3 / "config.json", run / "model" / "config.json")
+    (run / "run.json").write_text(json.dumps({"format": "star-elastic-run", "version": 1,
+                                              "elastic": {"budgets": [1.0, 0.5]}}))
+    assert main(["quantize", str(run), "--format", "fp8", "--qad-steps", "1", "--seq-len", "8192",
+                 "--gpu-memory-gb", "80", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "QAD needs more memory per GPU than there is" in err and "does NOT fit in 74.51 GiB" in err
+    assert "optimizer_states" in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("star-elastic")] == [err.strip().splitlines()[-1]]
+    assert not (tmp_path / "q").exists()

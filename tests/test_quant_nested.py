@@ -12,7 +12,7 @@ from conftest import tiny_elastic
 from safetensors.torch import load_file
 
 from star_elastic import load_model
-from star_elastic.config import ConfigError, QuantConfig
+from star_elastic.config import ConfigError, QuantConfig, from_dict
 from star_elastic.elastic.arch import IndexSets, slice_model
 from star_elastic.quant import formats
 from star_elastic.quant.export import quant_metadata, quantized_state, slice_packed, write_quantized
@@ -112,8 +112,61 @@ def test_export_layout(tmp_path):
 
 
 def test_bad_quant_configs():
-    with pytest.raises(ConfigError, match="unknown quantization format 'int4'"):
+    with pytest.raises(ConfigError, match=r"format must be one of \['fp8', 'nvfp4'\], got 'int4'"):
         QuantConfig(format="int4")
     elastic = tiny_elastic()
     with pytest.raises(ConfigError, match="match no module"):
         apply_fake_quant(copy.deepcopy(elastic.model), QuantConfig(include=("*.nothing",)))
+
+
+@pytest.fixture(scope="module")
+def skewed_run(tmp_path_factory):
+    """An untrained elastic run (steps 0) of the tiny parent, elastified with stage-2 probabilities 0.2 / 0.3 / 0.5."""
+    from test_elastify import config, save_tiny_parent
+
+    from star_elastic.train.elastify import train
+
+    root = tmp_path_factory.mktemp("qad")
+    train(config(save_tiny_parent(root / "parent"), root / "run", steps=0, stage2_probs=(0.2, 0.3, 0.5)),
+          log=lambda m: None)
+    return root / "run"
+
+
+def test_qad_samples_budgets_with_the_runs_stage2_probabilities(skewed_run, tmp_path):
+    """QAD's budget probabilities are the ones the run was elastified with (RUN/elastify_config.json);
+    a run without that record gets elastify's default for its number of budgets (two: 0.6 / 0.4);
+    budget_probs given explicitly win."""
+    from star_elastic.quant.qad import QuantizeConfig, budget_probs
+
+    cfg = QuantizeConfig(quant=QuantConfig(format="fp8"))
+    budgets = tuple(json.loads((skewed_run / "run.json").read_text())["elastic"]["budgets"])
+    assert len(budgets) == 3 and budget_probs(cfg, skewed_run, budgets) == [0.2, 0.3, 0.5]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert budget_probs(cfg, bare, (1.0, 0.5)) == pytest.approx([0.6, 0.4])
+    assert budget_probs(cfg, bare, budgets) == pytest.approx([0.5, 0.3, 0.2])
+    assert budget_probs(dataclasses.replace(cfg, budget_probs=(0.1, 0.1, 0.8)), skewed_run, budgets) == [0.1, 0.1, 0.8]
+
+
+def test_qad_resume_continues_only_the_same_quantize_run(skewed_run, tmp_path):
+    """QRUN is kept as elastify's run folder is: a started QAD is not overwritten unasked, and a
+    resume refuses a key that shapes the result (lr, the quant block) but takes another engine."""
+    from star_elastic.quant.qad import QuantizeConfig, quantize_run
+
+    def run(**changes):
+        cfg = {"run": str(skewed_run), "out": str(tmp_path / "q"), "quant": {"format": "fp8"}, "qad_steps": 2,
+               "batch_size": 2, "seq_len": 16, "calibration_batches": 1, "n_synthetic": 50} | changes
+        return quantize_run(from_dict(QuantizeConfig, cfg), log=lambda m: None)
+
+    with pytest.raises(ConfigError, match="is the run being quantized"):
+        run(out=str(skewed_run), overwrite=True)
+    assert not run(stop_after=1)["finished"]
+    with pytest.raises(ConfigError, match="holds an earlier run; resume to continue it"):
+        run()
+    with pytest.raises(ConfigError, match=r"resume: lr changed since .*: 2e-05 → 0.001"):
+        run(resume=True, lr=1e-3)
+    with pytest.raises(ConfigError, match="resume: quant.format changed since .*: 'fp8' → 'nvfp4'"):
+        run(resume=True, quant={"format": "nvfp4"})
+    resumed = run(resume=True, engine={"micro_batch_size": 1})
+    assert resumed["finished"] and len(resumed["qad_loss_first"]) == 2
+    assert (tmp_path / "q" / "quantize_config.json").is_file() and (tmp_path / "q" / "model").is_dir()

@@ -7,6 +7,7 @@ from star_elastic.distributed.parallel import (
     barrier,
     broadcast_json,
     full_state_dict,
+    gathered,
     global_sum,
     init_process_group,
     on_full_copy,
@@ -17,6 +18,6 @@ from star_elastic.distributed.parallel import (
     sum_over_ranks,
 )
 
-__all__ = ["Engine", "EngineConfig", "barrier", "broadcast_json", "full_state_dict", "global_sum", "init_process_group",
-           "on_full_copy", "parallelize", "prepare_teacher", "resolve_device", "resolve_mode", "shutdown",
-           "sum_over_ranks"]
+__all__ = ["Engine", "EngineConfig", "barrier", "broadcast_json", "full_state_dict", "gathered", "global_sum",
+           "init_process_group", "on_full_copy", "parallelize", "prepare_teacher", "resolve_device", "resolve_mode",
+           "shutdown", "sum_over_ranks"]

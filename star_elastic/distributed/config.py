@@ -67,3 +67,13 @@ class EngineConfig:
         if self.optimizer_offload and mode != "fsdp":
             raise ConfigError(f"optimizer_offload needs parallel fsdp, got {mode!r}")
         return mode
+
+    def resolve_load(self, mode: str, whole: str | None = None) -> str:
+        """full or meta: how a recipe running as engine `mode` loads its models (the `load` field).
+        `whole` says why this run needs some model whole on every process (then meta is refused
+        and auto is full); None where meta loading works."""
+        if self.load == "meta" and whole:
+            raise ConfigError(f"load meta: {whole}; use --load full")
+        if self.load == "auto":
+            return "meta" if mode == "fsdp" and not whole else "full"
+        return self.load

@@ -41,6 +41,7 @@ from star_elastic.hf import (
     expected_disk_shapes,
 )
 from star_elastic.model.hybrid import HybridLM
+from star_elastic.quant.fake import plain_state
 from star_elastic.quant.load import read_quant_config
 
 Entry = tuple[str, str, tuple[int, ...]]  # (key as stored, file name, shape)
@@ -145,12 +146,13 @@ def rows_rule(rule: dict[int, torch.Tensor], rows: torch.Tensor) -> dict[int, to
 @torch.no_grad()
 def fill_from_checkpoint(model: HybridLM, path: str | Path, rule=None) -> None:
     """Write checkpoint `path`'s weights into the materialised (possibly sharded) `model`, tensor by
-    tensor; `rule(key)` (e.g. `sort_rules(cfg, scores)`) permutes each one as it streams."""
+    tensor; `rule(key)` (e.g. `sort_rules(cfg, scores)`) permutes each one as it streams. A
+    fake-quantized `model` (quant/fake.py) gets its master weights (`plain_state`'s names)."""
     path = Path(path)
     entries = disk_entries(path, model.config)
     if model.config.tie_word_embeddings:  # `to_empty` gave the head and the embeddings separate tensors
         model.lm_head.weight = model.backbone.embeddings.weight
-    targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    targets = plain_state(dict(model.named_parameters()) | dict(model.named_buffers()))  # fake-quantized too
     quiet = dist.is_initialized() and dist.get_rank() != 0
     for key, target in tqdm(targets.items(), desc="load shards", file=sys.stderr, disable=quiet, leave=False):
         full = read_full(path, entries[key])

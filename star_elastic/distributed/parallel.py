@@ -27,6 +27,7 @@ import json
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -259,6 +260,21 @@ def full_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, tor
     opts = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
     state = get_model_state_dict(module, options=opts)
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def gathered(engine: Engine, module: nn.Module, plain: Callable[[dict[str, torch.Tensor]], nn.Module]):
+    """`module` (the engine's state module or one inside it) with whole weights: `module` itself for
+    none / ddp (every rank holds them); for fsdp its full state, gathered onto rank 0's CPU, made
+    into a plain module by `plain(state)` (keys relative to `module`), and None on the other ranks.
+    Collective under fsdp: every rank calls it."""
+    if engine.mode != "fsdp":
+        return module
+    state = full_state_dict(engine.state_module)
+    if engine.rank != 0:
+        return None
+    prefix = next(name for name, m in engine.state_module.named_modules() if m is module)
+    prefix = f"{prefix}." if prefix else ""
+    return plain({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
 
 
 def on_full_copy(module: nn.Module, make_plain, fn):

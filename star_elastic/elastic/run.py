@@ -90,15 +90,17 @@ def load_elastic(run: str | Path, device="cpu", model_dir_name: str = "model") -
     return _with_router(run, meta, ecfg, model).to(device).eval()
 
 
-def load_router(run: str | Path, model_dir_name: str = "model") -> ElasticLM:
-    """The run's router and cost model around a meta-device skeleton of its config; reads no weights.
+def load_router(run: str | Path, model_dir_name: str = "model", model: HybridLM | None = None) -> ElasticLM:
+    """The run's router and cost model around `model`, by default a meta-device skeleton of its
+    config; reads no model weights.
 
     Enough for `.architecture(b)` and `.describe(b)` (slicing a budget streams the weights itself);
-    the model cannot run."""
+    the skeleton cannot run."""
     run = Path(run)
     meta, ecfg = _read_run(run)
-    with torch.device("meta"):
-        model = HybridLM(ModelConfig.from_json(run / model_dir_name / "config.json"))
+    if model is None:
+        with torch.device("meta"):
+            model = HybridLM(ModelConfig.from_json(run / model_dir_name / "config.json"))
     return _with_router(run, meta, ecfg, model).eval()
 
 

@@ -27,7 +27,7 @@ from star_elastic.hf import WEIGHTS, atomic_save, to_disk_state, write_config, w
 from star_elastic.model.hybrid import HybridLM
 from star_elastic.model.moe import Experts, keeps_fp32
 from star_elastic.quant import formats
-from star_elastic.quant.fake import InputQuant, quantized_module_names
+from star_elastic.quant.fake import InputQuant, plain_state, quantized_module_names
 from star_elastic.quant.load import EXPERT_MODULE, QUANT_CONFIG
 
 
@@ -45,7 +45,7 @@ def quantized_state(model: HybridLM, qcfg: QuantConfig, quantizers: dict[str, In
     pass a model without parametrizations, or one whose parametrizations are read through
     `original` — here every weight is read raw and quantized once."""
     names = set(quantized_module_names(model, qcfg))
-    raw = _raw_state(model)
+    raw = plain_state(model.state_dict())
     out: dict[str, torch.Tensor] = {}
     for key, t in to_disk_state(_Raw(model, raw)).items():
         module = key.rsplit(".", 1)[0]
@@ -63,18 +63,6 @@ def quantized_state(model: HybridLM, qcfg: QuantConfig, quantizers: dict[str, In
         else:
             out[key] = t
     return out
-
-
-def _raw_state(model: HybridLM) -> dict[str, torch.Tensor]:
-    """Model state dict with parametrized weights read as their stored originals."""
-    state = {}
-    for key, t in model.state_dict().items():
-        if ".parametrizations." in key:
-            if not key.endswith(".original"):
-                continue
-            key = key.replace(".parametrizations.", ".").removesuffix(".original")
-        state[key] = t
-    return state
 
 
 class _Raw:

@@ -139,6 +139,20 @@ def expert_input_quant(module: Experts, fmt: str, scales: torch.Tensor | None = 
     return q
 
 
+def plain_state(state: dict) -> dict:
+    """`state` (a fake-quantized model's state dict or named parameters) under the plain model's
+    names: `torch.nn.utils.parametrize` keeps a parametrized tensor X as `parametrizations.X.original`
+    (the master weight, unquantized); the parametrizations' own entries are dropped."""
+    out = {}
+    for key, t in state.items():
+        if ".parametrizations." in key:
+            if not key.endswith(".original"):
+                continue
+            key = key.replace(".parametrizations.", ".").removesuffix(".original")
+        out[key] = t
+    return out
+
+
 def set_mode(quantizers: dict[str, InputQuant], mode: str) -> None:
     for q in quantizers.values():
         q.mode = mode

@@ -38,7 +38,7 @@ from star_elastic.data.loading import batch_for_step, check_micro_batch_size, lo
 from star_elastic.distributed import (
     EngineConfig,
     barrier,
-    full_state_dict,
+    gathered,
     global_sum,
     init_process_group,
     on_full_copy,
@@ -47,7 +47,6 @@ from star_elastic.distributed import (
     sum_over_ranks,
 )
 from star_elastic.distributed.loading import fill_from_checkpoint, meta_model
-from star_elastic.distributed.parallel import device_for_rank
 from star_elastic.elastic import importance
 from star_elastic.elastic.model import ElasticLM, cost_line
 from star_elastic.elastic.router import (
@@ -62,11 +61,11 @@ from star_elastic.elastic.sort import sort_model, sort_rules
 from star_elastic.elastic.space import ChoiceSpace
 from star_elastic.hf import load_model
 from star_elastic.model.hybrid import HybridLM
-from star_elastic.plan import PlanConfig, format_plan, plan
+from star_elastic.plan import PlanConfig, check_plan
 from star_elastic.quant.load import read_quant_config
 from star_elastic.train.checkpoint import load_checkpoint, save_checkpoint
 from star_elastic.train.distill import DistillStep
-from star_elastic.train.runfolder import fingerprint, open_run
+from star_elastic.train.runfolder import fingerprint, open_run, resume_setting
 
 
 @dataclasses.dataclass
@@ -150,12 +149,7 @@ class ElastifyConfig:
             raise ConfigError(f"stage1_fraction must be in [0, 1], got {self.stage1_fraction}")
         if abs(sum(self.stage2_probs) - 1) > 1e-6 or any(p < 0 for p in self.stage2_probs):
             raise ConfigError(f"stage2_probs must be non-negative and sum to 1, got {list(self.stage2_probs)}")
-        if isinstance(self.resume, str):  # a flag's text
-            self.resume = {"true": True, "false": False}.get(self.resume.lower(), self.resume)
-        if not (isinstance(self.resume, bool) or self.resume == "auto"):
-            raise ConfigError(f"resume must be true, false or auto, got {self.resume!r}")
-        if self.overwrite and self.resume is not False:
-            raise ConfigError(f"overwrite (start again) and resume {self.resume!r} (continue) exclude each other")
+        self.resume = resume_setting(self.resume, self.overwrite)
         if len(self.tau) != 2 or min(self.tau) <= 0:
             raise ConfigError(f"tau must be two positive temperatures, got {list(self.tau)}")
         if len(self.stage2_probs) != len(self.elastic.budgets):
@@ -250,15 +244,11 @@ def elastic_over(model: HybridLM, cfg: ElastifyConfig, scores: dict) -> ElasticL
 
 
 def resolve_load(cfg: ElastifyConfig, mode: str) -> str:
-    """full or meta (see ElastifyConfig.load)."""
-    plain_only = cfg.elastic.budget_type == "latency" or read_quant_config(Path(cfg.model)) is not None
-    load = cfg.engine.load
-    if load == "meta" and plain_only:
-        raise ConfigError(f"load meta: latency budgets profile, and quantized parents dequantize, a whole model; "
-                          f"use --load full for {cfg.model}")
-    if load == "auto":
-        return "meta" if mode == "fsdp" and not plain_only else "full"
-    return load
+    """full or meta (`EngineConfig.resolve_load`): latency budgets profile, and quantized parents
+    dequantize, a whole model."""
+    whole = cfg.elastic.budget_type == "latency" or read_quant_config(Path(cfg.model)) is not None
+    return cfg.engine.resolve_load(mode, f"latency budgets profile, and quantized parents dequantize, a whole "
+                                         f"model ({cfg.model})" if whole else None)
 
 
 def prepare(cfg: ElastifyConfig, rank: int = 0, log=print, world: int = 1):
@@ -280,22 +270,6 @@ def prepare_meta(cfg: ElastifyConfig, mode: str, rank: int, log, world: int):
     scores = importance_scores(cfg, teacher, seqs, rank, world, log)
     elastic = elastic_over(meta_model(cfg.model), cfg, scores)
     return elastic, teacher, seqs, partial(fill, rule=sort_rules(elastic.config, scores))
-
-
-def check_plan(cfg: ElastifyConfig, world: int, log) -> dict:
-    """Print the memory plan of this run; refuse (with the plan) when it cannot fit the GPU memory,
-    given as gpu_memory_gb or read from the CUDA device (unknown on CPU: printed only)."""
-    engine = cfg.engine
-    if engine.gpu_memory_gb is None and device_for_rank().type == "cuda":
-        engine = dataclasses.replace(engine, gpu_memory_gb=torch.cuda.get_device_properties(device_for_rank()).total_memory / 1e9)
-    pc = PlanConfig(model=cfg.model, gpus=world, seq_len=cfg.stage2_seq_len, batch_size=cfg.batch_size, engine=engine)
-    result = plan(ModelConfig.from_json(accounting._config_path(cfg.model)), pc)
-    log(format_plan(result))
-    if result["fits"] is False:
-        raise ConfigError(f"{cfg.model}: elastifying needs more memory per GPU than there is:\n{format_plan(result)}\n"
-                          "use more GPUs, --activation-checkpointing, --optimizer-offload, --dtype bf16 or a "
-                          "shorter --seq-len")
-    return result
 
 
 def make_optimizer(cfg: ElastifyConfig, elastic: ElasticLM) -> torch.optim.Optimizer:
@@ -337,7 +311,8 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     check_micro_batch_size(cfg.engine.micro_batch_size, cfg.batch_size, world)
     log = log or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
     check_inputs(cfg)
-    check_plan(cfg, world, log)
+    check_plan(PlanConfig(model=cfg.model, gpus=world, seq_len=cfg.stage2_seq_len, batch_size=cfg.batch_size,
+                          engine=cfg.engine), "elastifying", log)
     with open_run(cfg, rank, log) as latest:
         return run_recipe(cfg, latest, mode, rank, world, log)
 
@@ -362,7 +337,7 @@ def run_recipe(cfg: ElastifyConfig, latest: Path | None, mode: str, rank: int, w
 
     engine = parallelize(DistillStep(elastic, cfg.engine.kd_chunk_tokens), teacher, mode, rank, world, cfg.engine, fill)
     if latest is None:
-        save_untrained(cfg, elastic, engine, mode, rank)
+        save_untrained(cfg, elastic, engine)
     log(f"engine: {mode}, {world} process(es), {cfg.engine.dtype}, {load} load, device {engine.device}")
     opt = make_optimizer(cfg, elastic)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -415,7 +390,7 @@ def run_recipe(cfg: ElastifyConfig, latest: Path | None, mode: str, rank: int, w
     if metrics is not None:
         metrics.close()
     finished = cfg.stop_after is None or cfg.stop_after >= cfg.steps
-    final = gathered_elastic(elastic, engine, mode, rank)
+    final = gathered_elastic(elastic, engine)
     if final is not None and finished and cfg.steps > 0:  # training moved the router: project its picks back
         settle(final)  # into the windows (same on every replica)
         log_settled(final, log)
@@ -472,12 +447,12 @@ def keep_metrics_until(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def save_untrained(cfg: ElastifyConfig, elastic: ElasticLM, engine, mode: str, rank: int) -> None:
+def save_untrained(cfg: ElastifyConfig, elastic: ElasticLM, engine) -> None:
     """RUN (and RUN/initial with save_initial): the sorted, router-fitted, untrained state, gathered
     from the engine (no rank holds the whole student with meta loading). The gathered copy is
     dropped on return, before training."""
-    initial = gathered_elastic(elastic, engine, mode, rank)
-    if rank == 0:
+    initial = gathered_elastic(elastic, engine)
+    if engine.rank == 0:
         save_run(initial, cfg.out)
         if cfg.save_initial:
             save_run(initial, Path(cfg.out) / "initial")
@@ -500,20 +475,18 @@ def step_record(cfg, elastic, step, stage, budget, tau, picks, kl, ce, n_kd, n_l
             "arch": arch, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def gathered_elastic(elastic: ElasticLM, engine, mode: str, rank: int) -> ElasticLM | None:
-    """A plain (unsharded, CPU) ElasticLM with the trained weights: every rank for none/ddp, rank 0
-    only for fsdp (the shards are gathered there; other ranks get None)."""
-    if mode != "fsdp":
-        return elastic
-    state = full_state_dict(engine.state_module)  # collective
-    if rank != 0:
-        return None
-    model_state = {k.removeprefix("elastic.model."): v for k, v in state.items() if k.startswith("elastic.model.")}
-    router_state = {k.removeprefix("elastic.router."): v for k, v in state.items() if k.startswith("elastic.router.")}
-    model = HybridLM.from_state_dict(elastic.config, model_state, elastic.model.tokenizer)
-    plain = ElasticLM(model, elastic.ecfg, elastic.space, elastic.cost)
-    plain.router.load_state_dict(router_state)
-    return plain
+def gathered_elastic(elastic: ElasticLM, engine) -> ElasticLM | None:
+    """A plain (unsharded, CPU) ElasticLM with the trained weights (`gathered`): every rank for
+    none/ddp, rank 0 only for fsdp (the shards are gathered there; other ranks get None)."""
+
+    def plain(state: dict[str, torch.Tensor]) -> ElasticLM:
+        model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        out = ElasticLM(HybridLM.from_state_dict(elastic.config, model_state, elastic.model.tokenizer),
+                        elastic.ecfg, elastic.space, elastic.cost)
+        out.router.load_state_dict({k.removeprefix("router."): v for k, v in state.items() if k.startswith("router.")})
+        return out
+
+    return gathered(engine, elastic, plain)
 
 
 def settle(elastic: ElasticLM) -> None:

@@ -1,8 +1,11 @@
-"""The elastify run folder's writer: one at a time, and a resume that continues exactly or refuses.
+"""A recipe's run folder and its writer: one at a time, and a resume that continues exactly or refuses.
 
     RUN/writer.lock            who writes RUN now: host, pid, process start, since (removed at the end)
     RUN/elastify_config.json   the resolved config the run started with, and fingerprints of the
                                parent's weights and of the data (written first, under the lock)
+
+Written for elastify (below); quantize's QRUN is kept the same way (`Recipe`: QRUN/quantize_config.json
+with the fingerprints of the elastic run and the data; quant/qad.py says which keys may change).
 
 One writer. Before anything is written (importance scores included) rank 0 takes RUN/writer.lock: an
 exclusive `flock` on the file (the kernel drops it when the process ends, however it ends) plus a
@@ -66,12 +69,36 @@ from star_elastic.distributed import broadcast_json
 from star_elastic.train.checkpoint import latest_checkpoint
 
 LOCK = "writer.lock"
-CONFIG = "elastify_config.json"
-FORMAT, VERSION = "star-elastic-elastify-config", 1
+VERSION = 1
 STATE = ("importance.safetensors", "run.json", "model", "router.safetensors", "latency_table.json", "metrics.jsonl",
          "checkpoints", "initial")
 """What a run writes besides its config and lock: RUN holds a run when one of these exists."""
 RUN_KEYS = ("engine", "resume", "overwrite", "checkpoint_every", "stop_after", "save_initial", "out")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What one recipe's run folder holds and what its resume compares."""
+
+    name: str
+    """The command (elastify, quantize): in messages, and the config record's file name."""
+    state: tuple[str, ...]
+    """What a run writes besides its config and lock: RUN holds a run when one of these exists."""
+    run_keys: tuple[str, ...]
+    """Config keys a resume may change: how the steps are computed, when the run stops or saves."""
+    sources: tuple[str, ...] = ("model", "data")
+    """Config keys naming the inputs, compared by fingerprint (a moved folder is the same input)."""
+
+    @property
+    def config_file(self) -> str:
+        return f"{self.name}_config.json"
+
+    @property
+    def format(self) -> str:
+        return f"star-elastic-{self.name}-config"
+
+
+ELASTIFY = Recipe("elastify", STATE, RUN_KEYS)
 PIECE, PIECES = 4096, 1024
 BUILTIN_DATA = "synthetic"
 
@@ -169,9 +196,9 @@ class WriterLock:
     fd: int
 
     @classmethod
-    def acquire(cls, run: Path, log) -> WriterLock:
+    def acquire(cls, run: Path, log, name: str = "elastify") -> WriterLock:
         """Take RUN's lock (RUN exists), taking over a stale one with a note to `log`; a live
-        holder or one on another host raises ConfigError naming it."""
+        holder or one on another host raises ConfigError naming it (and the command `name`)."""
         path = Path(run) / LOCK
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -181,12 +208,12 @@ class WriterLock:
             holder = _read(fd)
             os.close(fd)
             if kernel is False:
-                raise ConfigError(f"{run}: another elastify is writing this run folder ({_who(holder)}); wait for "
+                raise ConfigError(f"{run}: another {name} is writing this run folder ({_who(holder)}); wait for "
                                   f"it to end or stop it")
         try:
             holder = _read(fd)
             if holder:
-                _check_stale(holder, path, kernel, log)
+                _check_stale(holder, path, log, name)
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
         except BaseException:
@@ -229,40 +256,52 @@ def _read(fd: int) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
-def _check_stale(holder: dict, path: Path, kernel: bool | None, log) -> None:
+def _check_stale(holder: dict, path: Path, log, name: str) -> None:
     """The previous holder recorded in a lock file whose flock we got: take over, or raise."""
     run = path.parent
     if holder.get("host") != socket.gethostname():
         raise ConfigError(f"{path}: held by {_who(holder)}; this host cannot check whether that process still "
                           f"runs: if that job has ended, delete {path} and run again")
     if _running(holder):
-        raise ConfigError(f"{run}: another elastify is writing this run folder ({_who(holder)}); wait for it to end "
+        raise ConfigError(f"{run}: another {name} is writing this run folder ({_who(holder)}); wait for it to end "
                           "or stop it")
     log(f"note: {path}: taking over from {_who(holder)}, which has ended")
 
 
 # --- start, continue, start again ---------------------------------------------------------------
-def run_record(cfg) -> dict:
+def resume_setting(resume: bool | str, overwrite: bool) -> bool | str:
+    """A config's `resume` (true, false or auto; a flag's text too) checked against its `overwrite`."""
+    if isinstance(resume, str):  # a flag's text
+        resume = {"true": True, "false": False}.get(resume.lower(), resume)
+    if not (isinstance(resume, bool) or resume == "auto"):
+        raise ConfigError(f"resume must be true, false or auto, got {resume!r}")
+    if overwrite and resume is not False:
+        raise ConfigError(f"overwrite (start again) and resume {resume!r} (continue) exclude each other")
+    return resume
+
+
+def run_record(cfg, recipe: Recipe = ELASTIFY) -> dict:
     """RUN/elastify_config.json's contents: the resolved config (nested elastic block filled in)
-    and the fingerprints of the parent and the data."""
+    and the fingerprints of the parent and the data (of `recipe.sources`)."""
     config = to_plain(cfg)
-    return {"format": FORMAT, "version": VERSION, "config": config,
-            "model_fingerprint": fingerprint(cfg.model, "model"), "data_fingerprint": fingerprint(cfg.data, "data")}
+    return {"format": recipe.format, "version": VERSION, "config": config,
+            **{f"{key}_fingerprint": fingerprint(getattr(cfg, key), key) for key in recipe.sources}}
 
 
-def check_same_run(saved: dict, current: dict, run: Path) -> None:
-    """Refuse, naming the first key whose value shapes the state and differs (see the module docstring)."""
+def check_same_run(saved: dict, current: dict, run: Path, recipe: Recipe = ELASTIFY) -> None:
+    """Refuse, naming the first key whose value shapes the state and differs (see the module
+    docstring); a nested block (elastic) key by key."""
     old, new = saved.get("config", {}), current["config"]
     for key, value in new.items():
-        if key in RUN_KEYS + ("model", "data") or key not in old:
+        if key in recipe.run_keys + recipe.sources or key not in old:
             continue
-        if key == "elastic":
+        if isinstance(value, dict) and isinstance(old[key], dict):
             for sub, v in value.items():
                 if sub in old[key] and old[key][sub] != v:
-                    raise _changed(f"elastic.{sub}", old[key][sub], v, run)
+                    raise _changed(f"{key}.{sub}", old[key][sub], v, run)
         elif old[key] != value:
             raise _changed(key, old[key], value, run)
-    for key in ("model", "data"):
+    for key in recipe.sources:
         if saved.get(f"{key}_fingerprint") != current[f"{key}_fingerprint"]:
             raise ConfigError(f"resume: {key} differs from the run's in {run}: {old.get(key)!r} (fingerprint "
                               f"{str(saved.get(f'{key}_fingerprint'))[:12]}) → {new[key]!r} (fingerprint "
@@ -276,14 +315,14 @@ def _changed(key: str, old, new, run: Path) -> ConfigError:
                        "again")
 
 
-def _holds_run(run: Path) -> bool:
-    return any((run / name).exists() for name in STATE)
+def _holds_run(run: Path, recipe: Recipe) -> bool:
+    return any((run / name).exists() for name in recipe.state)
 
 
-def _clear(run: Path, keep: tuple[str, ...] = ()) -> list[str]:
+def _clear(run: Path, recipe: Recipe, keep: tuple[str, ...] = ()) -> list[str]:
     """Delete every file a run writes (not the lock, not `keep`); other files stay. Returns what went."""
     gone = []
-    for name in STATE + (CONFIG,):
+    for name in recipe.state + (recipe.config_file,):
         path = run / name
         if name in keep or not (path.exists() or path.is_symlink()):
             continue
@@ -295,29 +334,41 @@ def _clear(run: Path, keep: tuple[str, ...] = ()) -> list[str]:
     return gone
 
 
-def _saved_record(run: Path) -> dict:
-    path = run / CONFIG
+def read_record(run: Path, recipe: Recipe = ELASTIFY) -> dict | None:
+    """RUN's config record (RUN/elastify_config.json for elastify): None where there is none; an
+    unreadable file or another kind of record raises ConfigError naming it."""
+    path = run / recipe.config_file
     try:
         saved = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"resume: {run} has no {CONFIG} (written by an older star-elastic), so this resume "
-                          "cannot be checked against it; overwrite to start again") from None
+        return None
     except (ValueError, OSError) as err:
-        raise ConfigError(f"{path}: unreadable ({err}); overwrite to start again") from None
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise ConfigError(f"{path}: not an elastify config record; overwrite to start again")
+        raise ConfigError(f"{path}: unreadable ({err})") from None
+    if not isinstance(saved, dict) or saved.get("format") != recipe.format or not isinstance(saved.get("config"), dict):
+        raise ConfigError(f"{path}: not a {recipe.name} config record")
     return saved
 
 
-def _decide(cfg, run: Path, current: dict, log) -> Path | None:
+def _saved_record(run: Path, recipe: Recipe) -> dict:
+    try:
+        saved = read_record(run, recipe)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; overwrite to start again") from None
+    if saved is None:
+        raise ConfigError(f"resume: {run} has no {recipe.config_file} (written by an older star-elastic), so this "
+                          "resume cannot be checked against it; overwrite to start again")
+    return saved
+
+
+def _decide(cfg, run: Path, current: dict, log, recipe: Recipe) -> Path | None:
     """Under the lock: the checkpoint to continue from, or None to start (clearing what must go)."""
     resume = cfg.resume
     if cfg.overwrite:
-        gone = _clear(run)
+        gone = _clear(run, recipe)
         if gone:
             log(f"overwrite: removed the earlier run's {', '.join(gone)} from {run}")
         return None
-    if not _holds_run(run):
+    if not _holds_run(run, recipe):
         if resume is True:
             raise ConfigError(f"resume: {run} holds no run, so there is no checkpoint to resume from; start it "
                               "without resume (or with resume: auto)")
@@ -325,32 +376,33 @@ def _decide(cfg, run: Path, current: dict, log) -> Path | None:
     if resume is False:
         raise ConfigError(f"{run} holds an earlier run; resume to continue it (resume: auto also starts it again "
                           "when it has no checkpoint) or overwrite to delete it and start again")
-    check_same_run(_saved_record(run), current, run)
+    check_same_run(_saved_record(run, recipe), current, run, recipe)
     checkpoint = latest_checkpoint(run / "checkpoints")
     if checkpoint is None:
         if resume is True:
             raise ConfigError(f"resume: {run} has no checkpoint to resume from (RUN/checkpoints/latest); use "
                               "resume: auto to start it again, or overwrite")
-        _clear(run, keep=("importance.safetensors",))
+        _clear(run, recipe, keep=("importance.safetensors",))
         log(f"resume auto: {run} has no checkpoint; starting the run again")
     return checkpoint
 
 
-def _start(cfg, log) -> tuple[WriterLock, Path | None]:
+def _start(cfg, log, recipe: Recipe) -> tuple[WriterLock, Path | None]:
     """Rank 0: take the lock, decide, write RUN/elastify_config.json. Returns (lock, checkpoint)."""
     run = check_out_dir(cfg.out)
-    current = run_record(cfg)
-    if run.is_dir() and any(run.iterdir()) and not any((run / n).exists() for n in STATE + (CONFIG, LOCK)):
-        raise ConfigError(f"{run}: folder exists, is not empty and holds no elastify run; name a new folder")
+    current = run_record(cfg, recipe)
+    if run.is_dir() and any(run.iterdir()) and not any((run / n).exists()
+                                                       for n in recipe.state + (recipe.config_file, LOCK)):
+        raise ConfigError(f"{run}: folder exists, is not empty and holds no {recipe.name} run; name a new folder")
     if cfg.resume is True and not run.exists():
         raise ConfigError(f"resume: {run} does not exist, so there is no checkpoint to resume from")
     run.mkdir(parents=True, exist_ok=True)
-    lock = WriterLock.acquire(run, log)
+    lock = WriterLock.acquire(run, log, recipe.name)
     try:
-        checkpoint = _decide(cfg, run, current, log)
-        tmp = run / (CONFIG + ".tmp")
+        checkpoint = _decide(cfg, run, current, log, recipe)
+        tmp = run / (recipe.config_file + ".tmp")
         tmp.write_text(json.dumps(current, indent=2) + "\n")
-        tmp.replace(run / CONFIG)
+        tmp.replace(run / recipe.config_file)
     except BaseException:
         lock.release()
         raise
@@ -358,15 +410,16 @@ def _start(cfg, log) -> tuple[WriterLock, Path | None]:
 
 
 @contextmanager
-def open_run(cfg, rank: int, log):
-    """The run folder for this process's part of the run. Rank 0 takes the writer lock and decides
+def open_run(cfg, rank: int, log, recipe: Recipe = ELASTIFY):
+    """The run folder for this process's part of `recipe`'s run (`cfg.out`: its config has `out`,
+    `resume`, `overwrite` and `recipe.sources`). Rank 0 takes the writer lock and decides
     (start, continue, start again or refuse); every rank receives the decision, so a refusal raises
     on all ranks alike (ConfigError, one line). Yields the checkpoint to continue from, or None;
     rank 0 releases the lock on exit, error included."""
     lock, decision, failure = None, {}, None
     if rank == 0:
         try:
-            lock, checkpoint = _start(cfg, log)
+            lock, checkpoint = _start(cfg, log, recipe)
             decision = {"checkpoint": None if checkpoint is None else str(checkpoint)}
         except Exception as err:  # every rank must hear of it before rank 0 raises
             failure, decision = err, {"error": str(err)}
