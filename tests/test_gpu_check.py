@@ -122,6 +122,7 @@ def test_plan_call_is_the_plan_elastify_checks_for_the_same_run(tmp_path, monkey
     """gpu-check compares the measured peak with `star-elastic plan PLAN_ARGS`; elastify refuses or runs on its
     own plan of ELASTIFY_ARGS. Both command lines, as gpu-check spells them, must mean the same plan."""
     import star_elastic.train.elastify as elastify
+    from star_elastic.plan import check_plan
 
     s = cuda_checks.settings(smoke=False, gpus=2)
     parent = tmp_path / "parent"
@@ -134,7 +135,7 @@ def test_plan_call_is_the_plan_elastify_checks_for_the_same_run(tmp_path, monkey
     seen = {}
 
     def fake_train(cfg, log=None):
-        seen["plan"] = elastify.check_plan(cfg, world=s.gpus, log=lambda msg: None)
+        seen["plan"] = check_plan(elastify.plan_config(cfg, s.gpus), "elastifying", log=lambda msg: None)
         return {"rank": 1}
 
     monkeypatch.setattr(elastify, "train", fake_train)

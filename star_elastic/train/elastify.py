@@ -291,6 +291,12 @@ def rank_batch(cfg: ElastifyConfig, seqs, step: int, seq_len: int, pad: int, ran
     return ids[rows], mask[rows]
 
 
+def plan_config(cfg: ElastifyConfig, world: int) -> PlanConfig:
+    """What the run needs per GPU with `world` processes: its longest stage, as `star-elastic plan` sees it."""
+    return PlanConfig(model=cfg.model, gpus=world, seq_len=cfg.stage2_seq_len, batch_size=cfg.batch_size,
+                      engine=cfg.engine)
+
+
 def check_inputs(cfg: ElastifyConfig) -> None:
     """The checks that need no weights, before any are loaded: the required keys, the parent's
     config.json and the choice grid on it (a bad grid fails at once, not after importance)."""
@@ -311,8 +317,7 @@ def train(cfg: ElastifyConfig, log=None) -> dict:
     check_micro_batch_size(cfg.engine.micro_batch_size, cfg.batch_size, world)
     log = log or (lambda msg: print(msg, file=sys.stderr) if rank == 0 else None)
     check_inputs(cfg)
-    check_plan(PlanConfig(model=cfg.model, gpus=world, seq_len=cfg.stage2_seq_len, batch_size=cfg.batch_size,
-                          engine=cfg.engine), "elastifying", log)
+    check_plan(plan_config(cfg, world), "elastifying", log)
     with open_run(cfg, rank, log) as latest:
         return run_recipe(cfg, latest, mode, rank, world, log)
 
