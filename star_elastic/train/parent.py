@@ -53,9 +53,9 @@ class ParentConfig:
     n_val: int = 256
     n_test: int = 400
     """Held-out problems for the reported accuracy."""
-    steps: int = 1200
+    steps: int = 3000
     batch_size: int = 48
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = 16
     """Problems per forward (gradient accumulation; must divide batch_size): the step's problems are
     sorted by length and each micro-batch padded only to its own longest. None: one forward."""
     lr: float = 4e-3
@@ -66,8 +66,8 @@ class ParentConfig:
     seed: int = 0
     eval_batch_size: int = 200
     max_new_tokens: int = 160
-    threads: int | None = None
-    """torch threads; None keeps torch's default."""
+    threads: int | None = 1
+    """torch threads (one: the same bytes on a machine type whatever else runs); None keeps torch's default."""
 
     def __post_init__(self) -> None:
         typed_blocks(self)
