@@ -1,7 +1,7 @@
-"""Gradient accumulation over length-sorted micro-batches (`micro_batch_size`) equals one forward
-of the whole batch: for the parent's trainer (gradients) and for elastify (trained weights, SGD);
-the multi-process versions (DDP with `no_sync`, FSDP2 reduce-scattering each micro-batch) are in
-test_distributed.py."""
+"""Gradient accumulation over micro-batches (`micro_batch_size`) equals one forward of the whole
+batch: for the parent's trainer (length-sorted, gradients) and for elastify (packed rows, trained
+weights, SGD, under budget_sampling step and all); the multi-process versions (DDP with `no_sync`,
+FSDP2 reduce-scattering each micro-batch) are in test_distributed.py."""
 
 from __future__ import annotations
 
@@ -67,11 +67,13 @@ def test_parent_micro_batches_give_the_whole_batch_gradient_with_less_padding():
     assert padded < len(picked) * max(len(ids) for ids, _ in picked)
 
 
-def test_elastify_micro_batches_train_the_same_weights(parent_dir, tmp_path):
+@pytest.mark.parametrize("sampling", ["step", "all"])
+def test_elastify_micro_batches_train_the_same_weights(parent_dir, tmp_path, sampling):
     """SGD (Adam would amplify ~1e-8 summation-order differences), 4 steps over both stages, 4
-    sequences per step in 1 and in 4 forwards: the same weights and router, the same losses."""
+    packed rows per step in 1 and in 4 forwards (all: each budget in each): the same weights and
+    router, the same losses. (micro_batch draws a budget per micro-batch: a different step.)"""
     base = dict(steps=4, optimizer="sgd", lr=0.5, router_lr=0.5, warmup_steps=1, lm_weight=0.5, settle_every=0,
-                elastic={"budget_mode": "none"})  # the router loss acts at every step (no dead zone)
+                budget_sampling=sampling, elastic={"budget_mode": "none"})  # the router loss acts at every step
     runs = {}
     for rows in (None, 1):
         out = tmp_path / f"micro-{rows}"
@@ -83,7 +85,8 @@ def test_elastify_micro_batches_train_the_same_weights(parent_dir, tmp_path):
     assert max(float((weights[k] - whole[k]).abs().max()) for k in whole) < 1e-5
     assert len(metrics) == len(whole_metrics) == 4
     for a, b in zip(metrics, whole_metrics):
-        assert a["arch"] == b["arch"] and a["budget"] == b["budget"]
+        assert a.get("arch") == b.get("arch") and a["budgets"][0] == b["budgets"][0]
         assert a["kd"] == pytest.approx(b["kd"], abs=1e-6) and a["lm"] == pytest.approx(b["lm"], abs=1e-6)
+        assert a["objective"] == pytest.approx(b["objective"], abs=1e-6)
     with pytest.raises(ConfigError, match="micro_batch_size 3 must divide each process's 4 sequences"):
         train(config(parent_dir, tmp_path / "bad", engine={"micro_batch_size": 3}), log=lambda m: None)

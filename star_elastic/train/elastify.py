@@ -244,6 +244,11 @@ def router_share(cfg: ElastifyConfig, last_micro: bool, n_micro: int, world: int
     return 1.0 if last_micro else 0.0
 
 
+def stage_of(cfg: ElastifyConfig, step: int) -> int:
+    """Stage 1 for the first stage1_fraction of the steps, then stage 2."""
+    return 1 if step < int(round(cfg.steps * cfg.stage1_fraction)) else 2
+
+
 def tau_at(cfg: ElastifyConfig, step: int) -> float:
     t0, t1 = cfg.tau
     return t0 * (t1 / t0) ** (step / max(1, cfg.steps - 1))
@@ -498,12 +503,13 @@ def run_recipe(cfg: ElastifyConfig, latest: Path | None, mode: str, rank: int, w
     model_params = opt.param_groups[0]["params"]
     t0 = time.perf_counter()
     for step in bar:
-        stage = 1 if step < stage1_steps else 2
+        stage = stage_of(cfg, step)
         if step == stage1_steps > 0 or (step > 0 and cfg.settle_every and step % cfg.settle_every == 0):
             settle(elastic)  # hold the budgets' windows: stage 2 trains the architectures they end with
         tau = tau_at(cfg, step)
         rows = on_device(samplers[stage].next_rows(cfg.batch_size, rank, world), engine.device)
-        n = global_sum(rows.mask.sum().float())  # the global batch's loss tokens (= its KD positions)
+        n, tokens = global_sum(torch.stack([rows.mask.sum(), rows.real.sum()]).float())  # the global batch's
+        # loss tokens (= its KD positions) and real tokens
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = base * lr_scale(cfg, step)
         opt.zero_grad(set_to_none=True)
@@ -511,7 +517,7 @@ def run_recipe(cfg: ElastifyConfig, latest: Path | None, mode: str, rank: int, w
         torch.nn.utils.clip_grad_norm_(model_params, cfg.grad_clip)
         opt.step()
         done = step + 1
-        record = step_record(cfg, elastic, step, stage, tau, result, n, world, t0)
+        record = step_record(cfg, elastic, step, stage, tau, result, n, tokens, world, t0)
         bar.set_postfix(progress_line(record))
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
@@ -622,7 +628,7 @@ def save_untrained(cfg: ElastifyConfig, elastic: ElasticLM, engine, mode: str, r
 
 
 def step_record(cfg: ElastifyConfig, elastic: ElasticLM, step: int, stage: int, tau: float, result: StepSums,
-                n: torch.Tensor, world: int, t0: float) -> dict:
+                n: torch.Tensor, tokens: torch.Tensor, world: int, t0: float) -> dict:
     """One metrics.jsonl line; the losses are the whole batch's (summed over processes). kd: the
     distillation KL per loss token (summed over budgets under budget_sampling all); kd_by_budget:
     the KL per loss token of the tokens trained at each budget; budget_penalty (≥ 0): the router's
@@ -630,8 +636,8 @@ def step_record(cfg: ElastifyConfig, elastic: ElasticLM, step: int, stage: int, 
     router's tie-break towards larger architectures, subtracted (so the objective can dip below 0
     where kd is near 0) — both as they enter the loss (`router_share`); objective: what the step
     minimises, kd + router_weight·(budget_penalty − capacity_reward) (+ lm_weight·lm). budgets:
-    each global micro-batch's (all: every budget). Under budget_sampling step also the step's budget,
-    architecture and cost."""
+    each global micro-batch's (all: every budget); tokens: the global batch's real (non-padding)
+    tokens. Under budget_sampling step also the step's budget, architecture and cost."""
     sums, router = global_sum(result.sums.to(n.device)).cpu(), global_sum(result.router.to(n.device)).cpu() / world
     count = float(n.clamp_min(1))
     kd = float(sums[:, 0].sum()) / count
@@ -643,7 +649,7 @@ def step_record(cfg: ElastifyConfig, elastic: ElasticLM, step: int, stage: int, 
     drawn = list(elastic.ecfg.budgets) if cfg.budget_sampling == "all" else [b[0] for b in result.budgets]
     record = {"step": step + 1, "stage": stage, "budgets": drawn,
               "tau": round(tau, 4), "objective": objective, "kd": kd, "kd_by_budget": by_budget,
-              "budget_penalty": penalty, "capacity_reward": reward, "lm": lm}
+              "budget_penalty": penalty, "capacity_reward": reward, "lm": lm, "tokens": int(tokens)}
     if cfg.budget_sampling == "step":
         budget = result.budgets[0][0]
         picks = {a: p.detach().cpu() for a, p in result.picks[budget].items()}
