@@ -92,9 +92,10 @@ class DistillStep(nn.Module):
         super().__init__()
         self.elastic, self.chunk_tokens, self.architectures = elastic, chunk_tokens, architectures
         self.route_always = route_always
-        """The full model (budget 1, which needs no router) runs the router too, with zero weight in the
-        loss: FSDP2 gathers and reduces a unit only on the processes that call it, so processes that
-        train different budgets in the same micro-batch (budget_sampling micro_batch) must all call it."""
+        """The full model (budget 1, which needs no router) runs the router too, first and with zero
+        weight in the loss: FSDP2 gathers and reduces a unit only on the processes that call it, so
+        processes that train different budgets in the same micro-batch (budget_sampling micro_batch)
+        must all call it, in the same order (its backward, like a sampled budget's, comes last)."""
 
     def forward(self, ids, budget: float, tau: float | None, generator, teacher_hidden, teacher_head, kd_mask,
                 temperature: float = 1.0, lm_mask=None, seq_idx=None):
@@ -105,10 +106,10 @@ class DistillStep(nn.Module):
         another one: lm_mask must be 0 there for the CE to be that of the documents run alone."""
         unused = 0.0
         if self.architectures is None:
-            hidden, picks = self.elastic.forward_sampled(ids, budget, tau, generator, head=False, seq_idx=seq_idx)
-            if self.route_always and budget >= 1.0:
-                logits = self.elastic.router(self.elastic.budget_vector(budget).to(ids.device))
+            if self.route_always and budget >= 1.0:  # first, as forward_sampled runs it below 1 (the same order
+                logits = self.elastic.router(self.elastic.budget_vector(budget).to(ids.device))  # of collectives)
                 unused = sum(x.sum() for x in logits.values()) * 0.0  # zero gradients, present on every process
+            hidden, picks = self.elastic.forward_sampled(ids, budget, tau, generator, head=False, seq_idx=seq_idx)
         else:
             masks = IndexSets.prefix(self.elastic.config, self.architectures[budget]).masks(device=ids.device)
             hidden, picks = self.elastic.model(ids, masks=masks, head=False, seq_idx=seq_idx), None
