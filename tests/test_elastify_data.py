@@ -216,3 +216,30 @@ def test_cli_prepare_data_mixture_then_elastify_on_the_store_and_on_files(parent
     assert main(["elastify", *flags, "--data", str(tmp_path / "wide"), "--out", str(tmp_path / "run3")]) == 2
     err = capsys.readouterr().err
     assert "prepared for a vocabulary of 100000 ids" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["nemotron-3-nano-30b.yaml", "nemotron-nano-9b-v2.yaml"])
+def test_real_recipe_headers_prepare_a_mixture_and_train_on_that_store(name, monkeypatch):
+    """The header's commands parse as written (from the repository root): prepare-data of a weighted
+    two-source mixture with the parent's tokenizer, then elastify with --data that store."""
+    import shlex
+    from pathlib import Path
+
+    from star_elastic.cli import COMMANDS, build_parser, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    commands, current = [], ""
+    for line in (root / "configs" / name).read_text().splitlines():
+        if line.startswith("#"):
+            current += " " + line[1:].strip().removesuffix("\\")
+            if not line.endswith("\\"):
+                commands, current = commands + [current], ""
+    configs = {}
+    for text in (c for c in commands if "star-elastic prepare-data" in c or "star_elastic.cli elastify" in c):
+        words = shlex.split(text.split("star-elastic ", 1)[-1].split("star_elastic.cli ", 1)[-1])
+        cmd = next(c for c in COMMANDS if c.name == words[0])
+        configs[cmd.name] = load_config(cmd, build_parser(only=cmd.name).parse_args(words))
+    prep, run = configs["prepare-data"], configs["elastify"]
+    assert [spec.rsplit(":", 1)[1] for spec in prep.inputs] == ["0.7", "0.3"]
+    assert run.data == prep.out and prep.tokenizer == run.model
