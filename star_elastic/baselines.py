@@ -30,7 +30,9 @@ from star_elastic.config import from_dict
 from star_elastic.elastic.arch import slice_model
 from star_elastic.elastic.run import load_elastic
 from star_elastic.train.distill import kd_loss
-from star_elastic.train.elastify import ElastifyConfig, kd_positions, lr_scale, open_store, pad_id, stage_of, stage_samplers
+from star_elastic.train.elastify import (
+    ElastifyConfig, kd_positions, lr_scale, open_store, pad_id, stage_of, stage_samplers,
+)
 from star_elastic.train.parent import ParentConfig, evaluate, train_parent
 
 KINDS = ("independent", "compression_equal_tokens", "compression_to_match")
@@ -118,7 +120,8 @@ def compression(run: Path, budget: float, ecfg: ElastifyConfig, store, steps: in
         student.train()
         return checks[-1][1] >= target
 
-    result = distill_alone(student, teacher, store, ecfg, steps, reached if target is not None else None, bcfg.eval_every)
+    result = distill_alone(student, teacher, store, ecfg, steps, reached if target is not None else None,
+                           bcfg.eval_every)
     accuracy = checks[-1][1] if checks and checks[-1][0] == result["steps"] else _accuracy(student, examples, bcfg)
     return {**result, "accuracy": accuracy, "checks": checks,
             **({"target": target, "matched": accuracy >= target} if target is not None else {})}

@@ -298,7 +298,8 @@ def calibration_key(cfg: ElastifyConfig, store) -> str:
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
-def calibration_stats(cfg: ElastifyConfig, parent: HybridLM, mine: list[Rows], world: int) -> importance.ImportanceStats:
+def calibration_stats(cfg: ElastifyConfig, parent: HybridLM, mine: list[Rows],
+                      world: int) -> importance.ImportanceStats:
     """Importance statistics over the calibration batches: each rank runs its own (`calibration_rows`)
     and the sums are added over ranks, so N processes give one process's statistics. Every rank runs
     the same number of forwards (a sharded parent gathers its weights in each): a rank out of
@@ -524,7 +525,8 @@ def run_recipe(cfg: ElastifyConfig, latest: Path | None, mode: str, rank: int, w
             metrics.flush()
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == cfg.stop_after:
             position = {str(k): sampler.state_dict() for k, sampler in samplers.items()}
-            save_checkpoint(ckpt_dir, done, engine.state_module, opt, {"seed": cfg.seed, "world": world, "data": position})
+            save_checkpoint(ckpt_dir, done, engine.state_module, opt,
+                            {"seed": cfg.seed, "world": world, "data": position})
         if cfg.stop_after is not None and done >= cfg.stop_after:
             break
     bar.close()
