@@ -198,23 +198,6 @@ def batch_for_step(
     return ids, mask
 
 
-def length_groups(lengths: list[int], rows: int | None) -> list[list[int]]:
-    """Row indices in groups of `rows` (None: one group of all), for gradient accumulation.
-
-    Rows are sorted by length (shortest first, ties in row order) before they are cut, so each
-    group can be trimmed to its own longest row: a right-padded row's real tokens never see the
-    padding after them (causal model), so the groups' summed losses and gradients are the whole
-    batch's, with less padding computed. Every group has the same number of rows (`rows` divides
-    the batch): under FSDP every process must run the same number of forwards.
-    """
-    if rows is None or rows >= len(lengths):
-        return [list(range(len(lengths)))]
-    if len(lengths) % rows:
-        raise ConfigError(f"micro_batch_size {rows} must divide the {len(lengths)} rows of each process's batch")
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + rows] for i in range(0, len(order), rows)]
-
-
 def check_micro_batch_size(rows: int | None, batch_size: int, world: int) -> None:
     """A micro-batch size must divide each process's share of the global batch."""
     if rows is not None and (batch_size // world) % rows:
@@ -241,6 +224,8 @@ def micro_batches(rows: int | None, real: torch.Tensor, *tensors: torch.Tensor):
     """Yield (last, parts): `tensors` (each (B, T, ...), right-padded rows) cut into the micro-batches
     of `length_groups`, each part trimmed to the group's longest row by `real` (B, T), the 0/1 mask
     of the positions a loss or the model needs. One group (`rows` None or >= B): the tensors whole."""
+    from star_elastic.train.parent import length_groups
+
     lengths = row_lengths(real) if rows is not None else [real.shape[1]] * real.shape[0]
     groups = length_groups(lengths, rows)
     if len(groups) == 1:
