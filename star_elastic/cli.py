@@ -53,6 +53,18 @@ def _plan(cfg) -> int:
     return plan_command(cfg)
 
 
+def _prepare_data(cfg) -> int:
+    from star_elastic.data.store import prepare_data
+
+    manifest = prepare_data(cfg)
+    for source in manifest["sources"]:
+        print(f"{source['input']}: {source['samples']:,} samples, {source['tokens']:,} tokens "
+              f"({source['loss_tokens']:,} in the loss), weight {source['weight']:.3g}, "
+              f"{source['skipped']['count']} records skipped", file=sys.stderr)
+    print(f"store: {cfg.out}", file=sys.stderr)
+    return 0
+
+
 def _train_parent(cfg) -> int:
     from star_elastic.config import check_out_dir
     from star_elastic.train.parent import train_parent
@@ -64,18 +76,6 @@ def _train_parent(cfg) -> int:
     summary = {k: report[k] for k in ("params", "steps", "train_seconds", "final_loss")}
     summary |= {"test_accuracy": report["test"]["accuracy"], "by_task": report["test"]["by_task"]}
     _print_json(summary)
-    return 0
-
-
-def _prepare_data(cfg) -> int:
-    from star_elastic.data.store import prepare_data
-
-    manifest = prepare_data(cfg)
-    for source in manifest["sources"]:
-        print(f"{source['input']}: {source['samples']:,} samples, {source['tokens']:,} tokens "
-              f"({source['loss_tokens']:,} in the loss), weight {source['weight']:.3g}, "
-              f"{source['skipped']['count']} records skipped", file=sys.stderr)
-    print(f"store: {cfg.out}", file=sys.stderr)
     return 0
 
 

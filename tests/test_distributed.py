@@ -121,8 +121,8 @@ def runs(tmp_path_factory):
         {"name": "fsdp_resume", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, resume=True)},
         {"name": "ddp", "cfg": _cfg(p, root / "ddp", parallel="ddp", micro_batch_size=1)},  # 2 forwards, no_sync
         {"name": "fsdp_micro", "cfg": _cfg(p, root / "fsdp_micro", activation_checkpointing=True, micro_batch_size=1)},
-        {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
         {"name": "fsdp_mb", "cfg": _cfg(p, root / "fsdp_mb", activation_checkpointing=True, **MICRO_BATCH)},
+        {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
         {"name": "qad", "kind": "quantize",  # 2 forwards per process
          "cfg": _engine(QAD | {"run": str(root / "one"), "out": str(root / "qad_two"), "micro_batch_size": 1})},
     ]

@@ -68,11 +68,11 @@ from star_elastic.config import ConfigError, check_out_dir, to_plain
 from star_elastic.distributed import broadcast_json
 from star_elastic.train.checkpoint import latest_checkpoint
 
+PREPARED = "data"
+"""RUN/data: the token store a .jsonl / .parquet --data or the synthetic set is prepared into (once)."""
 LOCK = "writer.lock"
 CONFIG = "elastify_config.json"
 FORMAT, VERSION = "star-elastic-elastify-config", 1
-PREPARED = "data"
-"""RUN/data: the token store a .jsonl / .parquet --data or the synthetic set is prepared into (once)."""
 STATE = ("importance.safetensors", "run.json", "model", "router.safetensors", "latency_table.json", "metrics.jsonl",
          "checkpoints", "initial", PREPARED)
 """What a run writes besides its config and lock: RUN holds a run when one of these exists."""
