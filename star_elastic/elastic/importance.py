@@ -30,7 +30,6 @@ per-layer means) for callers that want one order per axis.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -350,15 +349,6 @@ def save_scores(scores: dict[str, torch.Tensor], path: str | Path, key: dict[str
     computed from) goes into its metadata."""
     save_file({k: v.detach().cpu().contiguous() for k, v in scores.items()}, str(path),
               metadata={"content": CONTENT, **(key or {})})
-
-
-def batches_fingerprint(batches: list[torch.Tensor]) -> str:
-    """SHA-256 over the calibration batches' shapes and token ids: the key's "calibration"."""
-    h = hashlib.sha256()
-    for ids in batches:
-        h.update(str(tuple(ids.shape)).encode())
-        h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def scores_match(path: str | Path, key: dict[str, str], log) -> bool:

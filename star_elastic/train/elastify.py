@@ -8,8 +8,8 @@
 Parallelism (FSDP2 / DDP, mixed precision, activation checkpointing) is applied once before the
 loop by star_elastic.distributed; the step itself is the same for every engine.
 
-Data. DATA becomes a memory-mapped token store (`data.loading.open_data`: a prepare-data store as
-it is; a .jsonl / .parquet file or the synthetic set prepared once into RUN/data, by rank 0 while
+Data. DATA becomes a token store (`data.loading.open_data`: a prepare-data store read in place;
+a .jsonl / .parquet file or the synthetic set prepared once into RUN/data, by rank 0 while
 the others wait). Each stage packs rows of its own seq_len from that store with a PackedSampler
 of its own (data/sampler.py); every step takes the next `batch_size` rows of the stage's stream,
 process r of W reads only rows [r·B/W, (r+1)·B/W), and the rows carry `seq_idx`, so teacher and
@@ -35,6 +35,7 @@ uninterrupted one bit for bit on CPU, and N processes compute one process's step
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -140,8 +141,10 @@ class ElastifyConfig:
     and after training). budget_mode none never projects."""
     router_fit_steps: int = 300
     calibration_batches: int = 8
+    """Importance calibration batches, each batch_size packed rows of calibration_seq_len tokens."""
     calibration_seq_len: int = 128
     n_synthetic: int = 20000
+    """Problems of the built-in synthetic set (data synthetic)."""
     checkpoint_every: int = 50
     stop_after: int | None = None
     """Stop (after checkpointing) once this many steps are done: for preemption tests."""
@@ -292,8 +295,6 @@ def calibration_rows(cfg: ElastifyConfig, store, pad: int, rank: int, world: int
 
 def calibration_key(cfg: ElastifyConfig, store) -> str:
     """What decides the calibration batches (the store and the calibration sampler): the scores' key."""
-    import hashlib
-
     what = [store.fingerprint, cfg.seed, cfg.calibration_seq_len, cfg.calibration_batches, cfg.batch_size]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
@@ -709,8 +710,6 @@ def log_settled(elastic, log) -> None:
 
 def state_digest(module: torch.nn.Module) -> str:
     """SHA-256 over every tensor's bytes, in key order: equal digests mean identical weights."""
-    import hashlib
-
     h = hashlib.sha256()
     for key, t in sorted(module.state_dict().items()):
         h.update(key.encode())
