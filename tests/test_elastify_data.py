@@ -181,6 +181,13 @@ def test_resume_equals_uninterrupted_under_each_budget_sampling(parent_dir, tmp_
         with pytest.raises(ConfigError, match="resume: engine.micro_batch_size changed .* 2 → 1"):
             train(config(parent_dir, tmp_path / "b", resume=True, **(base | {"engine": {"micro_batch_size": 1}})),
                   log=quiet)
+    state = tmp_path / "b" / "checkpoints" / "step-000004" / "state.json"
+    saved = json.loads(state.read_text())
+    assert saved["data"]["2"]["rows"] == 4 and saved["data"]["1"]["rows"] == 12  # rows taken per stage
+    state.write_text(json.dumps({k: v for k, v in saved.items() if k != "data"}))  # an older checkpoint
+    with pytest.raises(ConfigError, match="step-000004: holds no data position"):
+        train(config(parent_dir, tmp_path / "b", resume=True, **base), log=quiet)
+    state.write_text(json.dumps(saved))
     resumed = train(config(parent_dir, tmp_path / "b", resume=True, **base), log=quiet)
     assert resumed["state_sha256"] == whole["state_sha256"]
     assert state_digest(load_elastic(tmp_path / "a")) == state_digest(load_elastic(tmp_path / "b"))
