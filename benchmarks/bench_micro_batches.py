@@ -7,8 +7,8 @@ of the whole padded batch, on the demo's recipes (the demo parent's config, buil
    one forward vs micro-batches of 24 / 16 / 8, the same sampled batches, interleaved per step so a
    slow spell of a shared machine lands on every variant; medians.
 2. Elastify (the demo's configs/elastify.yaml, batch 24, on a random-initialised demo-size parent):
-   step time in stage 1 (sequences cut at 64 tokens) and stage 2 (up to 128), micro-batches of 8 vs
-   none, runs alternated `--rounds` times; medians of the per-step times in metrics.jsonl.
+   step time in stage 1 (packed rows of 64 tokens) and stage 2 (128), micro-batches of 8 vs none,
+   runs alternated `--rounds` times; medians of the per-step times in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ import torch
 
 from star_elastic.config import from_dict
 from star_elastic.data import synthetic
-from star_elastic.data.loading import length_groups
 from star_elastic.data.tokenizer import build_tokenizer, encode_example
 from star_elastic.hf import save_model
 from star_elastic.model.hybrid import HybridLM
 from star_elastic.train.elastify import ElastifyConfig, load_elastify_config, train
-from star_elastic.train.parent import ParentConfig, accumulate_lm, model_config
+from star_elastic.train.parent import ParentConfig, accumulate_lm, length_groups, model_config
 
 
 def padded_tokens(picked, rows) -> int:

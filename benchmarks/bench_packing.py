@@ -4,7 +4,7 @@
 
 1. Efficiency = real tokens ÷ computed tokens, on document lengths like reasoning SFT: log-normal,
    median 1500 tokens, σ = 1.0 (mean ≈ 2470; 99.9th percentile ≈ 33K), clipped to [32, 32768].
-   Padded (today's `batch_for_step`): one document per row, cut at seq_len, each batch padded to
+   Padded (the old `batch_for_step`): one document per row, cut at seq_len, each batch padded to
    its longest row; also with length-sorted micro-batches of 8 (`length_groups`). Packed: the
    sampler's rows (first fit over windows of drawn documents, long documents split) over a store of
    these lengths, for several window sizes. Machine-independent numbers.
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from star_elastic.data.loading import length_groups
 from star_elastic.data.sampler import PackedSampler
 from star_elastic.data.store import PrepareConfig, TokenStore, prepare_data, write_store
 from star_elastic.data.tokenizer import build_tokenizer
+from star_elastic.train.parent import length_groups
 
 
 def reasoning_lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -35,7 +35,7 @@ def reasoning_lengths(n: int, seed: int = 0) -> np.ndarray:
 
 
 def padded(lengths: np.ndarray, seq_len: int, batch: int, micro: int | None, seed: int = 0) -> tuple[float, float]:
-    """(efficiency, share of tokens cut off) of today's batches, sampled like `batch_for_step`."""
+    """(efficiency, share of tokens cut off) of the old padded batches (documents drawn with replacement)."""
     rng = np.random.default_rng(seed)
     real = computed = 0
     for _ in range(2000):

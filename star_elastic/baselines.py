@@ -9,7 +9,9 @@ For every budget b < 1 of an elastic run, with A_b the architecture the trained 
                             accuracy at b (evaluated every `eval_every` steps, up to `match_tokens_factor`
                             times the elastic run's total tokens) → tokens to match ÷ the elastic run's
                             tokens per size.
-A token is one non-padding position of a training batch, counted the same way for every run.
+A token is one real (non-padding) position of a packed training row, counted the same way for every
+run; the compressions read the elastic run's token store (RUN/data, or its --data store) with its
+stage samplers, as elastify does.
 Each result is written to OUT/baselines/<kind>-<b>.json and reused when the demo runs again.
 """
 
@@ -25,11 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from star_elastic.config import from_dict
-from star_elastic.data.loading import batch_for_step, load_sequences
 from star_elastic.elastic.arch import slice_model
 from star_elastic.elastic.run import load_elastic
 from star_elastic.train.distill import kd_loss
-from star_elastic.train.elastify import ElastifyConfig, lr_scale
+from star_elastic.train.elastify import (
+    ElastifyConfig, kd_positions, lr_scale, open_store, pad_id, stage_of, stage_samplers,
+)
 from star_elastic.train.parent import ParentConfig, evaluate, train_parent
 
 KINDS = ("independent", "compression_equal_tokens", "compression_to_match")
@@ -45,41 +48,32 @@ class BaselineConfig:
     max_new_tokens: int = 96
 
 
-def _tokens(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> int:
-    return int(((ids != pad) | (mask > 0)).sum())
+def run_tokens(run: Path) -> int:
+    """Tokens the elastic run in `run` trained on: the sum of its metrics' per-step counts."""
+    return sum(json.loads(line)["tokens"] for line in (run / "metrics.jsonl").read_text().splitlines())
 
 
-def _seq_len(cfg: ElastifyConfig, step: int, steps: int) -> int:
-    """Stage 1 (short sequences) for the first stage1_fraction of `steps`, as in elastify."""
-    return cfg.stage1_seq_len if step < round(steps * cfg.stage1_fraction) else cfg.stage2_seq_len
-
-
-def run_tokens(cfg: ElastifyConfig, seqs: list, pad: int) -> int:
-    """Tokens the elastic run of `cfg` trained on (its batches replayed; they are a function of the step)."""
-    return sum(_tokens(*batch_for_step(seqs, s, 0, cfg.batch_size, _seq_len(cfg, s, cfg.steps), pad, cfg.seed), pad)
-               for s in range(cfg.steps))
-
-
-def distill_alone(student, teacher, seqs: list, cfg: ElastifyConfig, steps: int, check=None, every: int = 0) -> dict:
-    """Distill `student` from the frozen `teacher` for `steps` steps with elastify's data, optimizer and
-    schedule (warmup + cosine over `steps`). `check(step)` → True stops early (evaluated every `every`)."""
+def distill_alone(student, teacher, store, cfg: ElastifyConfig, steps: int, check=None, every: int = 0) -> dict:
+    """Distill `student` from the frozen `teacher` for `steps` steps with elastify's data (its stage
+    samplers over `store`, KD at the same positions), optimizer and schedule (warmup + cosine over
+    `steps`). `check(step)` → True stops early (evaluated every `every`)."""
     cfg = dataclasses.replace(cfg, steps=steps)
-    pad = student.config.pad_token_id
+    samplers = stage_samplers(cfg, store, pad_id(student))
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     student.train()
     tokens, done = 0, 0
     for step in tqdm(range(steps), desc="distill alone", file=sys.stderr, leave=False, dynamic_ncols=True):
-        ids, mask = batch_for_step(seqs, step, 0, cfg.batch_size, _seq_len(cfg, step, steps), pad, cfg.seed)
+        rows = samplers[stage_of(cfg, step)].next_rows(cfg.batch_size)
         with torch.no_grad():
-            target = teacher(ids)  # (B, T, V)
-        loss = kd_loss(student(ids), target, (ids != pad) | (mask > 0), cfg.kd_temperature)
+            target = teacher(rows.ids, seq_idx=rows.seq_idx)  # (B, T, V)
+        loss = kd_loss(student(rows.ids, seq_idx=rows.seq_idx), target, kd_positions(rows.mask), cfg.kd_temperature)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_scale(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         opt.step()
-        tokens, done = tokens + _tokens(ids, mask, pad), step + 1
+        tokens, done = tokens + int(rows.real.sum()), step + 1
         if check is not None and every and done % every == 0 and check(done):
             break
     student.eval()
@@ -108,7 +102,7 @@ def independent(arch_config, parent_cfg: ParentConfig, examples: list[dict], bcf
     return {"steps": report["steps"], "tokens": report["tokens"], "accuracy": _accuracy(model, examples, bcfg)}
 
 
-def compression(run: Path, budget: float, ecfg: ElastifyConfig, seqs: list, steps: int, examples: list[dict],
+def compression(run: Path, budget: float, ecfg: ElastifyConfig, store, steps: int, examples: list[dict],
                 bcfg: BaselineConfig, target: float | None = None) -> dict:
     """The sorted parent (RUN/initial) sliced to the trained run's architecture at `budget`, distilled
     alone from the parent; with `target`, stopped at the first check whose accuracy reaches it."""
@@ -126,7 +120,8 @@ def compression(run: Path, budget: float, ecfg: ElastifyConfig, seqs: list, step
         student.train()
         return checks[-1][1] >= target
 
-    result = distill_alone(student, teacher, seqs, ecfg, steps, reached if target is not None else None, bcfg.eval_every)
+    result = distill_alone(student, teacher, store, ecfg, steps, reached if target is not None else None,
+                           bcfg.eval_every)
     accuracy = checks[-1][1] if checks and checks[-1][0] == result["steps"] else _accuracy(student, examples, bcfg)
     return {**result, "accuracy": accuracy, "checks": checks,
             **({"target": target, "matched": accuracy >= target} if target is not None else {})}
@@ -138,10 +133,9 @@ def run_baselines(out: Path, parent_cfg: ParentConfig, elastify_cfg: ElastifyCon
     run = out / "run"
     ecfg = dataclasses.replace(elastify_cfg, model=str(out / "parent"), out=str(run))
     elastic = load_elastic(run)
-    tok = elastic.model.tokenizer
-    seqs = load_sequences(ecfg.data, tok, ecfg.n_synthetic, ecfg.seed)
+    store = open_store(ecfg, elastic.model, log=log)  # the run's own (prepared into RUN/data, or its store)
     budgets = elastic.ecfg.budgets
-    elastic_tokens = run_tokens(ecfg, seqs, elastic.config.pad_token_id)
+    elastic_tokens = run_tokens(run)
     share = elastic_tokens / len(budgets)
     per_step = elastic_tokens / ecfg.steps  # mean tokens of one elastify step
     share_steps = max(1, round(share / per_step))
@@ -157,8 +151,8 @@ def run_baselines(out: Path, parent_cfg: ParentConfig, elastify_cfg: ElastifyCon
         log(f"baselines: budget {b:g}")
         runs = {
             "independent": lambda: independent(arch_config, parent_cfg, examples, bcfg, folder / f"independent-{b:g}"),
-            "compression_equal_tokens": lambda: compression(run, b, ecfg, seqs, share_steps, examples, bcfg),
-            "compression_to_match": lambda: compression(run, b, ecfg, seqs, match_steps, examples, bcfg, accuracy[b]),
+            "compression_equal_tokens": lambda: compression(run, b, ecfg, store, share_steps, examples, bcfg),
+            "compression_to_match": lambda: compression(run, b, ecfg, store, match_steps, examples, bcfg, accuracy[b]),
         }
         for kind, make in runs.items():
             res = _cached(folder / f"{kind}-{b:g}.json", make)

@@ -53,6 +53,18 @@ def _plan(cfg) -> int:
     return plan_command(cfg)
 
 
+def _prepare_data(cfg) -> int:
+    from star_elastic.data.store import prepare_data
+
+    manifest = prepare_data(cfg)
+    for source in manifest["sources"]:
+        print(f"{source['input']}: {source['samples']:,} samples, {source['tokens']:,} tokens "
+              f"({source['loss_tokens']:,} in the loss), weight {source['weight']:.3g}, "
+              f"{source['skipped']['count']} records skipped", file=sys.stderr)
+    print(f"store: {cfg.out}", file=sys.stderr)
+    return 0
+
+
 def _train_parent(cfg) -> int:
     from star_elastic.config import check_out_dir
     from star_elastic.train.parent import train_parent
@@ -202,6 +214,8 @@ COMMANDS = [
             _plan, positional=("model",), flatten=("engine",)),
     Command("train-parent", "train the demo's small reasoning parent on CPU and report its accuracy",
             "star_elastic.train.parent:ParentConfig", _train_parent),
+    Command("prepare-data", "tokenize jsonl / parquet files (a mixture: PATH:WEIGHT ...) once into a token store",
+            "star_elastic.data.store:PrepareConfig", _prepare_data, positional=("inputs",)),
     Command("elastify", "train one checkpoint holding a nested model for every budget",
             "star_elastic.train.elastify:ElastifyConfig", _elastify, flatten=("elastic", "engine")),
     Command("slice", "cut a submodel out of an elastic run (--budget) or of any sorted checkpoint (--arch)",

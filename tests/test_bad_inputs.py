@@ -12,7 +12,7 @@ from conftest import ELASTIC_TINY, digest, randomize, tiny_config
 from star_elastic import HybridLM, ModelConfig, save_model
 from star_elastic.cli import main
 from star_elastic.config import ConfigError, ElasticConfig, from_dict
-from star_elastic.data.loading import load_sequences
+from star_elastic.data.loading import open_data
 from star_elastic.elastic.run import load_elastic
 from star_elastic.elastic.space import ChoiceSpace
 from star_elastic.train.elastify import ElastifyConfig, default_stage2_probs
@@ -59,10 +59,11 @@ def test_elastify_two_budgets_pretokenized_data_without_tokenizer(tmp_path, caps
     (tmp_path / "text.jsonl").write_text('{"text": "hello"}\n')
     assert main(["elastify", "--model", str(tmp_path / "parent"), "--data", str(tmp_path / "text.jsonl"),
                  "--out", str(tmp_path / "run2")]) == 2
-    one_line_error(capsys, "text.jsonl:1: 'messages' / 'text' records need a tokenizer")
-    with pytest.raises(ConfigError, match="outside the vocabulary \\(size 50\\)"):
+    one_line_error(capsys, "text.jsonl:1: 'text' records need a tokenizer")
+    with pytest.raises(ConfigError, match="big.jsonl:1: 'input_ids' has id 50 outside the vocabulary \\(size 50\\)"):
         (tmp_path / "big.jsonl").write_text('{"input_ids": [1, 50]}\n')
-        load_sequences(str(tmp_path / "big.jsonl"), None, vocab_size=50)
+        open_data(str(tmp_path / "big.jsonl"), tmp_path / "prepared", str(tmp_path / "parent"), vocab_size=50)
+    assert not (tmp_path / "prepared").exists()
 
 
 def test_out_naming_an_existing_file_is_one_line_and_keeps_the_file(tmp_path, capsys):

@@ -3,15 +3,16 @@ whose baseline bookkeeping (steps, tokens) matches a recount from the data."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from star_elastic.cli import main
-from star_elastic.data.loading import batch_for_step, load_sequences
+from star_elastic.data.store import TokenStore
 from star_elastic.demo import QUICK, render_markdown
-from star_elastic.hf import load_model
+from star_elastic.train.elastify import stage_of, stage_samplers
 from star_elastic.infer.evaluate import headline, pareto_front
 
 
@@ -36,16 +37,12 @@ def test_headline_by_hand():
 
 
 def recount_elastic_tokens(out) -> int:
-    """Non-padding positions of every batch the quick elastic run trained on, recounted from its data."""
-    e = QUICK.elastify
-    tok = load_model(out / "parent").tokenizer
-    seqs = load_sequences("synthetic", tok, e.n_synthetic, 0)
-    total = 0
-    for step in range(e.steps):
-        seq_len = e.stage1_seq_len if step < e.steps // 2 else e.stage2_seq_len
-        ids, mask = batch_for_step(seqs, step, 0, e.batch_size, seq_len, tok.pad_token_id, 0)
-        total += sum(1 for i, m in zip(ids.flatten().tolist(), mask.flatten().tolist()) if i != tok.pad_token_id or m)
-    return total
+    """Real tokens of every packed row the quick elastic run trained on, recounted from its token store:
+    the stage samplers' document pieces replayed (their lengths; no token read)."""
+    e = dataclasses.replace(QUICK.elastify, model=str(out / "parent"), out=str(out / "run"))
+    samplers = stage_samplers(e, TokenStore.open(out / "run" / "data"), 0)
+    return sum(piece.length for step in range(e.steps) for row in samplers[stage_of(e, step)].take(e.batch_size)
+               for piece in row)
 
 
 def check_baselines(report: dict, out) -> None:

@@ -37,13 +37,14 @@ from star_elastic.elastic import importance
 from star_elastic.elastic.run import load_elastic
 from star_elastic.quant.qad import QuantizeConfig, quantize_run
 from star_elastic.train.distill import DistillStep
-from star_elastic.train.elastify import ElastifyConfig, prepare, state_digest, train
+from star_elastic.train.elastify import ElastifyConfig, prepare, stage_of, state_digest, step_budgets, train
 
 BASE = dict(data="synthetic", steps=4, batch_size=4, n_synthetic=100, calibration_batches=3, router_fit_steps=20,
             stage1_seq_len=24, stage2_seq_len=32, checkpoint_every=2, optimizer="sgd", lr=0.5, router_lr=0.5,
             warmup_steps=1)
 
 
+MICRO_BATCH = dict(budget_sampling="micro_batch", micro_batch_size=1)  # a budget per row: 4 per step
 QAD = dict(quant={"format": "fp8"}, qad_steps=4, batch_size=4, seq_len=24, calibration_batches=2, n_synthetic=100,
            optimizer="sgd", lr=0.5, engine={"kd_chunk_tokens": 16})
 ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -112,6 +113,7 @@ def runs(tmp_path_factory):
         qcfg = _engine(QAD | {"run": str(root / "one"), "out": str(root / name), "parallel": "none"} | changes)
         (root / f"{name}-rank0.json").write_text(json.dumps(quantize_run(from_dict(QuantizeConfig, qcfg), log=quiet)))
     train(from_dict(ElastifyConfig, _cfg(p, root / "one_stop", parallel="none", stop_after=2)), log=quiet)
+    train(from_dict(ElastifyConfig, _cfg(p, root / "one_mb", parallel="none", **MICRO_BATCH)), log=quiet)
     phases = [
         {"name": "fsdp", "cfg": _cfg(p, root / "fsdp", activation_checkpointing=True, save_initial=True)},  # meta load
         {"name": "fsdp_full", "cfg": _cfg(p, root / "fsdp_full", activation_checkpointing=True, load="full")},
@@ -122,6 +124,7 @@ def runs(tmp_path_factory):
         {"name": "fsdp_resume", "cfg": _cfg(p, root / "fsdp_resumed", activation_checkpointing=True, resume=True)},
         {"name": "ddp", "cfg": _cfg(p, root / "ddp", parallel="ddp", micro_batch_size=1)},  # 2 forwards, no_sync
         {"name": "fsdp_micro", "cfg": _cfg(p, root / "fsdp_micro", activation_checkpointing=True, micro_batch_size=1)},
+        {"name": "fsdp_mb", "cfg": _cfg(p, root / "fsdp_mb", activation_checkpointing=True, **MICRO_BATCH)},
         {"name": "one_to_two", "cfg": _cfg(p, root / "one_stop", resume=True)},
         {"name": "qad", "kind": "quantize",  # 2 forwards per process; meta load (auto under fsdp)
          "cfg": _engine(QAD | {"run": str(root / "one"), "out": str(root / "qad_two"), "micro_batch_size": 1})},
@@ -272,6 +275,19 @@ def test_micro_batches_under_fsdp_equal_one_process(runs):
     (The DDP phase runs in micro-batches too: `no_sync` until the last.)"""
     assert (_summary(runs, "fsdp_micro")["parallel"], _summary(runs, "fsdp_micro")["world"]) == ("fsdp", 2)
     assert _max_diff(runs / "fsdp_micro", runs / "one") < 1e-6
+
+
+def test_budget_per_micro_batch_under_fsdp_equals_one_process(runs):
+    """budget_sampling micro_batch, one row per micro-batch: process 0 trains global micro-batches 0
+    and 1, process 1 micro-batches 2 and 3, each at its own draw (in some steps the full model on one
+    process while the other trains a submodel: the router runs on both); the weights of one process
+    running all four."""
+    cfg = from_dict(ElastifyConfig, _cfg(runs / "parent", runs / "fsdp_mb", **MICRO_BATCH))
+    draws = [step_budgets(cfg, (1.0, 0.75, 0.5), s, stage_of(cfg, s), 4) for s in range(cfg.steps)]
+    assert any((d[j] == (1.0,)) != (d[2 + j] == (1.0,)) for d in draws for j in (0, 1))
+    assert (_summary(runs, "fsdp_mb")["parallel"], _summary(runs, "fsdp_mb")["world"]) == ("fsdp", 2)
+    assert _max_diff(runs / "one_mb", runs / "one") > 1e-3  # another training than one budget per step
+    assert _max_diff(runs / "fsdp_mb", runs / "one_mb") < 1e-6
 
 
 def test_dcp_resume_at_same_world_size_is_bitwise(runs):

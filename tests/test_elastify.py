@@ -123,7 +123,9 @@ def test_bad_inputs(parent_dir, tmp_path, capsys):
     bad_data.write_text('{"txt": "hello"}\n')
     assert main(["elastify", "--model", str(parent_dir), "--data", str(bad_data), "--out", str(tmp_path / "r2"),
                  "--steps", "1"]) == 2
-    assert "d.jsonl:1: a record needs 'input_ids', 'messages' or 'text'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "d.jsonl:1: a record needs exactly one of ['messages', 'text', 'input_ids'] (found keys ['txt'])" in err
+    assert not (tmp_path / "r2" / "data").exists()  # no half-prepared store
     assert main(["quantize", str(tmp_path / "run"), "--out", str(tmp_path / "q")]) == 2
     assert "quantize needs --format fp8|nvfp4" in capsys.readouterr().err
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")

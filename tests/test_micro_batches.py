@@ -1,7 +1,7 @@
-"""Gradient accumulation over length-sorted micro-batches (`micro_batch_size`) equals one forward
-of the whole batch: for the parent's trainer (gradients) and for elastify (trained weights, SGD);
-the multi-process versions (DDP with `no_sync`, FSDP2 reduce-scattering each micro-batch) are in
-test_distributed.py."""
+"""Gradient accumulation over micro-batches (`micro_batch_size`) equals one forward of the whole
+batch: for the parent's trainer (length-sorted, gradients) and for elastify (packed rows, trained
+weights, SGD, under budget_sampling step and all); the multi-process versions (DDP with `no_sync`,
+FSDP2 reduce-scattering each micro-batch) are in test_distributed.py."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from test_elastify import TINY_PARENT, config, save_tiny_parent
 
 from star_elastic import HybridLM, ModelConfig
 from star_elastic.config import ConfigError
-from star_elastic.data.loading import length_groups, row_lengths
 from star_elastic.data.tokenizer import build_tokenizer
 from star_elastic.elastic.run import load_elastic
 from star_elastic.train.elastify import train
-from star_elastic.train.parent import ParentConfig, accumulate_lm, lm_loss, make_batch
+from star_elastic.train.parent import ParentConfig, accumulate_lm, length_groups, lm_loss, make_batch
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +31,6 @@ def test_length_groups_sort_by_length_and_cut_equal_groups():
     assert length_groups([5, 2, 9], 3) == [[0, 1, 2]]
     with pytest.raises(ConfigError, match="micro_batch_size 2 must divide the 3 rows"):
         length_groups([5, 2, 9], 2)
-    real = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1]])  # a gap inside a row is kept
-    assert row_lengths(real) == [3, 4, 5]
     with pytest.raises(ConfigError, match="micro_batch_size must be a positive divisor of batch_size 48"):
         ParentConfig(micro_batch_size=5)
 
@@ -67,11 +64,13 @@ def test_parent_micro_batches_give_the_whole_batch_gradient_with_less_padding():
     assert padded < len(picked) * max(len(ids) for ids, _ in picked)
 
 
-def test_elastify_micro_batches_train_the_same_weights(parent_dir, tmp_path):
+@pytest.mark.parametrize("sampling", ["step", "all"])
+def test_elastify_micro_batches_train_the_same_weights(parent_dir, tmp_path, sampling):
     """SGD (Adam would amplify ~1e-8 summation-order differences), 4 steps over both stages, 4
-    sequences per step in 1 and in 4 forwards: the same weights and router, the same losses."""
+    packed rows per step in 1 and in 4 forwards (all: each budget in each): the same weights and
+    router, the same losses. (micro_batch draws a budget per micro-batch: a different step.)"""
     base = dict(steps=4, optimizer="sgd", lr=0.5, router_lr=0.5, warmup_steps=1, lm_weight=0.5, settle_every=0,
-                elastic={"budget_mode": "none"})  # the router loss acts at every step (no dead zone)
+                budget_sampling=sampling, elastic={"budget_mode": "none"})  # the router loss acts at every step
     runs = {}
     for rows in (None, 1):
         out = tmp_path / f"micro-{rows}"
@@ -83,7 +82,8 @@ def test_elastify_micro_batches_train_the_same_weights(parent_dir, tmp_path):
     assert max(float((weights[k] - whole[k]).abs().max()) for k in whole) < 1e-5
     assert len(metrics) == len(whole_metrics) == 4
     for a, b in zip(metrics, whole_metrics):
-        assert a["arch"] == b["arch"] and a["budget"] == b["budget"]
+        assert a.get("arch") == b.get("arch") and a["budgets"][0] == b["budgets"][0]
         assert a["kd"] == pytest.approx(b["kd"], abs=1e-6) and a["lm"] == pytest.approx(b["lm"], abs=1e-6)
+        assert a["objective"] == pytest.approx(b["objective"], abs=1e-6)
     with pytest.raises(ConfigError, match="micro_batch_size 3 must divide each process's 4 sequences"):
         train(config(parent_dir, tmp_path / "bad", engine={"micro_batch_size": 3}), log=lambda m: None)

@@ -23,11 +23,10 @@ from test_elastify import TINY_PARENT, config, save_tiny_parent
 from star_elastic import HybridLM, ModelConfig
 from star_elastic.cli import main
 from star_elastic.config import ConfigError, from_dict
-from star_elastic.data.loading import load_sequences
 from star_elastic.data.tokenizer import build_tokenizer
 from star_elastic.elastic import importance
 from star_elastic.hf import load_model, save_model
-from star_elastic.train.elastify import ElastifyConfig, importance_scores, train
+from star_elastic.train.elastify import ElastifyConfig, importance_scores, open_store, train
 from star_elastic.train.runfolder import LOCK, WriterLock, fingerprint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -140,9 +139,9 @@ def scores_for(model_dir: Path, out: Path, **changes) -> tuple[dict, list[str]]:
     """`importance_scores` of elastify for the parent in `model_dir`, with its log lines."""
     cfg = config(model_dir, out, **changes)
     parent = load_model(model_dir)
-    seqs = load_sequences(cfg.data, parent.tokenizer, cfg.n_synthetic, cfg.seed, parent.config.vocab_size)
+    store = open_store(cfg, parent, log=quiet)
     notes = []
-    return importance_scores(cfg, parent, seqs, 0, 1, notes.append), notes
+    return importance_scores(cfg, parent, store, 0, 1, notes.append), notes
 
 
 def same(x: dict, y: dict) -> bool:
@@ -255,7 +254,8 @@ def test_checks_of_config_and_grid_run_before_any_weights_load(parents, tmp_path
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="choice 40 for 'hidden' is outside 1..32"):
         train(config(parents[0], out, elastic={"choices": {"hidden": [40, 16]}}), log=quiet)
-    with pytest.raises(ConfigError, match="elastify needs data: --data FILE.jsonl|FILE.parquet, or --data synthetic"):
+    with pytest.raises(ConfigError, match=r"elastify needs data: --data STORE \(a prepare-data folder\), "
+                                          r"FILE.jsonl\|FILE.parquet, or --data synthetic"):
         train(from_dict(ElastifyConfig, {"model": str(parents[0]), "out": str(out)}), log=quiet)
     assert not out.exists()
 
@@ -267,5 +267,5 @@ def test_real_model_recipes_need_data(parents, tmp_path, capsys, name):
     assert "data" not in yaml.safe_load(text)
     assert main(["elastify", "--config", str(CONFIGS / name), "--model", str(parents[0]),
                  "--out", str(tmp_path / "run")]) == 2
-    one_line_error(capsys, "elastify needs data: --data FILE.jsonl|FILE.parquet")
+    one_line_error(capsys, "elastify needs data: --data STORE (a prepare-data folder), FILE.jsonl|FILE.parquet")
     assert not (tmp_path / "run").exists()

@@ -177,10 +177,10 @@ def test_store_round_trip_sources_shards_counts_and_weights(tmp_path, tok_dir):
         assert entry["tokens"] == sum(len(i) for i, _ in want) and entry["loss_tokens"] == sum(sum(m) for _, m in want)
         assert len(entry["shards"]) > 1 and entry["input"] == inputs[s]
     assert store.weights.tolist() == pytest.approx([0.5, 0.25, 0.25])
-    maps = store.sources[0].maps
-    maps.limit = 4  # a store of many shards keeps only so many memory maps (file descriptors) open
+    files = store.sources[0].files
+    files.limit = 4  # a store of many shards keeps only so many files (descriptors) open
     assert [store.doc(2, i)[0].tolist() for i in range(len(c1 + c2))] == [expected(tok, r)[0] for r in c1 + c2]
-    assert len(maps.open) == 4
+    assert len(files.open) == 4
     again = AutoTokenizer.from_pretrained(tok_dir)
     assert manifest["tokenizer"] == {"sha256": hashlib.sha256(again.backend_tokenizer.to_str().encode()).hexdigest(),
                                      "chat_template_sha256": hashlib.sha256(again.chat_template.encode()).hexdigest()}

@@ -1,6 +1,6 @@
-"""The token store: prepare-data writes it once; training memory-maps it.
+"""The token store: prepare-data writes it once; training reads the rows it needs from it.
 
-Layout (plain .npy files, read with `np.load(mmap_mode="r")`):
+Layout (plain .npy files, memory-mappable with `np.load(mmap_mode="r")`):
     STORE/manifest.json                         written last; a folder without it is no store
     STORE/source-000/shard-00000.ids.npy        (tokens,) uint32   token ids, documents end to end
     STORE/source-000/shard-00000.offsets.npy    (docs + 1,) uint64 document d is ids[off[d]:off[d+1]]
@@ -14,6 +14,12 @@ Writing is atomic: the shards go into a hidden staging folder beside `--out`, wh
 leaves at most a staging folder or an `--out` without manifest, and `TokenStore.open` refuses both.
 Output is identical for any number of workers: records are encoded in chunks by a process pool
 and written in input order.
+
+Reading takes positioned reads (`os.preadv`) of exactly the tokens, mask bytes and offsets asked
+for, into fresh arrays: the process holds nothing of a shard but an open file, so its memory does
+not grow with the store or with how much of it a run has read (a memory map keeps every page it
+touched resident: its RSS grows with the data read, up to the store's size). The kernel's page
+cache serves both alike.
 """
 
 from __future__ import annotations
@@ -303,20 +309,21 @@ ARRAYS = {  # kind → (dtype, shape from the manifest's shard entry)
     "offsets": (np.uint64, lambda shard: (shard["docs"] + 1,)),
     "mask": (np.uint8, lambda shard: ((shard["tokens"] + 7) // 8,)),
 }
-MAX_OPEN_MAPS = 192  # each memory map holds a file descriptor; a large store has thousands of shard files
+MAX_OPEN_FILES = 192  # a large store has thousands of shard files
 
 
-class _Maps:
-    """Memory maps opened on first use, the least recently used closed beyond `limit`."""
+class _Files:
+    """Shard files opened on first use (their .npy header checked), the least recently used closed
+    beyond `limit`; each as (file descriptor, byte offset of its data)."""
 
-    def __init__(self, limit: int = MAX_OPEN_MAPS):
+    def __init__(self, limit: int = MAX_OPEN_FILES):
         self.limit, self.open = limit, OrderedDict()
 
-    def get(self, file: Path, dtype, shape: tuple[int]) -> np.ndarray:
-        arr = self.open.pop(file, None)
-        self.open[file] = _mapped(file, dtype, shape) if arr is None else arr
+    def get(self, file: Path, dtype, shape: tuple[int]) -> tuple[int, int]:
+        entry = self.open.pop(file, None)
+        self.open[file] = _opened(file, dtype, shape) if entry is None else entry
         if len(self.open) > self.limit:
-            self.open.popitem(last=False)
+            os.close(self.open.popitem(last=False)[1][0])
         return self.open[file]
 
 
@@ -330,18 +337,24 @@ class StoreSource:
     folder: Path
     shards: list[dict]  # the manifest's entries: name, docs, tokens
     doc_starts: np.ndarray  # (shards + 1,) int64: first document of each shard
-    maps: _Maps
+    files: _Files
 
     @property
     def n_docs(self) -> int:
         return int(self.doc_starts[-1])
 
-    def array(self, shard: int, kind: str) -> np.ndarray:
-        """Shard `shard`'s memory-mapped "ids" (tokens,) uint32, "offsets" (docs + 1,) uint64 or
-        "mask" (ceil(tokens / 8),) uint8 (packed bits)."""
+    def read(self, shard: int, kind: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of shard `shard`'s "ids" (tokens,) uint32, "offsets" (docs + 1,)
+        uint64 or "mask" (ceil(tokens / 8),) uint8 (packed bits), read into a new array."""
         dtype, shape = ARRAYS[kind]
         entry = self.shards[shard]
-        return self.maps.get(self.folder / f"{entry['name']}.{kind}.npy", dtype, shape(entry))
+        file = self.folder / f"{entry['name']}.{kind}.npy"
+        fd, offset = self.files.get(file, dtype, shape(entry))
+        size = np.dtype(dtype).itemsize
+        out = np.empty(stop - start, dtype=dtype)
+        if os.preadv(fd, [out.view(np.uint8)], offset + start * size) != out.nbytes:
+            raise ConfigError(f"store {file}: shorter than its header says; prepare the store again")
+        return out
 
     def _locate(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         shard = np.searchsorted(self.doc_starts, docs, side="right") - 1
@@ -350,23 +363,20 @@ class StoreSource:
     def lengths(self, docs) -> np.ndarray:
         """Token counts of documents `docs` (any int array), int64; reads only their offsets."""
         docs = np.asarray(docs, dtype=np.int64)
-        out = np.empty(docs.shape, dtype=np.int64)
-        shard, local = self._locate(docs)
-        for s in np.unique(shard):
-            at, offsets = shard == s, self.array(int(s), "offsets")
-            out[at] = offsets[local[at] + 1].astype(np.int64) - offsets[local[at]].astype(np.int64)
-        return out
+        shard, local = self._locate(docs.reshape(-1))
+        out = [np.diff(self.read(s, "offsets", d, d + 2).astype(np.int64))[0]
+               for s, d in zip(shard.tolist(), local.tolist())]
+        return np.array(out, dtype=np.int64).reshape(docs.shape)
 
     def tokens(self, doc: int, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [start, stop) of document `doc`: ids (n,) uint32 and loss mask (n,) bool (copies)."""
         if not 0 <= doc < self.n_docs:
             raise IndexError(f"source {self.name}: document {doc} out of range ({self.n_docs} documents)")
         shard, local = (int(x) for x in self._locate(np.int64(doc)))
-        offsets = self.array(shard, "offsets")
-        first, end = int(offsets[local]), int(offsets[local + 1])
+        first, end = (int(x) for x in self.read(shard, "offsets", local, local + 2))
         lo, hi = first + start, first + (end - first if stop is None else stop)
-        bits = np.unpackbits(self.array(shard, "mask")[lo // 8 : (hi + 7) // 8])
-        return np.array(self.array(shard, "ids")[lo:hi]), bits[lo % 8 : lo % 8 + hi - lo].astype(bool)
+        bits = np.unpackbits(self.read(shard, "mask", lo // 8, (hi + 7) // 8))
+        return self.read(shard, "ids", lo, hi), bits[lo % 8 : lo % 8 + hi - lo].astype(bool)
 
 
 class TokenStore:
@@ -377,13 +387,13 @@ class TokenStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> TokenStore:
-        """Check the manifest and every shard file's dtype and shape; map them on use."""
+        """Check the manifest and every shard file's dtype and shape; read them on use."""
         path = Path(path)
         if not path.is_dir():
             raise ConfigError(f"store {path}: no such folder (write one with star-elastic prepare-data)")
         raw = _read_manifest(path)
-        manifest, maps = json.loads(raw), _Maps()
-        sources = [_open_source(path, entry, maps) for entry in manifest["sources"]]
+        manifest, files = json.loads(raw), _Files()
+        sources = [_open_source(path, entry, files) for entry in manifest["sources"]]
         return cls(path, manifest, sources, hashlib.sha256(raw).hexdigest()[:16])
 
     def source(self, source: int | str) -> StoreSource:
@@ -421,26 +431,34 @@ def _read_manifest(path: Path) -> bytes:
     return raw
 
 
-def _open_source(path: Path, entry: dict, maps: _Maps) -> StoreSource:
+def _open_source(path: Path, entry: dict, files: _Files) -> StoreSource:
     starts = np.zeros(len(entry["shards"]) + 1, dtype=np.int64)
     np.cumsum([s["docs"] for s in entry["shards"]], out=starts[1:])
-    source = StoreSource(entry["name"], float(entry["weight"]), path / entry["name"], entry["shards"], starts, maps)
+    source = StoreSource(entry["name"], float(entry["weight"]), path / entry["name"], entry["shards"], starts, files)
     for i, shard in enumerate(entry["shards"]):
         for kind in ARRAYS:
-            source.array(i, kind)  # dtype and shape checked against the manifest
-        end = int(source.array(i, "offsets")[-1])
+            source.read(i, kind, 0, 0)  # dtype and shape checked against the manifest
+        end = int(source.read(i, "offsets", shard["docs"], shard["docs"] + 1)[0])
         if end != shard["tokens"]:
             raise ConfigError(f"store {source.folder / shard['name']}.offsets.npy: ends at {end}, the manifest says "
                               f"{shard['tokens']} tokens; prepare the store again")
     return source
 
 
-def _mapped(file: Path, dtype, shape: tuple[int]) -> np.ndarray:
+def _opened(file: Path, dtype, shape: tuple[int]) -> tuple[int, int]:
+    """(file descriptor, data offset) of a .npy file whose header says `dtype` and `shape`."""
     try:
-        arr = np.load(file, mmap_mode="r")
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            saved_shape, fortran, saved_dtype = header(f)
+            offset = f.tell()
+        size = file.stat().st_size
     except (OSError, ValueError) as err:
         raise ConfigError(f"store {file}: cannot read ({err}); prepare the store again") from None
-    if arr.dtype != dtype or arr.shape != shape:
-        raise ConfigError(f"store {file}: {arr.dtype} {arr.shape}, the manifest says {np.dtype(dtype)} {shape}; "
+    if saved_dtype != dtype or saved_shape != shape or fortran:
+        raise ConfigError(f"store {file}: {saved_dtype} {saved_shape}, the manifest says {np.dtype(dtype)} {shape}; "
                           "prepare the store again")
-    return arr
+    if size < offset + int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        raise ConfigError(f"store {file}: shorter than its header says; prepare the store again")
+    return os.open(file, os.O_RDONLY), offset

@@ -30,7 +30,6 @@ per-layer means) for callers that want one order per axis.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -186,13 +185,15 @@ def collect_stats(
     model: HybridLM,
     batches: Iterable[torch.Tensor],
     attention_mask: Iterable[torch.Tensor] | None = None,
+    seq_idx: Iterable[torch.Tensor] | None = None,
 ) -> ImportanceStats:
     """Run calibration `batches` of token ids (B, T) through `model`; return the summed statistics.
 
     attention_mask: one (B, T) 0/1 mask per batch (1 = real token), zipped with `batches`. When
-    None, tokens equal to the config's pad_token_id count as padding (the right padding of
-    `batch_for_step`). Padding never enters a statistic, and batches with padding are run with
-    their mask so that left padding is also exact. The model runs in eval mode under no_grad;
+    None, tokens equal to the config's pad_token_id count as padding. Padding never enters a
+    statistic, and batches with padding are run with their mask so that left padding is also
+    exact. seq_idx: one (B, T) per batch for packed rows (`HybridLM.forward`): every document runs
+    as if alone; their padding is a document of its own, so they run without attention mask. The model runs in eval mode under no_grad;
     hooks are always removed, and the train/eval mode restored, even on error.
     """
     cfg = model.config
@@ -200,6 +201,7 @@ def collect_stats(
     current: dict[str, torch.Tensor] = {}
     handles: list = []
     masks = iter(attention_mask) if attention_mask is not None else None
+    documents = iter(seq_idx) if seq_idx is not None else None
     was_training = model.training
     try:
         _register_hooks(model, stats, lambda: current["valid"], handles)
@@ -217,7 +219,10 @@ def collect_stats(
                 if valid.shape != ids.shape:
                     raise ValueError(f"attention_mask shape {tuple(valid.shape)} != input_ids shape {tuple(ids.shape)}")
                 current["valid"] = valid
-                model(ids, attention_mask=None if bool(valid.all()) else valid.long())
+                if documents is not None:
+                    model(ids, seq_idx=next(documents).to(ids.device))
+                else:
+                    model(ids, attention_mask=None if bool(valid.all()) else valid.long())
                 stats.tokens += float(valid.sum())
     finally:
         for handle in handles:
@@ -344,15 +349,6 @@ def save_scores(scores: dict[str, torch.Tensor], path: str | Path, key: dict[str
     computed from) goes into its metadata."""
     save_file({k: v.detach().cpu().contiguous() for k, v in scores.items()}, str(path),
               metadata={"content": CONTENT, **(key or {})})
-
-
-def batches_fingerprint(batches: list[torch.Tensor]) -> str:
-    """SHA-256 over the calibration batches' shapes and token ids: the key's "calibration"."""
-    h = hashlib.sha256()
-    for ids in batches:
-        h.update(str(tuple(ids.shape)).encode())
-        h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def scores_match(path: str | Path, key: dict[str, str], log) -> bool:

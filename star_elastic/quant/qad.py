@@ -21,6 +21,11 @@ calibration batch whole, so all hold the same scales (taken in the engine's comp
 fake-quantized one, router frozen (each budget's architecture fixed), budgets sampled with the run's
 stage-2 probabilities. QRUN is an elastic run folder whose model/ holds packed weights;
 `star-elastic slice QRUN` cuts slices from them.
+
+Data as elastify reads it (`data.loading.open_data`; a file or the synthetic set prepared once into
+QRUN/data): packed rows of seq_len tokens with their seq_idx, KD at the positions whose next token
+is a loss token (`kd_positions`); calibration, held-out and QAD rows each from a sampler of their
+own seed; the QAD sampler's position is saved in each checkpoint (`--resume` takes the next row).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ import torch
 from tqdm.auto import tqdm
 
 from star_elastic.config import ConfigError, QuantConfig, typed_blocks
-from star_elastic.data.loading import batch_for_step, check_micro_batch_size, load_sequences, micro_batches
+from star_elastic.data.loading import check_micro_batch_size, check_store, open_data_on_ranks, split_rows
+from star_elastic.data.sampler import PackedSampler, key_of
 from star_elastic.distributed import (
     EngineConfig,
     gathered,
@@ -57,11 +63,11 @@ from star_elastic.quant.export import quant_metadata, quantized_state, write_qua
 from star_elastic.quant.fake import InputQuant, apply_fake_quant, plain_state, set_mode
 from star_elastic.train.checkpoint import load_checkpoint, save_checkpoint
 from star_elastic.train.distill import DistillStep
-from star_elastic.train.elastify import default_stage2_probs
-from star_elastic.train.runfolder import Recipe, open_run, read_record, resume_setting
+from star_elastic.train.elastify import default_stage2_probs, kd_positions, pad_id
+from star_elastic.train.runfolder import PREPARED, Recipe, open_run, read_record, resume_setting
 
 QUANTIZE = Recipe("quantize", ("run.json", "model", "router.safetensors", "importance.safetensors",
-                               "latency_table.json", "quantize_report.json", "checkpoints"),
+                               "latency_table.json", "quantize_report.json", "checkpoints", PREPARED),
                   run_keys=("engine", "resume", "overwrite", "checkpoint_every", "stop_after", "out"),
                   sources=("run", "data"))
 """QRUN's files, and what a resumed QAD may change: how the steps are computed and when it stops or saves."""
@@ -76,7 +82,8 @@ class QuantizeConfig:
     out: str = ""
     """Quantized run folder (QRUN) to write."""
     data: str = "synthetic"
-    """Calibration and QAD data: jsonl / parquet, or "synthetic" (built-in reasoning set)."""
+    """Calibration and QAD data: a token store folder (prepare-data), a .jsonl / .parquet file
+    (prepared into QRUN/data once), or "synthetic" (the built-in reasoning set, the same way)."""
     quant: QuantConfig | None = None
     """The format (required: `--format fp8|nvfp4`) and which modules are quantized."""
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
@@ -86,9 +93,9 @@ class QuantizeConfig:
     calibration_batches: int = 4
     """Batches of activation statistics for the static input scales."""
     batch_size: int = 16
-    """Sequences per QAD step in all (the global batch), split evenly over the processes."""
+    """Packed rows per QAD step in all (the global batch), split evenly over the processes."""
     seq_len: int = 128
-    """Tokens per sequence."""
+    """Tokens per packed row."""
     lr: float = 2e-5
     """AdamW rate. On the demo run 2e-5 lowered the held-out KD most in 60 NVFP4 steps; 2e-4 raised it (README notes)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -140,13 +147,13 @@ def budget_probs(cfg: QuantizeConfig, run: Path, budgets: tuple[float, ...]) -> 
     return [float(p) for p in config["stage2_probs"]]
 
 
-def kd_sums(engine, ids: torch.Tensor, mask: torch.Tensor, budget: float, hidden=None) -> torch.Tensor:
+def kd_sums(engine, ids: torch.Tensor, mask: torch.Tensor, budget: float, hidden=None, seq_idx=None) -> torch.Tensor:
     """Σ KL(BF16 teacher ‖ quantized student) over `mask`, at `budget`'s fixed architecture (chunked);
-    `hidden`: the teacher's final hidden states for `ids`, when already at hand."""
+    `hidden`: the teacher's final hidden states for `ids`, when already at hand; seq_idx: packed rows'."""
     if hidden is None:
         with torch.no_grad():
-            hidden = engine.teacher(ids, head=False)
-    return engine.student(ids, budget, None, None, hidden, engine.teacher.lm_head, mask)[0]
+            hidden = engine.teacher(ids, head=False, seq_idx=seq_idx)
+    return engine.student(ids, budget, None, None, hidden, engine.teacher.lm_head, mask, seq_idx=seq_idx)[0]
 
 
 def mean_kd(engine, budgets, batches) -> float:
@@ -154,22 +161,24 @@ def mean_kd(engine, budgets, batches) -> float:
     total = 0.0
     with engine.evaluating():
         for b in budgets:
-            for ids, mask in batches:
-                ids, mask = ids.to(engine.device), mask.to(engine.device)
-                total += float(kd_sums(engine, ids, mask, b) / mask.sum().clamp_min(1))
+            for rows in batches:
+                ids, mask, seq_idx = (t.to(engine.device) for t in (rows.ids, kd_positions(rows.mask), rows.seq_idx))
+                total += float(kd_sums(engine, ids, mask, b, seq_idx=seq_idx) / mask.sum().clamp_min(1))
     return total / (len(budgets) * len(batches))
 
 
-def calibrate(cfg: QuantizeConfig, engine, budgets, seqs, pad: int, quantizers: dict[str, InputQuant]) -> None:
+def calibrate(cfg: QuantizeConfig, engine, budgets, store, pad: int, quantizers: dict[str, InputQuant]) -> None:
     """PTQ: one static input scale per linear, the amax over every calibration batch at every
     budget's architecture. Forwards of the engine's student (each rank runs every batch whole, so
     all ranks record the same amax); the KD sums are discarded."""
+    sampler = PackedSampler(store, cfg.seq_len, seed=key_of(cfg.seed, "calibration"), pad_id=pad)
     with engine.evaluating():
-        for i in range(cfg.calibration_batches):
-            ids = batch_for_step(seqs, -1 - i, 0, cfg.batch_size, cfg.seq_len, pad, cfg.seed)[0].to(engine.device)
-            hidden = engine.teacher(ids, head=False)
+        for _ in range(cfg.calibration_batches):
+            rows = sampler.next_rows(cfg.batch_size)
+            ids, seq_idx = rows.ids.to(engine.device), rows.seq_idx.to(engine.device)
+            hidden = engine.teacher(ids, head=False, seq_idx=seq_idx)
             for b in budgets:
-                kd_sums(engine, ids, torch.zeros_like(ids), b, hidden)
+                kd_sums(engine, ids, torch.zeros_like(ids), b, hidden, seq_idx)
     set_mode(quantizers, "quantize")
 
 
@@ -179,26 +188,27 @@ def make_optimizer(cfg: QuantizeConfig, engine) -> torch.optim.Optimizer:
     return make(params, lr=cfg.lr, weight_decay=0.0)
 
 
-def qad(cfg: QuantizeConfig, engine, opt, budgets, probs, seqs, pad: int, start: int, history: list[float],
+def qad(cfg: QuantizeConfig, engine, opt, budgets, probs, sampler, start: int, history: list[float],
         checkpoint) -> list[float]:
     """Nested QAD on the engine from step `start`: one budget per step, this rank's rows of the global
-    batch; `checkpoint(done)` every checkpoint_every steps, after the last and at stop_after.
-    Every step's budget and batch are functions of (seed, step), so a resumed run is the same run."""
+    batch (the next of `sampler`); `checkpoint(done)` every checkpoint_every steps, after the last and
+    at stop_after. Every step's budget is a function of (seed, step) and its rows follow the sampler's
+    saved position, so a resumed run is the same run."""
     params = [p for group in opt.param_groups for p in group["params"]]
     rank, world = engine.rank, engine.world
-    rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     engine.student.train()
     for step in tqdm(range(start, cfg.qad_steps), desc="qad", file=sys.stderr, dynamic_ncols=True, disable=rank != 0,
                      initial=start, total=cfg.qad_steps):
         b = random.Random(f"qad:{cfg.seed}:{step}").choices(budgets, weights=probs)[0]
-        ids, mask = batch_for_step(seqs, step, 0, cfg.batch_size, cfg.seq_len, pad, cfg.seed + 1)
-        ids, mask = ids[rows].to(engine.device), mask[rows].to(engine.device)
-        n = global_sum(mask.sum().float()).clamp_min(1)  # the global batch's KD tokens
+        rows = sampler.next_rows(cfg.batch_size, rank, world)
+        n = global_sum(rows.mask.sum().float().to(engine.device)).clamp_min(1)  # the global batch's KD tokens
         opt.zero_grad(set_to_none=True)
         loss = 0.0
-        for last, (g_ids, g_mask) in micro_batches(cfg.engine.micro_batch_size, (ids != pad) | (mask > 0), ids, mask):
-            with engine.gradient_sync(last):
-                part = kd_sums(engine, g_ids, g_mask, b) * world / n  # the engines average the gradients over ranks
+        parts = split_rows(rows, cfg.engine.micro_batch_size, rank)
+        for j, (_, g) in enumerate(parts):
+            with engine.gradient_sync(j == len(parts) - 1):
+                ids, mask, seq_idx = (t.to(engine.device) for t in (g.ids, kd_positions(g.mask), g.seq_idx))
+                part = kd_sums(engine, ids, mask, b, seq_idx=seq_idx) * world / n  # the engines average over ranks
                 part.backward()
             loss = loss + part.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -262,26 +272,33 @@ def quantize_recipe(cfg: QuantizeConfig, latest: Path | None, mode: str, rank: i
     student.requires_grad_(True)
     engine = parallelize(step, teacher, mode, rank, world, cfg.engine, fill)
     log(f"engine: {mode}, {world} process(es), {cfg.engine.dtype}, {load} load, device {engine.device}")
-    seqs = load_sequences(cfg.data, teacher.tokenizer, cfg.n_synthetic, cfg.seed, teacher.config.vocab_size)
-    pad = teacher.config.pad_token_id
-    held_out = [batch_for_step(seqs, -100 - i, 0, cfg.batch_size, cfg.seq_len, pad, cfg.seed) for i in range(2)]
+    store = open_data_on_ranks(cfg.data, out / PREPARED, rank, model_dir=str(run / "model"), log=log,
+                               tokenizer=teacher.tokenizer, n_synthetic=cfg.n_synthetic, seed=cfg.seed,
+                               vocab_size=teacher.config.vocab_size)
+    check_store(store, teacher.tokenizer, teacher.config.vocab_size, str(run / "model"), log)
+    pad = pad_id(teacher)
+    held_out = PackedSampler(store, cfg.seq_len, seed=key_of(cfg.seed, "held-out"), pad_id=pad)
+    held_out = [held_out.next_rows(cfg.batch_size) for _ in range(2)]
+    sampler = PackedSampler(store, cfg.seq_len, seed=key_of(cfg.seed, "qad"), pad_id=pad)
     opt = make_optimizer(cfg, engine)
     if latest is None:
-        calibrate(cfg, engine, budgets, seqs, pad, quantizers)
+        calibrate(cfg, engine, budgets, store, pad, quantizers)
         start, kd_ptq, history = 0, mean_kd(engine, budgets, held_out), []
     else:
         saved = load_checkpoint(latest, engine.state_module, opt)
         start, kd_ptq, history = saved["step"], saved["kd_ptq"], saved["history"]
         restore_scales(quantizers, saved["input_amax"])
+        sampler.load_state_dict(saved["data"])
         log(f"resuming from {latest} at step {start}")
     log(f"PTQ ({cfg.quant.format}): held-out KD {kd_ptq:.4f}")
 
     def checkpoint(done: int) -> None:
         amax = {name: q.amax.tolist() for name, q in quantizers.items()}  # float32 values: exact in JSON
         save_checkpoint(out / "checkpoints", done, engine.state_module, opt,
-                        {"seed": cfg.seed, "world": world, "kd_ptq": kd_ptq, "history": history, "input_amax": amax})
+                        {"seed": cfg.seed, "world": world, "kd_ptq": kd_ptq, "history": history, "input_amax": amax,
+                         "data": sampler.state_dict()})
 
-    history = qad(cfg, engine, opt, budgets, probs, seqs, pad, start, history, checkpoint)
+    history = qad(cfg, engine, opt, budgets, probs, sampler, start, history, checkpoint)
     finished = cfg.stop_after is None or cfg.stop_after >= cfg.qad_steps
     kd_final = mean_kd(engine, budgets, held_out) if finished else None
     if finished:

@@ -87,9 +87,15 @@ class DistillStep(nn.Module):
     architecture runs instead, and `tau` / `generator` are None.
     """
 
-    def __init__(self, elastic: nn.Module, chunk_tokens: int = 1024, architectures: dict | None = None):
+    def __init__(self, elastic: nn.Module, chunk_tokens: int = 1024, architectures: dict | None = None,
+                 route_always: bool = False):
         super().__init__()
         self.elastic, self.chunk_tokens, self.architectures = elastic, chunk_tokens, architectures
+        self.route_always = route_always
+        """The full model (budget 1, which needs no router) runs the router too, first and with zero
+        weight in the loss: FSDP2 gathers and reduces a unit only on the processes that call it, so
+        processes that train different budgets in the same micro-batch (budget_sampling micro_batch)
+        must all call it, in the same order (its backward, like a sampled budget's, comes last)."""
 
     def forward(self, ids, budget: float, tau: float | None, generator, teacher_hidden, teacher_head, kd_mask,
                 temperature: float = 1.0, lm_mask=None, seq_idx=None):
@@ -98,11 +104,15 @@ class DistillStep(nn.Module):
         seq_idx (B, T): documents of packed rows (`HybridLM.forward`); teacher_hidden must come from
         the teacher run with the same seq_idx. A target that starts a document is predicted from
         another one: lm_mask must be 0 there for the CE to be that of the documents run alone."""
+        unused = 0.0
         if self.architectures is None:
+            if self.route_always and budget >= 1.0:  # first, as forward_sampled runs it below 1 (the same order
+                logits = self.elastic.router(self.elastic.budget_vector(budget).to(ids.device))  # of collectives)
+                unused = sum(x.sum() for x in logits.values()) * 0.0  # zero gradients, present on every process
             hidden, picks = self.elastic.forward_sampled(ids, budget, tau, generator, head=False, seq_idx=seq_idx)
         else:
             masks = IndexSets.prefix(self.elastic.config, self.architectures[budget]).masks(device=ids.device)
             hidden, picks = self.elastic.model(ids, masks=masks, head=False, seq_idx=seq_idx), None
         kl, ce = chunked_distill_sums(hidden, teacher_hidden, self.elastic.model.lm_head, teacher_head, kd_mask,
                                       temperature, self.chunk_tokens, None if lm_mask is None else ids, lm_mask)
-        return kl, ce, picks
+        return kl + unused, ce, picks

@@ -6,20 +6,36 @@
     torchrun --nproc-per-node 2 -m star_elastic.cli elastify ...      (FSDP2: gloo on CPU, NCCL on GPU)
 
 Parallelism (FSDP2 / DDP, mixed precision, activation checkpointing) is applied once before the
-loop by star_elastic.distributed; the step itself is the same for every engine. Each step's global
-batch (`batch_size` sequences) is split by rows over the processes and the losses are normalised
-by the global token count, so N processes compute the gradient of one process on the whole batch.
+loop by star_elastic.distributed; the step itself is the same for every engine.
 
-Each step samples one budget (stage 1: uniform, short sequences; stage 2: favouring the full
-model, longer sequences — paper, pipeline point 6), lets the router pick an architecture with
-hard Gumbel-Softmax, and minimises KL(frozen parent ‖ masked student) + λ·router loss. All
-randomness of a step is a pure function of (seed, step, rank), so a resumed run equals an
-uninterrupted one bit for bit on CPU.
+Data. DATA becomes a token store (`data.loading.open_data`: a prepare-data store read in place;
+a .jsonl / .parquet file or the synthetic set prepared once into RUN/data, by rank 0 while
+the others wait). Each stage packs rows of its own seq_len from that store with a PackedSampler
+of its own (data/sampler.py); every step takes the next `batch_size` rows of the stage's stream,
+process r of W reads only rows [r·B/W, (r+1)·B/W), and the rows carry `seq_idx`, so teacher and
+student run each packed document as if alone. The samplers' positions are saved in each
+checkpoint: `--resume` continues at exactly the next row, at any world size.
+
+Losses. The loss tokens are the packing's `mask` (token t is a target, predicted at position t-1;
+0 on padding and on the first token of every document piece). KD is taken at the positions whose
+next token is a loss token (`kd_positions`), LM at the loss tokens themselves: the same positions,
+so both are per-token means over the whole global batch's loss tokens (each process's sums are
+divided by the global count, and the engines' gradient mean over processes makes that the sum).
+
+Budgets. Stage 1 draws budgets uniformly (short rows), stage 2 by stage2_probs (longer rows;
+paper, pipeline point 6). `budget_sampling` says where: `step`, one budget per optimizer step;
+`micro_batch`, one per global micro-batch (the global batch cut into micro-batches of
+engine.micro_batch_size rows, as Megatron draws); `all`, every budget on every micro-batch, the
+losses summed (MatFormer / MatMamba). The router picks each architecture with hard Gumbel-Softmax;
+the step minimises KL(frozen parent ‖ masked student) + λ·router loss. All randomness of a step is
+a pure function of (seed, step, global micro-batch, budget), so a resumed run equals an
+uninterrupted one bit for bit on CPU, and N processes compute one process's step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -34,7 +50,9 @@ from tqdm.auto import tqdm
 
 from star_elastic import accounting
 from star_elastic.config import ConfigError, ElasticConfig, ModelConfig, from_dict, merge_config, typed_blocks
-from star_elastic.data.loading import batch_for_step, check_micro_batch_size, load_sequences, micro_batches
+from star_elastic.data.loading import check_micro_batch_size, check_store, open_data_on_ranks, split_rows
+from star_elastic.data.packing import Rows, assemble
+from star_elastic.data.sampler import PackedSampler, key_of
 from star_elastic.distributed import (
     EngineConfig,
     barrier,
@@ -65,7 +83,7 @@ from star_elastic.plan import PlanConfig, check_plan
 from star_elastic.quant.load import read_quant_config
 from star_elastic.train.checkpoint import load_checkpoint, save_checkpoint
 from star_elastic.train.distill import DistillStep
-from star_elastic.train.runfolder import fingerprint, open_run, resume_setting
+from star_elastic.train.runfolder import PREPARED, fingerprint, open_run, resume_setting
 
 
 @dataclasses.dataclass
@@ -75,8 +93,10 @@ class ElastifyConfig:
     model: str = ""
     """Parent model directory (transformers nemotron_h layout)."""
     data: str = ""
-    """jsonl / parquet file with text, messages or input_ids; or "synthetic" (the built-in toy
-    arithmetic set). Required: no recipe trains on the toy set unless told to."""
+    """A token store folder (`star-elastic prepare-data`); a .jsonl / .parquet file with messages,
+    text or input_ids records (prepared into RUN/data once); or "synthetic" (the built-in toy
+    arithmetic set, written into RUN/data the same way). Required: no recipe trains on the toy set
+    unless told to."""
     out: str = ""
     """Run folder to write (absent or empty; an existing run needs resume or overwrite)."""
     elastic: ElasticConfig = dataclasses.field(default_factory=ElasticConfig)
@@ -92,7 +112,12 @@ class ElastifyConfig:
     stage2_probs: tuple[float, ...] = ()
     """Stage-2 budget probabilities, largest budget first; empty: `default_stage2_probs` (paper: 0.5 / 0.3 / 0.2)."""
     batch_size: int = 16
-    """Sequences per step in all (the global batch), split evenly over the processes."""
+    """Packed rows per step in all (the global batch), split evenly over the processes."""
+    budget_sampling: Literal["step", "micro_batch", "all"] = "step"
+    """Which budgets each optimizer step trains: step (one budget drawn per step), micro_batch (one
+    drawn per micro-batch of engine.micro_batch_size rows, as Megatron does: several per step), all
+    (every budget on every micro-batch, the losses summed: MatFormer / MatMamba). The draws follow
+    the stage's probabilities (stage 1 uniform, stage 2 stage2_probs)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """adamw (betas 0.9 / 0.95) or sgd (plain; used to compare engines, where Adam amplifies rounding)."""
     lr: float = 1e-3
@@ -115,8 +140,10 @@ class ElastifyConfig:
     and after training). budget_mode none never projects."""
     router_fit_steps: int = 300
     calibration_batches: int = 8
+    """Importance calibration batches, each batch_size packed rows of calibration_seq_len tokens."""
     calibration_seq_len: int = 128
     n_synthetic: int = 20000
+    """Problems of the built-in synthetic set (data synthetic)."""
     checkpoint_every: int = 50
     stop_after: int | None = None
     """Stop (after checkpointing) once this many steps are done: for preemption tests."""
@@ -152,6 +179,10 @@ class ElastifyConfig:
         self.resume = resume_setting(self.resume, self.overwrite)
         if len(self.tau) != 2 or min(self.tau) <= 0:
             raise ConfigError(f"tau must be two positive temperatures, got {list(self.tau)}")
+        if self.budget_sampling == "micro_batch" and self.engine.micro_batch_size is None:
+            raise ConfigError("budget_sampling micro_batch draws a budget per micro-batch of engine.micro_batch_size "
+                              "rows: set micro_batch_size (--micro-batch-size N), so that the draws do not depend on "
+                              "the number of processes")
         if len(self.stage2_probs) != len(self.elastic.budgets):
             raise ConfigError(f"stage2_probs has {len(self.stage2_probs)} entries for {len(self.elastic.budgets)} "
                               f"budgets {list(self.elastic.budgets)}")
@@ -167,11 +198,52 @@ def default_stage2_probs(n: int) -> tuple[float, ...]:
 
 
 # --- the stages ---------------------------------------------------------------------------------
-def budget_for_step(cfg: ElastifyConfig, budgets: tuple[float, ...], step: int, stage: int) -> float:
-    rng = random.Random(f"budget:{cfg.seed}:{step}")
+def draw_budget(cfg: ElastifyConfig, budgets: tuple[float, ...], stage: int, *key) -> float:
+    """One budget drawn from the stage's probabilities (stage 1 uniform, stage 2 stage2_probs),
+    a pure function of (seed, *key)."""
+    rng = random.Random(":".join(map(str, ("budget", cfg.seed, *key))))
     if stage == 1:
         return budgets[rng.randrange(len(budgets))]
     return rng.choices(budgets, weights=cfg.stage2_probs)[0]
+
+
+def step_budgets(cfg: ElastifyConfig, budgets: tuple[float, ...], step: int, stage: int,
+                 n_micro: int) -> list[tuple[float, ...]]:
+    """The budgets each of the step's `n_micro` global micro-batches trains (`budget_sampling`):
+    step, the step's one draw for all; micro_batch, a draw per (step, global micro-batch); all,
+    every budget."""
+    if cfg.budget_sampling == "all":
+        return [tuple(budgets)] * n_micro
+    if cfg.budget_sampling == "step":
+        return [(draw_budget(cfg, budgets, stage, step),)] * n_micro
+    return [(draw_budget(cfg, budgets, stage, step, g),) for g in range(n_micro)]
+
+
+def gumbel(cfg: ElastifyConfig, step: int, micro: int, budget_index: int) -> torch.Generator:
+    """The Gumbel noise of one router sample: per step (step: one architecture per step), per (step,
+    global micro-batch) (micro_batch), per (step, budget) (all: one architecture per budget and step)."""
+    if cfg.budget_sampling == "step":
+        seed = cfg.seed * 1_000_003 + step
+    elif cfg.budget_sampling == "micro_batch":
+        seed = key_of(cfg.seed, "gumbel", step, micro)
+    else:
+        seed = key_of(cfg.seed, "gumbel", step, "budget", budget_index)
+    return torch.Generator().manual_seed(seed)
+
+
+def router_share(cfg: ElastifyConfig, last_micro: bool, n_micro: int, world: int) -> float:
+    """The weight of the router loss of one (micro-batch, budget) forward on this process: step,
+    once per step (the last micro-batch); all, once per budget (the last micro-batch); micro_batch,
+    world / n_micro on every one, so that the mean over processes is the mean over the step's
+    global micro-batches and the loss scale does not depend on their number."""
+    if cfg.budget_sampling == "micro_batch":
+        return world / n_micro
+    return 1.0 if last_micro else 0.0
+
+
+def stage_of(cfg: ElastifyConfig, step: int) -> int:
+    """Stage 1 for the first stage1_fraction of the steps, then stage 2."""
+    return 1 if step < int(round(cfg.steps * cfg.stage1_fraction)) else 2
 
 
 def tau_at(cfg: ElastifyConfig, step: int) -> float:
@@ -188,25 +260,51 @@ def lr_scale(cfg: ElastifyConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def calibration_batches(cfg: ElastifyConfig, seqs, pad: int) -> list[torch.Tensor]:
-    """Every calibration batch's token ids, each (batch_size, ≤ calibration_seq_len); the same on every rank."""
-    return [batch_for_step(seqs, -1 - i, 0, cfg.batch_size, cfg.calibration_seq_len, pad, cfg.seed)[0]
-            for i in range(cfg.calibration_batches)]
+def pad_id(model: HybridLM) -> int:
+    return model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
 
-def calibration_stats(cfg: ElastifyConfig, parent: HybridLM, batches: list[torch.Tensor], rank: int,
+def stage_samplers(cfg: ElastifyConfig, store, pad: int) -> dict[int, PackedSampler]:
+    """Stage 1's and stage 2's row streams: the same store packed at each stage's seq_len, each with
+    its own seed and position (saved in the checkpoints)."""
+    return {stage: PackedSampler(store, seq_len, seed=key_of(cfg.seed, "elastify", stage), pad_id=pad)
+            for stage, seq_len in ((1, cfg.stage1_seq_len), (2, cfg.stage2_seq_len))}
+
+
+def calibration_sampler(cfg: ElastifyConfig, store, pad: int) -> PackedSampler:
+    """The calibration rows' stream (calibration_seq_len, a seed of its own)."""
+    return PackedSampler(store, cfg.calibration_seq_len, seed=key_of(cfg.seed, "calibration"), pad_id=pad)
+
+
+def calibration_rows(cfg: ElastifyConfig, store, pad: int, rank: int, world: int) -> list[Rows]:
+    """This rank's calibration batches: of `calibration_batches` batches of `batch_size` packed rows,
+    every world-th from batch `rank` on. Every rank plans them all (from lengths) and reads its own."""
+    sampler, mine = calibration_sampler(cfg, store, pad), []
+    for i in range(cfg.calibration_batches):
+        pieces = sampler.take(cfg.batch_size)
+        if i % world == rank:
+            mine.append(assemble(pieces, store, cfg.calibration_seq_len, pad))
+    return mine
+
+
+def calibration_key(cfg: ElastifyConfig, store) -> str:
+    """What decides the calibration batches (the store and the calibration sampler): the scores' key."""
+    what = [store.fingerprint, cfg.seed, cfg.calibration_seq_len, cfg.calibration_batches, cfg.batch_size]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
+def calibration_stats(cfg: ElastifyConfig, parent: HybridLM, mine: list[Rows],
                       world: int) -> importance.ImportanceStats:
-    """Importance statistics over the calibration batches: each rank runs every world-th batch and
-    the sums are added over ranks, so N processes give one process's statistics. Every rank runs
+    """Importance statistics over the calibration batches: each rank runs its own (`calibration_rows`)
+    and the sums are added over ranks, so N processes give one process's statistics. Every rank runs
     the same number of forwards (a sharded parent gathers its weights in each): a rank out of
     batches runs one of padding only, which adds nothing."""
-    pad = parent.config.pad_token_id
-    mine = batches[rank::world]
-    valid = [ids != pad if pad is not None else torch.ones_like(ids, dtype=torch.bool) for ids in mine]
-    while len(mine) < math.ceil(cfg.calibration_batches / world):
-        mine.append(torch.zeros((1, 1), dtype=torch.long))
+    batches, valid, seq_idx = [r.ids for r in mine], [r.real.bool() for r in mine], [r.seq_idx for r in mine]
+    while len(batches) < math.ceil(cfg.calibration_batches / world):
+        batches.append(torch.zeros((1, 1), dtype=torch.long))
         valid.append(torch.zeros((1, 1), dtype=torch.bool))
-    stats = importance.collect_stats(parent, mine, valid)
+        seq_idx.append(torch.zeros((1, 1), dtype=torch.long))
+    stats = importance.collect_stats(parent, batches, valid, seq_idx)
     sums = stats.sums | {"tokens": torch.tensor(stats.tokens, dtype=torch.float64)}
     sum_over_ranks(sums)
     stats.tokens = float(sums.pop("tokens"))
@@ -214,19 +312,19 @@ def calibration_stats(cfg: ElastifyConfig, parent: HybridLM, batches: list[torch
     return stats
 
 
-def importance_scores(cfg: ElastifyConfig, parent: HybridLM, seqs, rank: int, world: int, log) -> dict:
+def importance_scores(cfg: ElastifyConfig, parent: HybridLM, store, rank: int, world: int, log) -> dict:
     """RUN/importance.safetensors when it was computed for this parent's weights and these
     calibration batches (a resumed run), else computed and saved with that key."""
     out = Path(cfg.out)
     scores_path = out / "importance.safetensors"
-    batches = calibration_batches(cfg, seqs, parent.config.pad_token_id)
-    key = {"parent": fingerprint(cfg.model), "calibration": importance.batches_fingerprint(batches)}
+    key = {"parent": fingerprint(cfg.model), "calibration": calibration_key(cfg, store)}
     reuse = importance.scores_match(scores_path, key, log)
     barrier()  # every rank decides before rank 0 writes the file
     if reuse:
         log(f"importance: reusing {scores_path}")
         return importance.load_scores(scores_path)
-    scores = importance.compute_scores(calibration_stats(cfg, parent, batches, rank, world))
+    mine = calibration_rows(cfg, store, pad_id(parent), rank, world)
+    scores = importance.compute_scores(calibration_stats(cfg, parent, mine, world))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         importance.save_scores(scores, scores_path, key)
@@ -251,25 +349,34 @@ def resolve_load(cfg: ElastifyConfig, mode: str) -> str:
                                          f"model ({cfg.model})" if whole else None)
 
 
+def open_store(cfg: ElastifyConfig, model: HybridLM, rank: int = 0, log=print):
+    """cfg.data as a TokenStore (a file or the synthetic set prepared into RUN/data once, by rank 0),
+    checked against the model's vocabulary."""
+    store = open_data_on_ranks(cfg.data, Path(cfg.out) / PREPARED, rank, model_dir=cfg.model, tokenizer=model.tokenizer,
+                               n_synthetic=cfg.n_synthetic, seed=cfg.seed, log=log, vocab_size=model.config.vocab_size)
+    check_store(store, model.tokenizer, model.config.vocab_size, cfg.model, log)
+    return store
+
+
 def prepare(cfg: ElastifyConfig, rank: int = 0, log=print, world: int = 1):
-    """Load the parent whole, rank and sort it, build the elastic model. Returns (elastic, parent, seqs):
+    """Load the parent whole, rank and sort it, build the elastic model. Returns (elastic, parent, store):
     the untouched parent is the frozen teacher (sorting makes a new model, so no extra copy)."""
     parent = load_model(cfg.model)
-    seqs = load_sequences(cfg.data, parent.tokenizer, cfg.n_synthetic, cfg.seed, parent.config.vocab_size)
-    scores = importance_scores(cfg, parent, seqs, rank, world, log)
-    return elastic_over(sort_model(parent, scores), cfg, scores), parent.eval().requires_grad_(False), seqs
+    store = open_store(cfg, parent, rank, log)
+    scores = importance_scores(cfg, parent, store, rank, world, log)
+    return elastic_over(sort_model(parent, scores), cfg, scores), parent.eval().requires_grad_(False), store
 
 
 def prepare_meta(cfg: ElastifyConfig, mode: str, rank: int, log, world: int):
     """The meta-device path: the teacher is sharded and filled from the files, importance runs on
     it, and the student is built on the meta device for the engine to shard and fill, each tensor
-    sorted as it streams. Returns (elastic, teacher, seqs, fill for `parallelize`)."""
+    sorted as it streams. Returns (elastic, teacher, store, fill for `parallelize`)."""
     fill = partial(fill_from_checkpoint, path=cfg.model)
     teacher = prepare_teacher(meta_model(cfg.model), mode, cfg.engine, fill=fill)
-    seqs = load_sequences(cfg.data, teacher.tokenizer, cfg.n_synthetic, cfg.seed, teacher.config.vocab_size)
-    scores = importance_scores(cfg, teacher, seqs, rank, world, log)
+    store = open_store(cfg, teacher, rank, log)
+    scores = importance_scores(cfg, teacher, store, rank, world, log)
     elastic = elastic_over(meta_model(cfg.model), cfg, scores)
-    return elastic, teacher, seqs, partial(fill, rule=sort_rules(elastic.config, scores))
+    return elastic, teacher, store, partial(fill, rule=sort_rules(elastic.config, scores))
 
 
 def make_optimizer(cfg: ElastifyConfig, elastic: ElasticLM) -> torch.optim.Optimizer:
@@ -284,11 +391,25 @@ def make_optimizer(cfg: ElastifyConfig, elastic: ElasticLM) -> torch.optim.Optim
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
 
-def rank_batch(cfg: ElastifyConfig, seqs, step: int, seq_len: int, pad: int, rank: int, world: int):
-    """This rank's rows of the step's global batch: (ids, loss mask), each (batch_size / world, T)."""
-    ids, mask = batch_for_step(seqs, step, 0, cfg.batch_size, seq_len, pad, cfg.seed)
-    rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
-    return ids[rows], mask[rows]
+def kd_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(R, T) 0/1 loss-token mask (target-aligned) → (R, T) float: 1 at the positions whose next token
+    is a loss token of the same document (the packing zeroes every piece's first token), where the
+    KD term is taken; a row's last position has no next token."""
+    return torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1).float()
+
+
+def on_device(rows: Rows, device) -> Rows:
+    return Rows(*(getattr(rows, f.name).to(device) for f in dataclasses.fields(rows)))
+
+
+def load_data_position(samplers: dict[int, PackedSampler], state: dict, checkpoint: Path) -> None:
+    """The stage samplers continue where the checkpoint's run was (state.json's "data")."""
+    saved = state.get("data")
+    if not isinstance(saved, dict) or set(saved) != {str(k) for k in samplers}:
+        raise ConfigError(f"{checkpoint}: holds no data position (written by an older star-elastic), so the resumed "
+                          "run could not continue at its next row; overwrite to start again")
+    for stage, sampler in samplers.items():
+        sampler.load_state_dict(saved[str(stage)])
 
 
 def plan_config(cfg: ElastifyConfig, world: int) -> PlanConfig:
@@ -301,8 +422,8 @@ def check_inputs(cfg: ElastifyConfig) -> None:
     """The checks that need no weights, before any are loaded: the required keys, the parent's
     config.json and the choice grid on it (a bad grid fails at once, not after importance)."""
     for key, how in (("model", "--model DIR (the parent)"), ("out", "--out RUN (the run folder)"),
-                     ("data", "--data FILE.jsonl|FILE.parquet, or --data synthetic for the built-in toy "
-                              "arithmetic set (there is no default)")):
+                     ("data", "--data STORE (a prepare-data folder), FILE.jsonl|FILE.parquet, or --data synthetic "
+                              "for the built-in toy arithmetic set (there is no default)")):
         if not getattr(cfg, key):
             raise ConfigError(f"elastify needs {key}: {how}, or '{key}:' in the YAML config")
     ChoiceSpace.build(ModelConfig.from_json(accounting._config_path(cfg.model)), cfg.elastic)
@@ -328,27 +449,30 @@ def run_recipe(cfg: ElastifyConfig, latest: Path | None, mode: str, rank: int, w
     torch.manual_seed(cfg.seed)
     load = resolve_load(cfg, mode)
     if load == "meta":
-        elastic, teacher, seqs, fill = prepare_meta(cfg, mode, rank, log, world)
+        elastic, teacher, store, fill = prepare_meta(cfg, mode, rank, log, world)
     else:
-        elastic, parent, seqs = prepare(cfg, rank, log, world)
+        elastic, parent, store = prepare(cfg, rank, log, world)
         teacher, fill = prepare_teacher(parent, mode, cfg.engine), None
     ecfg = elastic.ecfg
-    pad = elastic.config.pad_token_id
     ckpt_dir = out / "checkpoints"
     if latest is None:
         hist = fit_router_to_cost(elastic.router, elastic.cost, ecfg.budgets, steps=cfg.router_fit_steps, seed=cfg.seed)
         log(f"router fitted to {ecfg.budget_type} in {len(hist)} steps")
         log_settled(elastic, log)
 
-    engine = parallelize(DistillStep(elastic, cfg.engine.kd_chunk_tokens), teacher, mode, rank, world, cfg.engine, fill)
+    step_module = DistillStep(elastic, cfg.engine.kd_chunk_tokens, route_always=cfg.budget_sampling == "micro_batch")
+    engine = parallelize(step_module, teacher, mode, rank, world, cfg.engine, fill)
     if latest is None:
         save_untrained(cfg, elastic, engine)
     log(f"engine: {mode}, {world} process(es), {cfg.engine.dtype}, {load} load, device {engine.device}")
     opt = make_optimizer(cfg, elastic)
     base_lrs = [g["lr"] for g in opt.param_groups]
+    samplers = stage_samplers(cfg, store, pad_id(elastic.model))
     start = 0
     if latest is not None:
-        start = load_checkpoint(latest, engine.state_module, opt)["step"]
+        state = load_checkpoint(latest, engine.state_module, opt)
+        load_data_position(samplers, state, latest)
+        start = state["step"]
         log(f"resuming from {latest} at step {start}")
 
     stage1_steps = int(round(cfg.steps * cfg.stage1_fraction))
@@ -361,34 +485,29 @@ def run_recipe(cfg: ElastifyConfig, latest: Path | None, mode: str, rank: int, w
     model_params = opt.param_groups[0]["params"]
     t0 = time.perf_counter()
     for step in bar:
-        stage = 1 if step < stage1_steps else 2
+        stage = stage_of(cfg, step)
         if step == stage1_steps > 0 or (step > 0 and cfg.settle_every and step % cfg.settle_every == 0):
             settle(elastic)  # hold the budgets' windows: stage 2 trains the architectures they end with
-        seq_len = cfg.stage1_seq_len if stage == 1 else cfg.stage2_seq_len
-        budget = budget_for_step(cfg, ecfg.budgets, step, stage)
         tau = tau_at(cfg, step)
-        ids, mask = rank_batch(cfg, seqs, step, seq_len, pad, rank, world)
-        ids, mask = ids.to(engine.device), mask.to(engine.device)
-        attn = ((ids != pad) | (mask > 0)).float()
-        # per-rank sums over global counts: the engines' gradient mean over ranks is the whole batch's
-        n_kd, n_lm = global_sum(attn.sum()), global_sum(mask[:, 1:].sum().float())
+        rows = on_device(samplers[stage].next_rows(cfg.batch_size, rank, world), engine.device)
+        n, tokens = global_sum(torch.stack([rows.mask.sum(), rows.real.sum()]).float())  # the global batch's
+        # loss tokens (= its KD positions) and real tokens
         for group, base in zip(opt.param_groups, base_lrs):
             group["lr"] = base * lr_scale(cfg, step)
         opt.zero_grad(set_to_none=True)
-        kl, ce, picks, rl = accumulate(cfg, engine, elastic, step, budget, tau, ids, mask, attn, n_kd, n_lm, world)
+        result = accumulate(cfg, engine, elastic, step, stage, tau, rows, n, rank, world)
         torch.nn.utils.clip_grad_norm_(model_params, cfg.grad_clip)
         opt.step()
         done = step + 1
-        record = step_record(cfg, elastic, step, stage, budget, tau, picks, kl, ce, n_kd, n_lm, rl, t0)
-        bar.set_postfix(kd=f"{record['kd']:.3f}", budget_penalty=f"{record['budget_penalty']:.4f}",
-                        capacity_reward=f"{record['capacity_reward']:.4f}", budget=budget,
-                        cost=f"{record['relative_cost']:.2f}",
-                        arch="/".join(map(str, record["arch"].values())))
+        record = step_record(cfg, elastic, step, stage, tau, result, n, tokens, world, t0)
+        bar.set_postfix(progress_line(record))
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == cfg.stop_after:
-            save_checkpoint(ckpt_dir, done, engine.state_module, opt, {"seed": cfg.seed, "world": world})
+            position = {str(k): sampler.state_dict() for k, sampler in samplers.items()}
+            save_checkpoint(ckpt_dir, done, engine.state_module, opt,
+                            {"seed": cfg.seed, "world": world, "data": position})
         if cfg.stop_after is not None and done >= cfg.stop_after:
             break
     bar.close()
@@ -407,30 +526,58 @@ def run_recipe(cfg: ElastifyConfig, latest: Path | None, mode: str, rank: int, w
             "architectures": None if final is None else {b: final.describe(b) for b in ecfg.budgets}}
 
 
-def accumulate(cfg: ElastifyConfig, engine, elastic: ElasticLM, step: int, budget: float, tau: float, ids, mask, attn,
-               n_kd, n_lm, world: int):
-    """Forward and backward of this process's rows, in micro-batches (`micro_batches`) whose losses
-    add up to the whole batch's: each is divided by the global counts, the router loss is added
-    once, gradients are reduced over processes as `Engine.gradient_sync` says. Every micro-batch
-    samples the step's architecture from the same Gumbel noise. Returns the summed (KL, CE), picks,
-    and the router loss's (budget penalty, capacity reward)."""
-    kl = ce = 0.0
-    for last, (g_ids, g_mask, g_attn) in micro_batches(cfg.engine.micro_batch_size, attn, ids, mask, attn):
-        with engine.gradient_sync(last):
-            with torch.no_grad():
-                teacher_hidden = engine.teacher(g_ids, head=False)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # Gumbel noise of this step
-            g_kl, g_ce, picks = engine.student(g_ids, budget, tau, gen, teacher_hidden, engine.teacher.lm_head, g_attn,
-                                               cfg.kd_temperature, g_mask.float() if cfg.lm_weight > 0 else None)
-            loss = g_kl * world / n_kd.clamp_min(1)
-            if last:
-                rl = router_loss_parts(elastic.cost, {a: p.cpu() for a, p in picks.items()}, budget)
-                loss = loss + cfg.router_weight * (rl[0] - rl[1]).float().to(loss.device)
+@dataclasses.dataclass
+class StepSums:
+    """One step's sums on this process (`accumulate`), for the metrics."""
+
+    budgets: list[tuple[float, ...]]
+    """The budgets of every global micro-batch of the step (`step_budgets`)."""
+    sums: torch.Tensor
+    """(budgets, 3) float64: per budget, Σ KL, Σ CE and loss tokens of this process's forwards at it."""
+    router: torch.Tensor
+    """(2,) float64: this process's weighted router loss parts (budget penalty, capacity reward)."""
+    picks: dict
+    """The last forward's picks per budget trained here."""
+
+
+def accumulate(cfg: ElastifyConfig, engine, elastic: ElasticLM, step: int, stage: int, tau: float, rows: Rows,
+               n: torch.Tensor, rank: int, world: int) -> StepSums:
+    """Forward and backward of this process's rows: in micro-batches (`split_rows`, each with its
+    global index), each at the budgets `step_budgets` gives it, one forward and backward per
+    (micro-batch, budget); the teacher runs once per micro-batch. The KD (and LM) sums are divided
+    by the global loss-token count `n` and the router loss weighted by `router_share`, so the
+    whole step's loss is the global batch's whatever the micro-batches and processes; gradients
+    are reduced over processes as `Engine.gradient_sync` says (once, after the last forward)."""
+    budgets = elastic.ecfg.budgets
+    parts = split_rows(rows, cfg.engine.micro_batch_size, rank)
+    n_micro = world * len(parts)
+    drawn = step_budgets(cfg, budgets, step, stage, n_micro)
+    units = [(j, g, part, b) for j, (g, part) in enumerate(parts) for b in drawn[g]]
+    sums = torch.zeros(len(budgets), 3, dtype=torch.float64)
+    router = torch.zeros(2, dtype=torch.float64)
+    picks_by_budget = {}
+    for u, (j, g, part, budget) in enumerate(units):
+        with engine.gradient_sync(u == len(units) - 1):
+            if u == 0 or units[u - 1][0] != j:
+                with torch.no_grad():
+                    teacher_hidden = engine.teacher(part.ids, head=False, seq_idx=part.seq_idx)
+            k = budgets.index(budget)
+            kl, ce, picks = engine.student(part.ids, budget, tau, gumbel(cfg, step, g, k), teacher_hidden,
+                                           engine.teacher.lm_head, kd_positions(part.mask), cfg.kd_temperature,
+                                           part.mask.float() if cfg.lm_weight > 0 else None, seq_idx=part.seq_idx)
+            loss = kl * world / n.clamp_min(1)  # the engines average the gradients over processes
             if cfg.lm_weight > 0:
-                loss = loss + cfg.lm_weight * g_ce * world / n_lm.clamp_min(1)
+                loss = loss + cfg.lm_weight * ce * world / n.clamp_min(1)
+            share = router_share(cfg, j == len(parts) - 1, n_micro, world)
+            if share:
+                rl = router_loss_parts(elastic.cost, {a: p.cpu() for a, p in picks.items()}, budget)
+                loss = loss + cfg.router_weight * share * (rl[0] - rl[1]).float().to(loss.device)
+                router += share * torch.stack([t.detach().double() for t in rl])
             loss.backward()
-        kl, ce = kl + g_kl.detach(), ce + g_ce.detach()
-    return kl, ce, picks, rl
+        sums[k] += torch.stack([kl.detach().double().cpu(), ce.detach().double().cpu(),
+                                part.mask.sum().double().cpu()])
+        picks_by_budget[budget] = picks
+    return StepSums(drawn, sums, router, picks_by_budget)
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -463,21 +610,45 @@ def save_untrained(cfg: ElastifyConfig, elastic: ElasticLM, engine) -> None:
             save_run(initial, Path(cfg.out) / "initial")
 
 
-def step_record(cfg, elastic, step, stage, budget, tau, picks, kl, ce, n_kd, n_lm, rl, t0) -> dict:
-    """One metrics.jsonl line; the losses are the whole batch's (summed over ranks). kd: the
-    distillation KL; budget_penalty (≥ 0): the router's dead-zone loss on the cost's deviation from
-    the budget; capacity_reward (0 to 0.01): the router's tie-break towards larger architectures,
-    subtracted (so the objective can dip below 0 where kd is near 0); objective: what the step
-    minimises, kd + router_weight·(budget_penalty − capacity_reward) (+ lm_weight·lm)."""
-    kd = float(global_sum(kl) / n_kd.clamp_min(1))
-    lm = float(global_sum(ce) / n_lm.clamp_min(1)) if cfg.lm_weight > 0 else None
-    arch = {a: elastic.space.choices[a][int(p.argmax())] for a, p in picks.items()}
-    penalty, reward = (float(t.detach()) for t in rl)
+def step_record(cfg: ElastifyConfig, elastic: ElasticLM, step: int, stage: int, tau: float, result: StepSums,
+                n: torch.Tensor, tokens: torch.Tensor, world: int, t0: float) -> dict:
+    """One metrics.jsonl line; the losses are the whole batch's (summed over processes). kd: the
+    distillation KL per loss token (summed over budgets under budget_sampling all); kd_by_budget:
+    the KL per loss token of the tokens trained at each budget; budget_penalty (≥ 0): the router's
+    dead-zone loss on the cost's deviation from the budget; capacity_reward (0 to 0.01): the
+    router's tie-break towards larger architectures, subtracted (so the objective can dip below 0
+    where kd is near 0) — both as they enter the loss (`router_share`); objective: what the step
+    minimises, kd + router_weight·(budget_penalty − capacity_reward) (+ lm_weight·lm). budgets:
+    each global micro-batch's (all: every budget); tokens: the global batch's real (non-padding)
+    tokens. Under budget_sampling step also the step's budget, architecture and cost."""
+    sums, router = global_sum(result.sums.to(n.device)).cpu(), global_sum(result.router.to(n.device)).cpu() / world
+    count = float(n.clamp_min(1))
+    kd = float(sums[:, 0].sum()) / count
+    lm = float(sums[:, 1].sum()) / count if cfg.lm_weight > 0 else None
+    penalty, reward = float(router[0]), float(router[1])
     objective = kd + cfg.router_weight * (penalty - reward) + (cfg.lm_weight * lm if lm is not None else 0.0)
-    return {"step": step + 1, "stage": stage, "budget": budget, "tau": round(tau, 4), "objective": objective, "kd": kd,
-            "budget_penalty": penalty, "capacity_reward": reward, "lm": lm,
-            "relative_cost": float(elastic.cost.relative({a: p.detach().cpu() for a, p in picks.items()})),
-            "arch": arch, "seconds": round(time.perf_counter() - t0, 2)}
+    by_budget = {f"{b:g}": float(sums[k, 0] / sums[k, 2].clamp_min(1))
+                 for k, b in enumerate(elastic.ecfg.budgets) if sums[k, 2] > 0}
+    drawn = list(elastic.ecfg.budgets) if cfg.budget_sampling == "all" else [b[0] for b in result.budgets]
+    record = {"step": step + 1, "stage": stage, "budgets": drawn,
+              "tau": round(tau, 4), "objective": objective, "kd": kd, "kd_by_budget": by_budget,
+              "budget_penalty": penalty, "capacity_reward": reward, "lm": lm, "tokens": int(tokens)}
+    if cfg.budget_sampling == "step":
+        budget = result.budgets[0][0]
+        picks = {a: p.detach().cpu() for a, p in result.picks[budget].items()}
+        record |= {"budget": budget, "relative_cost": float(elastic.cost.relative(picks)),
+                   "arch": {a: elastic.space.choices[a][int(p.argmax())] for a, p in picks.items()}}
+    return record | {"seconds": round(time.perf_counter() - t0, 2)}
+
+
+def progress_line(record: dict) -> dict:
+    """The progress bar's postfix for a metrics record."""
+    line = {"kd": f"{record['kd']:.3f}", "budget_penalty": f"{record['budget_penalty']:.4f}",
+            "capacity_reward": f"{record['capacity_reward']:.4f}"}
+    if "budget" in record:
+        line |= {"budget": record["budget"], "cost": f"{record['relative_cost']:.2f}",
+                 "arch": "/".join(map(str, record["arch"].values()))}
+    return line
 
 
 def gathered_elastic(elastic: ElasticLM, engine) -> ElasticLM | None:
@@ -517,8 +688,6 @@ def log_settled(elastic, log) -> None:
 
 def state_digest(module: torch.nn.Module) -> str:
     """SHA-256 over every tensor's bytes, in key order: equal digests mean identical weights."""
-    import hashlib
-
     h = hashlib.sha256()
     for key, t in sorted(module.state_dict().items()):
         h.update(key.encode())

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from star_elastic.config import ConfigError, ModelConfig, from_dict, merge_config, to_plain, typed_blocks
 from star_elastic.data import synthetic
-from star_elastic.data.loading import length_groups
 from star_elastic.data.tokenizer import build_tokenizer, encode_example, format_prompt
 from star_elastic.hf import save_model
 from star_elastic.infer.generate import GenerationConfig, generate
@@ -96,6 +95,23 @@ def model_config(cfg: ParentConfig, tokenizer) -> ModelConfig:
         **m, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def length_groups(lengths: list[int], rows: int | None) -> list[list[int]]:
+    """Row indices in groups of `rows` (None: one group of all), for gradient accumulation.
+
+    Rows are sorted by length (shortest first, ties in row order) before they are cut, so each
+    group can be trimmed to its own longest row: a right-padded row's real tokens never see the
+    padding after them (causal model), so the groups' summed losses and gradients are the whole
+    batch's, with less padding computed. Every group has the same number of rows (`rows` divides
+    the batch): under FSDP every process must run the same number of forwards.
+    """
+    if rows is None or rows >= len(lengths):
+        return [list(range(len(lengths)))]
+    if len(lengths) % rows:
+        raise ConfigError(f"micro_batch_size {rows} must divide the {len(lengths)} rows of each process's batch")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + rows] for i in range(0, len(order), rows)]
 
 
 def make_batch(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,8 @@
     RUN/writer.lock            who writes RUN now: host, pid, process start, since (removed at the end)
     RUN/elastify_config.json   the resolved config the run started with, and fingerprints of the
                                parent's weights and of the data (written first, under the lock)
+    RUN/data                   the token store a .jsonl / .parquet --data or the synthetic set is
+                               prepared into, once (a store folder given as --data is read in place)
 
 Written for elastify (below); quantize's QRUN is kept the same way (`Recipe`: QRUN/quantize_config.json
 with the fingerprints of the elastic run and the data; quant/qad.py says which keys may change).
@@ -25,7 +27,7 @@ Start, continue, start again (`resume`, `overwrite`):
   * `resume: true` continues from RUN/checkpoints/latest and is an error without one;
     `resume: auto` continues when there is a checkpoint, starts when RUN holds no run, and starts
     the same run again when it holds one without a checkpoint (killed before its first one): its
-    importance scores are kept (they are reused only if computed for this parent and data).
+    importance scores and prepared data are kept (reused only if made from this parent and data).
 
 What a resume may change. Resuming means continuing the saved run exactly, so every key that
 decides what the run computes must equal the saved one, or the resume is refused naming the key,
@@ -35,10 +37,11 @@ fractions, choices, multiple, router width, memory assumptions: the grid, the ro
 the cost windows), seed, steps and the stage schedule (fractions, sequence lengths, stage-2
 probabilities, tau: the learning-rate and temperature curves and every step's batch and budget
 are functions of them), batch size, optimizer and its rates, clipping, loss weights and
-temperature, settle_every, the router fit and the calibration (the state the run started from).
-Free to change (`RUN_KEYS`): how the steps are computed (the `engine` block: parallelism, dtype,
-checkpointing, offload, micro-batches, KD chunk, load mode, memory figure, device; the checkpoints
-reshard across them) and when the run stops or saves.
+temperature, settle_every, budget_sampling, the router fit and the calibration (the state the run
+started from). Free to change (`RUN_KEYS`): how the steps are computed (the `engine` block:
+parallelism, dtype, checkpointing, offload, micro-batches, KD chunk, load mode, memory figure,
+device; the checkpoints reshard across them) and when the run stops or saves; except the
+micro-batch size under budget_sampling micro_batch, where it decides how many budgets a step draws.
 
 Fingerprints. SHA-256 over each file's relative name and size, the whole file when it is at most
 PIECES x PIECE bytes (configs, tokenizers, small models), else its safetensors header (names,
@@ -68,10 +71,12 @@ from star_elastic.config import ConfigError, check_out_dir, to_plain
 from star_elastic.distributed import broadcast_json
 from star_elastic.train.checkpoint import latest_checkpoint
 
+PREPARED = "data"
+"""RUN/data: the token store a .jsonl / .parquet --data or the synthetic set is prepared into (once)."""
 LOCK = "writer.lock"
 VERSION = 1
 STATE = ("importance.safetensors", "run.json", "model", "router.safetensors", "latency_table.json", "metrics.jsonl",
-         "checkpoints", "initial")
+         "checkpoints", "initial", PREPARED)
 """What a run writes besides its config and lock: RUN holds a run when one of these exists."""
 RUN_KEYS = ("engine", "resume", "overwrite", "checkpoint_every", "stop_after", "save_initial", "out")
 
@@ -292,6 +297,10 @@ def check_same_run(saved: dict, current: dict, run: Path, recipe: Recipe = ELAST
     """Refuse, naming the first key whose value shapes the state and differs (see the module
     docstring); a nested block (elastic) key by key."""
     old, new = saved.get("config", {}), current["config"]
+    if new.get("budget_sampling") == "micro_batch":  # the micro-batch size decides the draws per step
+        was, now = old.get("engine", {}).get("micro_batch_size"), new["engine"]["micro_batch_size"]
+        if was != now:
+            raise _changed("engine.micro_batch_size", was, now, run)
     for key, value in new.items():
         if key in recipe.run_keys + recipe.sources or key not in old:
             continue
@@ -382,7 +391,7 @@ def _decide(cfg, run: Path, current: dict, log, recipe: Recipe) -> Path | None:
         if resume is True:
             raise ConfigError(f"resume: {run} has no checkpoint to resume from (RUN/checkpoints/latest); use "
                               "resume: auto to start it again, or overwrite")
-        _clear(run, recipe, keep=("importance.safetensors",))
+        _clear(run, recipe, keep=("importance.safetensors", PREPARED))
         log(f"resume auto: {run} has no checkpoint; starting the run again")
     return checkpoint
 
