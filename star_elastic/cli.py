@@ -108,7 +108,7 @@ def _generate(cfg) -> int:
     from star_elastic.infer.budget import open_server
 
     server = open_server(cfg.run, cfg.arch_file, cfg.device)
-    think, answer = server.resolve(cfg.phases.think, "--think"), server.resolve(cfg.phases.answer, "--answer")
+    think, answer = cfg.phases.submodels(server.variants)
     tok = server.parent.tokenizer
     prompt = tok.encode(format_prompt(tok, cfg.prompt), add_special_tokens=False)
     sys.stdout.write("<think>")
@@ -141,7 +141,7 @@ def _eval(cfg) -> int:
 
     server = open_server(cfg.run, cfg.arch_file, cfg.device)
     phases = cfg.phases
-    think, answer = server.resolve(phases.think, "--think"), server.resolve(phases.answer, "--answer")
+    think, answer = phases.submodels(server.variants)
     examples = load_eval_examples(cfg.data, cfg.n_test)
     if cfg.sweep:
         caps = sorted(cfg.sweep, reverse=True)

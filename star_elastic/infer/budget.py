@@ -14,7 +14,8 @@ once per budget and cached.
 
 A submodel is named by a router budget (float, elastic run folders) or by a variant name (str):
 `ElasticServer.from_checkpoint(path, {"23b": Architecture, ...})` serves explicit architectures
-of any sorted checkpoint that has no router (e.g. NVIDIA's Elastic checkpoints).
+of any sorted checkpoint that has no router (e.g. NVIDIA's Elastic checkpoints). What a command or
+a request may name is decided by `resolve`, for `generate`, `eval` and `serve` alike.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class PhaseConfig:
             raise ConfigError(f"need max_think_tokens >= 0 and max_answer_tokens >= 1, got "
                               f"{self.max_think_tokens} and {self.max_answer_tokens}")
 
+    def submodels(self, variants: Sequence[float | str]) -> tuple[float | str, float | str]:
+        """The think and answer submodels among `variants` (`resolve`, naming --think / --answer)."""
+        return resolve(self.think, variants, "--think"), resolve(self.answer, variants, "--answer")
+
 
 @dataclasses.dataclass
 class GenerateConfig:
@@ -95,6 +100,36 @@ class GenerateConfig:
         check_device(self.device)
         if not self.run:
             raise ConfigError("generate needs RUN_OR_CKPT")
+
+
+def variant_label(key: float | str) -> str:
+    """A budget as a person writes it (0.5, 1), a variant name as it is."""
+    return f"{key:g}" if isinstance(key, float) else str(key)
+
+
+def resolve(key: float | str | None, variants: Sequence[float | str], field: str) -> float | str:
+    """What a command or a request may name, in one place (`generate`, `eval`, `serve` and each
+    request to the server): one of `variants`, the trained budgets (numbers; an int names the
+    float equal to it) or the variant names of explicit architectures; None is the first (the
+    largest). Budgets between the trained ones are not served: only trained budgets are held to
+    their cost. Anything else is a ConfigError naming `field`, the value and the choices."""
+    if key is None:
+        return variants[0]
+    for v in variants:
+        if _names(key, v):
+            return v
+    shown = ", ".join(variant_label(v) for v in variants)
+    kind = "a variant of the architectures file" if isinstance(variants[0], str) else "a trained budget"
+    raise ConfigError(f"{field} {key!r} is not {kind}; choose one of {shown}")
+
+
+def _names(key, variant: float | str) -> bool:
+    """Whether `key` is `variant`: the same name, or the same number exactly (text is not a number here)."""
+    if isinstance(key, bool):
+        return False
+    if isinstance(variant, str):
+        return key == variant
+    return isinstance(key, (int, float)) and key == variant
 
 
 class ElasticServer:
@@ -124,28 +159,6 @@ class ElasticServer:
     def variants(self) -> list[float | str]:
         """What `model()` accepts: the trained budgets, or the architecture names ("full" first)."""
         return list(self.archs) if self.elastic is None else list(self.elastic.ecfg.budgets)
-
-    def resolve(self, key: float | str | None, field: str = "budget") -> float | str:
-        """What a command or a request may name, in one place: a trained budget (a number, or text
-        that parses as one) or a variant name of explicit architectures; None is the largest.
-        Budgets between the trained ones are not served: only trained budgets are held to their
-        cost. Anything else is a ConfigError naming `field` and the choices."""
-        variants = self.variants
-        if key is None:
-            return variants[0]
-        if isinstance(key, str):
-            try:
-                key = float(key)
-            except ValueError:
-                pass
-        if isinstance(key, bool):
-            raise ConfigError(f"{field} {key!r}: give a budget or a variant name")
-        for v in variants:
-            if v == key if isinstance(v, str) else isinstance(key, (int, float)) and abs(v - key) < 1e-9:
-                return v
-        shown = ", ".join(f"{v:g}" if isinstance(v, float) else v for v in variants)
-        kind = "a trained budget" if self.elastic is not None else "a variant of the architectures file"
-        raise ConfigError(f"{field} {key!r} is not {kind}; choose one of {shown}")
 
     def architecture(self, key: float | str) -> Architecture:
         if isinstance(key, str):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from star_elastic.config import ConfigError, typed_blocks
 from star_elastic.data import synthetic
 from star_elastic.data.tokenizer import format_prompt
-from star_elastic.infer.budget import ElasticServer, PhaseConfig
+from star_elastic.infer.budget import ElasticServer, PhaseConfig, variant_label
 from star_elastic.infer.generate import GenerationConfig, generate
 from star_elastic.runtime import check_device
 
@@ -207,11 +207,7 @@ def small_think_large_answer(points: list[dict]) -> list[dict]:
 
 
 def _label(p: dict) -> str:
-    return f"{_name(p['think_budget'])}→{_name(p['answer_budget'])} cap {p['max_think_tokens']}"
-
-
-def _name(budget: float | str) -> str:
-    return budget if isinstance(budget, str) else f"{budget:g}"
+    return f"{variant_label(p['think_budget'])}→{variant_label(p['answer_budget'])} cap {p['max_think_tokens']}"
 
 
 @torch.inference_mode()
