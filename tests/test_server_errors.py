@@ -20,8 +20,9 @@ from server_helpers import (CONTEXT, NAME, FailingServer, SlowServer, reference,
 
 from star_elastic.data.tokenizer import format_prompt
 from star_elastic.infer import generate as generate_module
+from star_elastic.infer.budget import Job
 from star_elastic.infer.generate import GenerationConfig
-from star_elastic.serve.scheduler import Job, Scheduler
+from star_elastic.serve.scheduler import Scheduler
 from star_elastic.serve.schemas import TEXT_PATTERN
 
 GOOD = {"model": NAME, "messages": [{"role": "user", "content": "1+1=?"}], "max_tokens": 2, "temperature": 0,
