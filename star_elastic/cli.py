@@ -145,7 +145,7 @@ def _eval(cfg) -> int:
     examples = load_eval_examples(cfg.data, cfg.n_test)
     if cfg.sweep:
         caps = sorted(cfg.sweep, reverse=True)
-        points = sweep(server, examples, caps, cfg.batch_size)
+        points = sweep(server, examples, caps, cfg.batch_size, max_answer_tokens=phases.max_answer_tokens)
         full = server.variants[0]
         parent = next(p for p in points if p["think_budget"] == p["answer_budget"] == full
                       and p["max_think_tokens"] == caps[0])

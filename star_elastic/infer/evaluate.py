@@ -227,7 +227,7 @@ def decode_speed(model, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
 
 
 def sweep(server: ElasticServer, examples: list[dict], caps: list[int], batch_size: int = 100,
-          progress: bool = True, timing_rounds: int = 2) -> list[dict]:
+          progress: bool = True, timing_rounds: int = 2, max_answer_tokens: int = 24) -> list[dict]:
     """Every (think, answer) pair of trained budgets at every think cap; think = answer is the
     one-budget baseline (budget 1 is the parent's default budget control).
 
@@ -243,10 +243,10 @@ def sweep(server: ElasticServer, examples: list[dict], caps: list[int], batch_si
     for _ in range(timing_rounds):
         points = []
         for b, c in passes:
-            points.append(evaluate_config(server, examples, BudgetConfig(b, b, c), batch_size))
+            points.append(evaluate_config(server, examples, BudgetConfig(b, b, c), batch_size, max_answer_tokens))
             bar.update()
             others = [a for a in budgets if a != b]
-            points += evaluate_answers(server, examples, b, c, others, batch_size) if others else []
+            points += evaluate_answers(server, examples, b, c, others, batch_size, max_answer_tokens) if others else []
             bar.update()
         rounds.append(points)
     bar.close()
