@@ -104,8 +104,8 @@ def main() -> int:
 
     from star_elastic.serve.app import BackgroundServer, ServeConfig, make_local_app
 
-    app = make_local_app(tiny_server(), ServeConfig(name="fuzz", max_think_tokens=8, max_tokens=8, threads=1),
-                         max_context=256)
+    cfg = ServeConfig(name="fuzz", phases={"max_think_tokens": 8, "max_answer_tokens": 8}, threads=1)
+    app = make_local_app(tiny_server(), cfg, max_context=256)
     tally = Tally(app)
     with BackgroundServer(tally) as bg, tempfile.TemporaryDirectory() as tmp:
         report = args.report or Path(tmp) / "report.json"

@@ -121,7 +121,7 @@ def _generate(cfg) -> int:
     from star_elastic.infer.budget import open_server
 
     server = open_server(cfg.run, cfg.arch_file, cfg.device)
-    think, answer = server.resolve(cfg.phases.think, "--think"), server.resolve(cfg.phases.answer, "--answer")
+    think, answer = cfg.phases.submodels(server.variants)
     tok = server.parent.tokenizer
     prompt = tok.encode(format_prompt(tok, cfg.prompt), add_special_tokens=False)
     sys.stdout.write("<think>")
@@ -154,11 +154,11 @@ def _eval(cfg) -> int:
 
     server = open_server(cfg.run, cfg.arch_file, cfg.device)
     phases = cfg.phases
-    think, answer = server.resolve(phases.think, "--think"), server.resolve(phases.answer, "--answer")
+    think, answer = phases.submodels(server.variants)
     examples = load_eval_examples(cfg.data, cfg.n_test)
     if cfg.sweep:
         caps = sorted(cfg.sweep, reverse=True)
-        points = sweep(server, examples, caps, cfg.batch_size)
+        points = sweep(server, examples, caps, cfg.batch_size, max_answer_tokens=phases.max_answer_tokens)
         full = server.variants[0]
         parent = next(p for p in points if p["think_budget"] == p["answer_budget"] == full
                       and p["max_think_tokens"] == caps[0])

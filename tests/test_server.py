@@ -224,24 +224,24 @@ def test_proxy_over_two_servers_equals_in_process(budget_server, live):
 
 
 def test_serves_a_checkpoint_with_named_architectures(budget_server, tmp_path):
-    """A sorted checkpoint with no router, served by variant names (--arch-file) == router budgets."""
+    """`serve CKPT --arch-file V --think NAME --answer full` (a sorted checkpoint with no router, its
+    variants named as generate and eval name them): the answers of router budgets of the same
+    architectures; a request's budget is refused in the resolver's words."""
     import dataclasses
     import json
 
-    from server_helpers import CONTEXT
-
-    from star_elastic.elastic.arch import load_arch_file
+    from star_elastic.cli import build_parser, load_config
     from star_elastic.hf import save_model
-    from star_elastic.infer.budget import ElasticServer
+    from star_elastic.serve.app import app_for
 
     elastic = budget_server.elastic
     save_model(elastic.model, tmp_path / "ckpt")
     small = dataclasses.asdict(elastic.architecture(0.5)) | {"layers": list(elastic.architecture(0.5).layers)}
     (tmp_path / "variants.json").write_text(json.dumps({"nano-12b": small}))
-    named = ElasticServer.from_checkpoint(tmp_path / "ckpt", load_arch_file(tmp_path / "variants.json", elastic.config))
-    app = make_local_app(named, ServeConfig(name=NAME, think_budget="nano-12b", answer_budget="full"),
-                         max_context=CONTEXT)
-    with BackgroundServer(app) as bg:
+    args = build_parser(only="serve").parse_args(["serve", str(tmp_path / "ckpt"), "--arch-file",
+                                                  str(tmp_path / "variants.json"), "--think", "nano-12b",
+                                                  "--answer", "full", "--name", NAME])
+    with BackgroundServer(app_for(load_config(args.command_spec, args))) as bg:
         c = client(bg)
         assert [m.id for m in c.models.list().data] == [NAME, f"{NAME}@full", f"{NAME}@nano-12b"]
         for case in (("1+2=?", 0.5, 1.0, 10, 6), ("abc", 0.5, 1.0, 3, 6)):
@@ -249,9 +249,11 @@ def test_serves_a_checkpoint_with_named_architectures(budget_server, tmp_path):
                                           max_tokens=6, extra_body={"max_think_tokens": case[3]} | RAW)
             reasoning, answer, _, _ = reference(budget_server, case)
             assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (reasoning, answer)
-        with pytest.raises(openai.BadRequestError, match="full, nano-12b"):
+        with pytest.raises(openai.BadRequestError, match="think_budget 0.5 is not a variant of the architectures "
+                                                         "file; choose one of full, nano-12b"):
             c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "1"}],
                                       extra_body={"think_budget": 0.5})
+
 
 def test_serve_cli_answers_like_in_process_and_stops_cleanly_on_ctrl_c(budget_server, tmp_path):
     """`star-elastic serve RUN` in its own process group: a chat answer equals in-process budget control;

@@ -14,13 +14,15 @@ import time
 
 import httpx
 import pytest
+import torch
 from server_helpers import (CONTEXT, NAME, FailingServer, SlowServer, reference, scheduler_of, serve,
                             tiny_budget_server)
 
 from star_elastic.data.tokenizer import format_prompt
 from star_elastic.infer import generate as generate_module
+from star_elastic.infer.budget import Job
 from star_elastic.infer.generate import GenerationConfig
-from star_elastic.serve.scheduler import Job, Scheduler
+from star_elastic.serve.scheduler import Scheduler
 from star_elastic.serve.schemas import TEXT_PATTERN
 
 GOOD = {"model": NAME, "messages": [{"role": "user", "content": "1+1=?"}], "max_tokens": 2, "temperature": 0,
@@ -173,21 +175,47 @@ def test_serve_config_yaml_flags_and_cli_errors(tmp_path, capsys):
 
     from star_elastic.cli import main
     from star_elastic.config import ConfigError, from_dict, merge_config
-    from star_elastic.serve.app import ServeConfig, make_local_app
+    from star_elastic.serve.app import ServeConfig, make_local_app, make_proxy_app
 
     yaml_path = Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
-    cfg = from_dict(ServeConfig, merge_config(yaml_path, {"port": 9001, "api_key": None}))
-    assert (cfg.port, cfg.think_budget, cfg.answer_budget, cfg.host) == (9001, 0.5, 1.0, "127.0.0.1")
-    with pytest.raises(ConfigError, match="--think-budget 0.3 is not a trained budget"):
-        make_local_app(tiny_budget_server(), ServeConfig(think_budget=0.3))
+    cfg = from_dict(ServeConfig, merge_config(yaml_path, {"port": 9001, "api_key": None, "phases.max_think_tokens": 7}))
+    assert (cfg.port, cfg.phases.think, cfg.phases.answer, cfg.host) == (9001, 0.5, 1.0, "127.0.0.1")
+    assert (cfg.phases.max_think_tokens, cfg.phases.max_answer_tokens) == (7, 64)  # a flag over the file's 96
+    with pytest.raises(ConfigError, match="--answer 0.3 is not a trained budget"):
+        make_local_app(tiny_budget_server(), ServeConfig(phases={"answer": 0.3}))
+    with pytest.raises(ConfigError, match="a proxy's budgets are fixed by --think-backend/--answer-backend"):
+        make_proxy_app("http://127.0.0.1:1", "http://127.0.0.1:1", None, ServeConfig(phases={"think": 0.5}))
     assert main(["serve"]) == 2
     assert main(["serve", str(tmp_path)]) == 2
     assert main(["serve", str(tmp_path), "--think-backend", "http://127.0.0.1:1"]) == 2
     assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
     assert main(["serve", str(tmp_path), "--threads", "0"]) == 2
+    assert main(["serve", str(tmp_path), "--max-answer-tokens", "0"]) == 2
+    assert main(["serve", str(tmp_path), "--device", "cuda"]) == 2  # without CUDA: refused before the run is read
     err = capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert "device 'cuda': CUDA is not available" in err
     assert "give an elastic run folder" in err and "no run.json" in err and "needs --think-backend, --answer-backend" in err
     assert "max_batch >= 1" in err and "--threads must be >= 1, got 0" in err and "Traceback" not in err
+    assert "max_answer_tokens >= 1" in err
+
+
+def test_an_untrained_budget_is_refused_alike_by_generate_serve_and_a_request(live, tmp_path, capsys):
+    """One resolver: `generate --think 0.6`, `serve --think 0.6` and a request's
+    `think_budget: 0.6` are refused with the same words, the request's naming its own field."""
+    from star_elastic.cli import main
+    from star_elastic.elastic.run import save_run
+
+    elastic = tiny_budget_server().elastic
+    save_run(elastic, tmp_path / "run")
+    want = f"--think 0.6 is not a trained budget; choose one of {', '.join(f'{b:g}' for b in elastic.ecfg.budgets)}"
+    for argv in (["generate", str(tmp_path / "run"), "1+1=?", "--think", "0.6"],
+                 ["serve", str(tmp_path / "run"), "--think", "0.6"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"star-elastic {argv[0]}: error: {want}"
+    r = post_json(live.url + "/v1/chat/completions", GOOD | {"think_budget": 0.6})
+    assert_openai_error(r, 400, "think_budget")
+    assert r.json()["error"]["message"] == want.replace("--think", "think_budget")
 
 
 # --- a failure ends its own request only --------------------------------------------------------

@@ -245,3 +245,14 @@ def test_eval_with_explicit_variants_counts_the_sliced_checkpoints_tokens(parent
     assert (point["think_budget"], point["answer_budget"], point["n"]) == ("small", "mid", 2)
     assert point["think_tokens"] == sum(len(t) for t, _ in runs) / 2
     assert point["answer_tokens"] == sum(len(a) for _, a in runs) / 2
+    capsys.readouterr()
+    assert main(["eval", str(path), "--arch-file", str(tmp_path / "v.json"), "--data", str(tmp_path / "e.jsonl"),
+                 "--sweep", "6", "--max-answer-tokens", "3"]) == 0  # the sweep honours the answer cap too
+    points = {(p["think_budget"], p["answer_budget"]): p for p in json.loads(capsys.readouterr().out)["points"]}
+    assert len(points) == 9
+    for think, answer in (("small", "mid"), ("mid", "mid")):
+        runs = [two_phase_on_slices(tmp_path / "sl" / think, tmp_path / "sl" / answer,
+                                    tok.encode(format_prompt(tok, r["prompt"]), add_special_tokens=False), 6, 3)
+                for r in rows]
+        assert points[think, answer]["think_tokens"] == sum(len(t) for t, _ in runs) / 2
+        assert points[think, answer]["answer_tokens"] == sum(len(a) for _, a in runs) / 2

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from star_elastic.config import ConfigError, typed_blocks
 from star_elastic.data import synthetic
 from star_elastic.data.tokenizer import format_prompt
-from star_elastic.infer.budget import ElasticServer, PhaseConfig
+from star_elastic.infer.budget import ElasticServer, PhaseConfig, variant_label
 from star_elastic.infer.generate import GenerationConfig, generate
 from star_elastic.runtime import check_device
 
@@ -207,11 +207,7 @@ def small_think_large_answer(points: list[dict]) -> list[dict]:
 
 
 def _label(p: dict) -> str:
-    return f"{_name(p['think_budget'])}→{_name(p['answer_budget'])} cap {p['max_think_tokens']}"
-
-
-def _name(budget: float | str) -> str:
-    return budget if isinstance(budget, str) else f"{budget:g}"
+    return f"{variant_label(p['think_budget'])}→{variant_label(p['answer_budget'])} cap {p['max_think_tokens']}"
 
 
 @torch.inference_mode()
@@ -231,7 +227,7 @@ def decode_speed(model, batch: int = 1, prompt_len: int = 32, new_tokens: int = 
 
 
 def sweep(server: ElasticServer, examples: list[dict], caps: list[int], batch_size: int = 100,
-          progress: bool = True, timing_rounds: int = 2) -> list[dict]:
+          progress: bool = True, timing_rounds: int = 2, max_answer_tokens: int = 24) -> list[dict]:
     """Every (think, answer) pair of trained budgets at every think cap; think = answer is the
     one-budget baseline (budget 1 is the parent's default budget control).
 
@@ -247,10 +243,10 @@ def sweep(server: ElasticServer, examples: list[dict], caps: list[int], batch_si
     for _ in range(timing_rounds):
         points = []
         for b, c in passes:
-            points.append(evaluate_config(server, examples, BudgetConfig(b, b, c), batch_size))
+            points.append(evaluate_config(server, examples, BudgetConfig(b, b, c), batch_size, max_answer_tokens))
             bar.update()
             others = [a for a in budgets if a != b]
-            points += evaluate_answers(server, examples, b, c, others, batch_size) if others else []
+            points += evaluate_answers(server, examples, b, c, others, batch_size, max_answer_tokens) if others else []
             bar.update()
         rounds.append(points)
     bar.close()

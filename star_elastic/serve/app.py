@@ -1,9 +1,10 @@
 """The FastAPI app: OpenAI routes → request schema → `Spec`s (one per prompt and choice) → engine →
 JSON or SSE response. The OpenAPI schema is served at /openapi.json.
 
-Model ids: NAME (elastic: the server's default budgets) and NAME@B for every trained budget B
-(think and answer on B; a plain completion on B for /v1/completions). Per-request fields
-override: `think_budget`, `answer_budget`, `max_think_tokens` / `thinking_token_budget`.
+Model ids: NAME (elastic: the server's default budgets, `--think` / `--answer`) and NAME@B for every
+trained budget B (think and answer on B; a plain completion on B for /v1/completions). Per-request
+fields override: `think_budget`, `answer_budget` (resolved as the CLI's `--think` / `--answer` are:
+`star_elastic.infer.budget.resolve`), `max_think_tokens` / `thinking_token_budget`, `max_tokens`.
 
 Log-probabilities (completions `logprobs: K`, chat `logprobs` + `top_logprobs: K`) are those of the
 raw model distribution (log_softmax of the logits, before temperature and top_p), each token's under
@@ -31,7 +32,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
-from star_elastic.config import ConfigError
+from star_elastic.config import ConfigError, typed_blocks
+from star_elastic.infer.budget import PhaseConfig, open_server, resolve, variant_label
 from star_elastic.infer.generate import GenerationConfig, Logprob
 from star_elastic.runtime import check_device
 from star_elastic.serve import errors, schemas
@@ -68,12 +70,9 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     """When set, every /v1 request needs `Authorization: Bearer KEY`."""
-    think_budget: float | str | None = None
-    answer_budget: float | str | None = None
-    max_think_tokens: int = 256
-    """Default trace cap; </think> is forced when reached."""
-    max_tokens: int = 64
-    """Default answer cap (max_tokens of a request overrides it)."""
+    phases: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
+    """The defaults of a request that names none: think and answer submodels (`think_budget`,
+    `answer_budget` of a request), trace cap (`max_think_tokens`) and answer cap (`max_tokens`)."""
     max_batch: int = 32
     """Jobs decoding at once, over every budget; more wait in a queue."""
     threads: int | None = None
@@ -82,33 +81,21 @@ class ServeConfig:
     process holds a core."""
 
     def __post_init__(self) -> None:
+        typed_blocks(self)
         check_device(self.device)
         self.name = self.name or (Path(self.run).resolve().name if self.run else "star-elastic")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"serve: --threads must be >= 1, got {self.threads}")
-        if self.max_think_tokens < 0 or self.max_tokens < 1 or self.max_batch < 1:
-            raise ConfigError(f"serve: need max_think_tokens >= 0, max_tokens >= 1, max_batch >= 1 (got "
-                              f"{self.max_think_tokens}, {self.max_tokens}, {self.max_batch})")
+        if self.max_batch < 1:
+            raise ConfigError(f"serve: need max_batch >= 1, got {self.max_batch}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"serve: --port {self.port} is not a TCP port")
         if self.api_key == "":
             raise ConfigError("serve: --api-key is empty")
 
 
-def show(budget: float | str) -> str:
-    return f"{budget:g}" if isinstance(budget, float) else str(budget)
-
-
 def budget_id(name: str, budget: float | str) -> str:
-    return f"{name}@{show(budget)}"
-
-
-def same_budget(a: float | str, b) -> bool:
-    """Whether a request's value names budget `a`: the same number exactly (as /openapi.json's enum
-    lists them; JSON's 0.75 is the double a run's 0.75 is), or the same variant name."""
-    if isinstance(a, float):
-        return isinstance(b, (int, float)) and not isinstance(b, bool) and a == b
-    return a == b
+    return f"{name}@{variant_label(budget)}"
 
 
 class Router:
@@ -118,29 +105,27 @@ class Router:
     or names of explicit architectures (strings, kept in their order)."""
 
     def __init__(self, cfg: ServeConfig, budgets: list[float | str]):
-        """An empty `budgets` means a proxy: its backends fix the budgets, requests may not choose."""
+        """An empty `budgets` means a proxy: its backends fix the budgets, requests may not choose.
+        Defaults the budgets do not hold are a ConfigError (`resolve`'s, as `generate` gives it)."""
         numeric = all(isinstance(b, float) for b in budgets)
         self.cfg, self.budgets = cfg, sorted(budgets, reverse=True) if numeric else list(budgets)
         if not self.budgets:
+            if cfg.phases.think is not None or cfg.phases.answer is not None:
+                raise ConfigError("serve: a proxy's budgets are fixed by --think-backend/--answer-backend; "
+                                  "drop --think/--answer")
             self.default_think = self.default_answer = 1.0  # placeholders: the backends decide
             return
-        self.default_think = self._budget(cfg.think_budget, "--think-budget") if cfg.think_budget is not None \
-            else self.budgets[0]
-        self.default_answer = self._budget(cfg.answer_budget, "--answer-budget") if cfg.answer_budget is not None \
-            else self.budgets[0]
+        self.default_think, self.default_answer = cfg.phases.submodels(self.budgets)
 
     def _budget(self, value: float | str, param: str) -> float | str:
+        """A request's budget field, by the CLI's resolver: its ConfigError becomes this 400, word for word."""
         if not self.budgets:
             raise RequestError(f"{param}: this proxy's budgets are fixed by --think-backend/--answer-backend; "
                                "drop the field", param=param, code="budget_out_of_range")
-        for b in self.budgets:
-            if same_budget(b, value):
-                return b
-        choices = ", ".join(show(b) for b in self.budgets)
-        msg = f"{param} {show(value)} is not a trained budget of this model; use one of {choices}"
-        if param.startswith("--"):
-            raise ConfigError(f"serve: {msg}")
-        raise RequestError(msg, param=param, code="budget_out_of_range")
+        try:
+            return resolve(value, self.budgets, param)
+        except ConfigError as err:
+            raise RequestError(str(err), param=param, code="budget_out_of_range") from None
 
     def model_budget(self, model: str) -> float | str | None:
         """None for the elastic id, the budget for NAME@B; 404 for anything else."""
@@ -168,8 +153,9 @@ class Router:
         seed = None if req.seed is None else (req.seed + choice) % (schemas.MAX_SEED + 1)
         sampling = GenerationConfig(temperature=0.0 if greedy else float(req.temperature), top_p=float(req.top_p),
                                     seed=seed, stop_strings=req.stops(), logprobs=req.top_logprobs_k())
-        return Spec(prompt, answer, think, self.cfg.max_think_tokens if cap is None else cap,
-                    self.cfg.max_tokens if answer_cap is None else answer_cap, sampling, req.skip_special_tokens,
+        phases = self.cfg.phases
+        return Spec(prompt, answer, think, phases.max_think_tokens if cap is None else cap,
+                    phases.max_answer_tokens if answer_cap is None else answer_cap, sampling, req.skip_special_tokens,
                     echo=bool(getattr(req, "echo", False)), request_id=request_id)
 
     def specs(self, req: BaseRequest, prompts: list, chat: bool, request_id: str) -> list[Spec]:
@@ -456,9 +442,9 @@ def _integers(schema):
             yield from _integers(value)
 
 
-def build_app(engine, cfg: ServeConfig, budgets: list[float]) -> FastAPI:
-    """The HTTP API over `engine` (LocalEngine or ProxyEngine); budgets name the model entries."""
-    router = Router(cfg, budgets)
+def build_app(engine, router: Router) -> FastAPI:
+    """The HTTP API over `engine` (LocalEngine or ProxyEngine); the router's budgets name the model entries."""
+    cfg = router.cfg
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -567,8 +553,9 @@ def make_local_app(server, cfg: ServeConfig, budgets: list[float | str] | None =
 
     if budgets is None:
         budgets = list(server.variants) if hasattr(server, "variants") else list(server.elastic.ecfg.budgets)
+    router = Router(cfg, budgets)  # a default the budgets do not hold fails here, before the engine starts
     context = max_context or server.model(budgets[0]).config.max_position_embeddings
-    return build_app(LocalEngine(server, budgets, cfg.max_batch, context, cfg.threads), cfg, budgets)
+    return build_app(LocalEngine(server, budgets, cfg.max_batch, context, cfg.threads), router)
 
 
 class BackgroundServer:
@@ -606,9 +593,10 @@ def make_proxy_app(think_backend: str, answer_backend: str, tokenizer, cfg: Serv
     """The same API, budget control run over two OpenAI-compatible backends (see serve/proxy.py)."""
     from star_elastic.serve.proxy import Backend, ProxyEngine
 
+    router = Router(cfg, [])
     engine = ProxyEngine(Backend.parse(think_backend, "--think-backend"),
                          Backend.parse(answer_backend, "--answer-backend"), tokenizer, backend_api_key)
-    return build_app(engine, cfg, [])
+    return build_app(engine, router)
 
 
 def app_for(cfg: ServeConfig) -> FastAPI:
@@ -627,6 +615,4 @@ def app_for(cfg: ServeConfig) -> FastAPI:
                               cfg, cfg.backend_api_key)
     if not cfg.run:
         raise ConfigError("serve: give an elastic run folder (or --think-backend and --answer-backend)")
-    from star_elastic.infer.budget import open_server
-
     return make_local_app(open_server(cfg.run, cfg.arch_file, cfg.device), cfg)

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Sequence
 from jinja2 import TemplateError
 
 from star_elastic import accounting
+from star_elastic.infer.budget import Job
 from star_elastic.infer.generate import GenerationConfig, Logprob
 from star_elastic.serve.errors import RequestError
-from star_elastic.serve.scheduler import Job
 from star_elastic.serve.worker import EngineProcess
 
 
@@ -28,8 +28,8 @@ class Spec:
     """One sequence: a text or token-id prompt, its budgets, caps and sampling."""
 
     prompt: str | list[int]
-    answer_budget: float
-    think_budget: float | None  # None: one phase (a plain completion on answer_budget)
+    answer_budget: float | str
+    think_budget: float | str | None  # None: one phase (a plain completion on answer_budget)
     max_think_tokens: int
     max_tokens: int
     sampling: GenerationConfig  # temperature, top_p, seed, stop strings, logprobs (top K)
@@ -87,7 +87,7 @@ class Mailbox:
 class LocalEngine:
     """Specs → scheduler jobs on an ElasticServer-like object (`model(budget)`, `think_row`, ...)."""
 
-    def __init__(self, server, budgets: Sequence[float], max_batch: int, max_context: int,
+    def __init__(self, server, budgets: Sequence[float | str], max_batch: int, max_context: int,
                  threads: int | None = None):
         self.server, self.budgets, self.max_context = server, list(budgets), max_context
         self.tokenizer = server.model(self.budgets[0]).tokenizer

@@ -24,7 +24,8 @@ import traceback
 
 import torch.multiprocessing as mp
 
-from star_elastic.serve.scheduler import Job, Scheduler
+from star_elastic.infer.budget import Job
+from star_elastic.serve.scheduler import Scheduler
 
 _SPEC_FIELDS = ("prompt", "answer_budget", "max_tokens", "sampling", "think_budget", "max_think_tokens", "echo",
                 "request_id")
