@@ -62,7 +62,7 @@ def quantized_run(request, tmp_path_factory):
     elastic, fq, qcfg, quantizers = quantized_elastic(request.param, seed=3)
     root = tmp_path_factory.mktemp(f"qrun-{request.param}")
     save_run(elastic, root / "run")
-    write_qrun(root / "run", root / "qrun", elastic, fq, qcfg, quantizers, read_run_metadata(root / "run"))
+    write_qrun(root / "run", root / "qrun", fq, qcfg, quantizers, read_run_metadata(root / "run"))
     return elastic, root / "qrun", quantized_state(fq, qcfg, quantizers), request.param
 
 

@@ -58,6 +58,8 @@ class EvalConfig:
                               f"{self.batch_size}, {list(self.sweep)}")
         if self.plot and not self.sweep:
             raise ConfigError("--plot draws the sweep's front: give --sweep CAPS too")
+        if self.sweep and (self.phases.think is not None or self.phases.answer is not None):
+            raise ConfigError("--sweep evaluates every (think, answer) pair; drop --think / --answer")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -606,6 +606,9 @@ def app_for(cfg: ServeConfig) -> FastAPI:
     if cfg.think_backend or cfg.answer_backend:
         if not (cfg.think_backend and cfg.answer_backend and cfg.run):
             raise ConfigError("serve: a proxy needs --think-backend, --answer-backend and RUN (for its tokenizer)")
+        if cfg.arch_file or cfg.device != "auto":
+            raise ConfigError("serve: a proxy runs no model here: its backends choose the architectures and devices; "
+                              "drop --arch-file / --device")
         from transformers import AutoTokenizer
 
         model_dir = checkpoint_dir(cfg.run)
