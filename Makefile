@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/star-elastic demo --out demo_out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 # Retrain the shipped parent (star_elastic/assets/parent) from configs/parent.yaml into a temporary
 # folder (one thread, about 25 minutes alone on the 2-core machine): byte-identical or not, and its accuracy.

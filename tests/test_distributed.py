@@ -92,7 +92,7 @@ def _two_nodes(phases: list[dict], root: Path) -> None:
                                "--rdzv-id", "star-elastic-test", str(worker), json.dumps(phases), str(root)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     try:
-        logs = [node.communicate(timeout=240)[0] for node in nodes]
+        logs = [node.communicate(timeout=1800)[0] for node in nodes]  # a bound on a hung job, not a timing
     finally:
         for node in nodes:
             node.kill()

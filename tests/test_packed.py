@@ -242,7 +242,7 @@ def test_packed_under_two_process_fsdp_equals_each_document_alone(tmp_path):
     worker = Path(__file__).with_name("packed_worker.py")
     job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(worker), str(tmp_path)], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                         capture_output=True, text=True, timeout=240)
+                         capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-2500:] + job.stderr[-2500:]
     two = load_file(tmp_path / "grads.safetensors")
     two_sums = torch.tensor([json.loads((tmp_path / f"sums-{r}.json").read_text()) for r in range(2)])  # (rank, 2)
