@@ -3,6 +3,8 @@
 For every budget b < 1 of an elastic run, with A_b the architecture the trained router picks for b:
   independent               A_b trained from scratch with the parent's recipe and budget
                             (same steps, batch and data: `train.parent.train_parent`);
+  independent_elastic_tokens  the same with its steps cut so that its tokens equal the elastic run's
+                            tokens per size (its schedule compressed to those steps);
   compression_equal_tokens  the sorted parent sliced to A_b, distilled alone from the parent with
                             the elastic run's tokens divided among its sizes (equal total compute);
   compression_to_match      the same slice distilled alone until it reaches the elastic model's
@@ -35,7 +37,7 @@ from star_elastic.train.elastify import (
 )
 from star_elastic.train.parent import ParentConfig, evaluate, train_parent
 
-KINDS = ("independent", "compression_equal_tokens", "compression_to_match")
+KINDS = ("independent", "independent_elastic_tokens", "compression_equal_tokens", "compression_to_match")
 
 
 @dataclasses.dataclass
@@ -94,10 +96,12 @@ def _cached(path: Path, make) -> dict:
     return result
 
 
-def independent(arch_config, parent_cfg: ParentConfig, examples: list[dict], bcfg: BaselineConfig, out: Path) -> dict:
-    """The budget's architecture trained from scratch with the parent's recipe (steps, batch, data, seed);
-    vocabulary and special token ids come from the tokenizer, as for the parent."""
-    cfg = dataclasses.replace(parent_cfg, model=arch_config, width_scale=1.0)
+def independent(arch_config, parent_cfg: ParentConfig, examples: list[dict], bcfg: BaselineConfig, out: Path,
+                steps: int | None = None) -> dict:
+    """The budget's architecture trained from scratch with the parent's recipe (steps, batch, data, seed),
+    or with `steps` instead of the recipe's; vocabulary and special token ids come from the tokenizer,
+    as for the parent."""
+    cfg = dataclasses.replace(parent_cfg, model=arch_config, width_scale=1.0, steps=steps or parent_cfg.steps)
     model, report = train_parent(cfg, out)
     return {"steps": report["steps"], "tokens": report["tokens"], "accuracy": _accuracy(model, examples, bcfg)}
 
@@ -149,13 +153,22 @@ def run_baselines(out: Path, parent_cfg: ParentConfig, elastify_cfg: ElastifyCon
         entry = {"budget": b, "active_params": elastic.describe(b)["active_params"],
                  "elastic_accuracy": accuracy[b]}
         log(f"baselines: budget {b:g}")
+        done: dict[str, dict] = {}
+
+        def at_elastic_tokens() -> dict:
+            # the recipe's tokens per step, as the full independent run counted them
+            per_parent_step = done["independent"]["tokens"] / done["independent"]["steps"]
+            steps = max(1, round(share / per_parent_step))
+            return independent(arch_config, parent_cfg, examples, bcfg, folder / f"independent_elastic_tokens-{b:g}", steps)
+
         runs = {
             "independent": lambda: independent(arch_config, parent_cfg, examples, bcfg, folder / f"independent-{b:g}"),
+            "independent_elastic_tokens": at_elastic_tokens,
             "compression_equal_tokens": lambda: compression(run, b, ecfg, store, share_steps, examples, bcfg),
             "compression_to_match": lambda: compression(run, b, ecfg, store, match_steps, examples, bcfg, accuracy[b]),
         }
         for kind, make in runs.items():
-            res = _cached(folder / f"{kind}-{b:g}.json", make)
+            res = done[kind] = _cached(folder / f"{kind}-{b:g}.json", make)
             row = {**entry, **res}
             if kind == "compression_to_match":
                 row["tokens_to_match_ratio"] = res["tokens"] / share if res["matched"] else None

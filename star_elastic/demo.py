@@ -2,8 +2,9 @@
 
     star-elastic demo --out DIR [--quick] [--baselines]
 
-parent (train or reuse) → importance + sort → elastic training → slice every budget → evaluate
-→ budget-control sweep → FP8 / NVFP4 quantization → [baselines] → DIR/report.json, report.md and plots.
+the converged parent shipped in the package (or --parent-model) → importance + sort → elastic training
+→ slice every budget → evaluate → budget-control sweep → FP8 / NVFP4 quantization → [baselines]
+→ DIR/report.json, report.md and plots.
 Every stage reuses what DIR already holds, so an interrupted demo continues where it stopped.
 All work is fixed (steps, problems, seeds), so the accuracies do not depend on the machine's speed;
 only the timings do. Latency and decode speed are measured at batch `eval_batch_size`, where a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,11 +23,12 @@ from pathlib import Path
 import torch
 
 from star_elastic.accounting import count_params
+from star_elastic.assets import PARENT, sha256
 from star_elastic.baselines import KINDS, BaselineConfig, run_baselines
 from star_elastic.config import check_out_dir, from_dict, typed_blocks
 from star_elastic.elastic.arch import slice_model
 from star_elastic.elastic.run import load_elastic
-from star_elastic.hf import save_model
+from star_elastic.hf import load_model, save_model
 from star_elastic.infer.budget import ElasticServer
 from star_elastic.infer.evaluate import (
     BudgetConfig, decode_speed, evaluate_config, headline, load_eval_examples, plot_front, small_think_large_answer,
@@ -36,7 +39,7 @@ from star_elastic.quant.qad import QuantizeConfig, quantize_run
 from star_elastic.slicing import slice_run
 from star_elastic.train.elastify import ElastifyConfig
 from star_elastic.train.elastify import train as elastify
-from star_elastic.train.parent import ParentConfig, train_parent
+from star_elastic.train.parent import ParentConfig
 
 
 @dataclasses.dataclass
@@ -48,15 +51,23 @@ class DemoConfig:
     quick: bool = False
     """Toy sizes, about a minute: a smoke test of the pipeline (used by the tests), not a result."""
     baselines: bool = False
-    """Also train every budget alone: independent, compression at equal tokens, compression to match."""
+    """Also train every budget alone: independent (the parent's recipe, and cut to the elastic run's
+    tokens per size), compression at equal tokens, compression to match."""
 
+    parent_model: str = ""
+    """Parent folder (transformers nemotron_h layout, tokenizer included); empty: the converged parent
+    shipped in the package (star_elastic/assets/parent, trained with configs/parent.yaml)."""
     parent: ParentConfig = dataclasses.field(default_factory=ParentConfig)
-    """How the parent is trained (train-parent's keys)."""
+    """The recipe the independent baselines train each size with (train-parent's keys; the defaults
+    are the shipped parent's recipe)."""
     elastify: ElastifyConfig = dataclasses.field(
-        default_factory=lambda: ElastifyConfig(data="synthetic", steps=900, batch_size=24, lr=1e-3, stage2_probs=(0.2, 0.3, 0.5)))
-    """The elastification (elastify's keys; model, out and data are the demo's). Stage 2 samples the
-    smallest budget most: it learns slowest (README, "What the demo shows": budget 0.5 at 75.3 %
-    against 69.3 % with the paper's 0.5 / 0.3 / 0.2)."""
+        default_factory=lambda: ElastifyConfig(
+            data="synthetic", steps=600, batch_size=24, lr=1e-3, stage1_seq_len=128, stage2_probs=(0.2, 0.3, 0.5),
+            budget_sampling="micro_batch", engine={"micro_batch_size": 8}))
+    """The elastification (elastify's keys; model, out and data are the demo's; configs/elastify.yaml
+    writes it out). A budget per micro-batch of 8 rows (3 per step): at equal CPU time it beats one
+    budget per step and every budget per step at the smallest budget (README, "Budgets per step").
+    Stage 2 samples the smallest budget most: it learns slowest."""
     n_test: int = 300
     eval_batch_size: int = 300
     """Queries per batch for accuracy, latency and decode speed (one batch: compute-bound timings)."""
@@ -77,11 +88,7 @@ class DemoConfig:
 
 
 QUICK = DemoConfig(
-    parent=dict(steps=60, n_train=3000, n_test=40, eval_batch_size=40, max_new_tokens=64,
-                model=dict(hidden_size=64, pattern="M*E-", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                           intermediate_size=64, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
-                           chunk_size=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                           moe_shared_expert_intermediate_size=32)),
+    parent=dict(steps=30, n_train=3000, n_test=40, eval_batch_size=40, max_new_tokens=64, warmup_steps=5),
     elastify=dict(data="synthetic", steps=12, batch_size=8, n_synthetic=500, calibration_batches=2, router_fit_steps=60,
                   stage1_seq_len=48, stage2_seq_len=64),
     n_test=24, eval_batch_size=24, think_caps=(64, 16), timing_rounds=2, qad_steps=4,
@@ -99,18 +106,36 @@ def _dir_bytes(path: Path) -> int:
 
 def _done_file(out: Path, stage: str) -> Path:
     """The file whose presence means `stage` ("parent" or "elastify") is done in `out` and is reused."""
-    return {"parent": out / "parent" / "train_report.json", "elastify": out / "run" / "elastify_summary.json"}[stage]
+    return {"parent": out / "parent" / "demo_parent.json", "elastify": out / "run" / "elastify_summary.json"}[stage]
 
 
 def stage_parent(cfg: DemoConfig, out: Path) -> dict:
-    parent_dir = out / "parent"
-    report_path = _done_file(out, "parent")
-    if report_path.is_file():
+    """Copy the parent into DIR/parent (the run and the baselines read it there) and describe it: its
+    SHA-256, size, and, when it has a train_report.json (the shipped one does), how it was trained
+    and its accuracy on its own test split. Its accuracy on the demo's problems is measured later."""
+    source = Path(cfg.parent_model) if cfg.parent_model else PARENT
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"demo: parent_model {source} has no config.json (a transformers nemotron_h folder)")
+    parent_dir, done = out / "parent", _done_file(out, "parent")
+    if done.is_file():
         _log(f"parent: reusing {parent_dir}")
-        return json.loads(report_path.read_text())
-    _log("parent: training the small reasoning model")
-    _, report = train_parent(cfg.parent, parent_dir)
-    return report
+        return json.loads(done.read_text())
+    _log(f"parent: {'the converged parent shipped in the package' if not cfg.parent_model else source}")
+    if parent_dir.exists():
+        shutil.rmtree(parent_dir)  # an interrupted copy
+    shutil.copytree(source, parent_dir)
+    trained = json.loads((source / "train_report.json").read_text()) if (source / "train_report.json").is_file() else {}
+    model = load_model(parent_dir)
+    info = {"source": "shipped" if not cfg.parent_model else str(source),
+            "sha256": sha256(parent_dir / "model.safetensors"),
+            "params": count_params(model.config).total_params,
+            "active_params": count_params(model.config).active_params,
+            "steps": trained.get("steps"), "tokens": trained.get("tokens"),
+            "train_seconds": trained.get("train_seconds"),
+            "own_test": ({"accuracy": trained["test"]["accuracy"], "n": trained["test"]["n"]}
+                         if "test" in trained else None)}
+    done.write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def stage_elastify(cfg: DemoConfig, out: Path) -> dict:
@@ -247,8 +272,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     timings = {}
-    reused = [stage for stage in ("parent", "elastify") if _done_file(out, stage).is_file()]
-    parent_report = _timed(timings, "parent", stage_parent, cfg, out)
+    reused = [stage for stage in ("elastify",) if _done_file(out, stage).is_file()]
+    parent_info = _timed(timings, "parent", stage_parent, cfg, out)
     elastify_summary = _timed(timings, "elastify", stage_elastify, cfg, out)
     examples = load_eval_examples(None, cfg.n_test)
     ev = stage_evaluate(cfg, out, examples)
@@ -274,17 +299,15 @@ def run_demo(cfg: DemoConfig) -> dict:
             "accuracy": b1["accuracy"], "accuracy_before_training": b0["accuracy"], "latency_s": b1["latency_s"],
             "tokens_per_s": b1["tokens_per_s"], **{k: v for k, v in sp.items() if k != "budget"},
         })
-    earlier = {"parent": parent_report["train_seconds"], "elastify": elastify_summary.get("seconds")}
-    conclusive = not quick and parent_report["test"]["accuracy"] >= cfg.min_parent_accuracy
+    earlier = {"elastify": elastify_summary.get("seconds")}
+    # the sorted parent is the parent (a permutation), so budget 1 before training is the parent's accuracy here
+    parent_acc = next(r["accuracy"] for r in before if r["think_budget"] == 1.0)
+    conclusive = not quick and parent_acc >= cfg.min_parent_accuracy
     report = {
         "quick": quick,
         "conclusions": conclusive,
         "min_parent_accuracy": cfg.min_parent_accuracy,
-        "parent": {"params": parent_report["params"], "accuracy": parent_report["test"]["accuracy"],
-                   "n_test": parent_report["test"]["n"],
-                   "train_seconds": parent_report["train_seconds"], "steps": parent_report["steps"],
-                   "tokens": parent_report.get("tokens"),
-                   "by_task": parent_report["test"]["by_task"]},
+        "parent": {**parent_info, "accuracy": parent_acc, "n_test": len(examples)},
         "budgets": budgets,
         "budget_control": [{k: p[k] for k in ("think_budget", "answer_budget", "max_think_tokens", "accuracy",
                                                "latency_s", "think_tokens", "answer_tokens", "on_front")} for p in points],
@@ -302,6 +325,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if baselines:
         report["baselines"] = base
         plot_baselines(report, out / "baselines.png")
+    report["claims"] = claims(report)
     plot_front(points, parent_point, out / "pareto.png")
     plot_budgets(budgets, report["parent"]["accuracy"], out / "budgets.png")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -367,14 +391,11 @@ def render_markdown(r: dict) -> str:
     lines = ["# star-elastic demo report", ""]
     p = r["parent"]
     if r["quick"]:
-        lines += [f"**A smoke test of the pipeline, not a result.** `demo --quick` runs every stage on a toy parent "
-                  f"({p['steps']} training steps, {p['accuracy']:.1%} on its test split) with a few steps each, to "
-                  "show that the stages run end to end; its accuracies, speeds and sizes say nothing about the "
-                  "method. `star-elastic demo` (without --quick) gives the results.", ""]
-    lines += [f"Parent: {p['params']:,} parameters, trained {p['train_seconds']} s ({p['steps']} steps, "
-              f"{p.get('tokens') or 0:,} tokens), "
-              f"test accuracy {p['accuracy']:.1%} on its {p['n_test']}-problem test split; "
-              f"the tables below use {r['eval']['n_test']} held-out problems.", ""]
+        lines += ["**A smoke test of the pipeline, not a result.** `demo --quick` runs every stage with a few "
+                  "steps each and a few problems, to show that the stages run end to end; its accuracies, speeds "
+                  "and sizes say nothing about the method. `star-elastic demo` (without --quick) gives the results.",
+                  ""]
+    lines += [_parent_line(p), ""]
     nb = r["eval"]["batch_size"]
     kind = r["budgets"][0]["budget_type"]
     lines += ["## Nested models", "", f"| budget | {kind}: target → achieved | total params | active params | "
@@ -415,14 +436,67 @@ def render_markdown(r: dict) -> str:
         lines.append(f"| {name} | {q['bytes']:,} | {q['bytes'] / cb['elastic']:.2f} | {kd_cell} | {cells} |")
     if "baselines" in r:
         lines += _baseline_lines(r["baselines"], {b["budget"]: b["achieved"] for b in r["budgets"]}, kind)
+    if r["conclusions"]:
+        lines += _claim_lines(r)
     lines += ["", _wall_time_line(r), ""] + ([_story(r), ""] if r["conclusions"] else [])
     return "\n".join(lines)
+
+
+def claims(r: dict) -> list[dict]:
+    """The method's claims as measured by this run, each with its numbers and whether it holds:
+    budget 1 keeps the parent's accuracy (within 1 point), every budget is held, and with baselines
+    every smaller budget is as good as its independently trained twin (within 2 points) and as
+    compression at equal tokens, while compressing each size alone needs ≥ 2x the tokens to match."""
+    rows = []
+    full = next(b for b in r["budgets"] if b["budget"] == 1.0)
+    rows.append({"claim": "budget 1 after elastic training ≥ the parent − 1 point",
+                 "measured": f"{full['accuracy']:.1%} vs {r['parent']['accuracy']:.1%}",
+                 "holds": full["accuracy"] >= r["parent"]["accuracy"] - 0.01 - 1e-9})
+    off = [f"{b['budget']:g}" for b in r["budgets"] if b["held"] is False]
+    rows.append({"claim": "every budget held within its window",
+                 "measured": ", ".join(f"{b['budget']:g} → {b['achieved']:.3f}" for b in r["budgets"]),
+                 "holds": not off})
+    base = r.get("baselines")
+    if base:
+        by_kind = {kind: {row["budget"]: row for row in base[kind]} for kind in KINDS}
+        for b, twin in by_kind["independent"].items():
+            acc = twin["elastic_accuracy"]
+            rows.append({"claim": f"budget {b:g} ≥ its independently trained twin − 2 points",
+                         "measured": f"{acc:.1%} vs {twin['accuracy']:.1%}",
+                         "holds": acc >= twin["accuracy"] - 0.02 - 1e-9})
+            equal = by_kind["compression_equal_tokens"][b]
+            rows.append({"claim": f"budget {b:g} ≥ compression at equal tokens",
+                         "measured": f"{acc:.1%} vs {equal['accuracy']:.1%}", "holds": acc >= equal["accuracy"]})
+            match = by_kind["compression_to_match"][b]
+            ratio = match["tokens_ratio_lower_bound"]
+            rows.append({"claim": f"budget {b:g}: compression alone needs ≥ 2x the elastic tokens per size to match",
+                         "measured": f"{ratio:.2f}x" if match["matched"] else f"> {ratio:.2f}x (not matched)",
+                         "holds": ratio >= 2})  # unmatched: the tokens spent are a lower bound
+    return rows
+
+
+def _claim_lines(r: dict) -> list[str]:
+    lines = ["", "## The method's claims, as measured here", "", "| claim | measured | holds |", "|---|---|---|"]
+    return lines + [f"| {c['claim']} | {c['measured']} | {'yes' if c['holds'] else '**no**'} |" for c in r["claims"]]
+
+
+def _parent_line(p: dict) -> str:
+    """Which parent, its SHA-256, how it was trained (when it says) and its accuracy here."""
+    name = "the converged parent shipped in the package" if p["source"] == "shipped" else f"`{p['source']}`"
+    trained = ""
+    if p.get("steps"):
+        trained = f", trained {p['steps']:,} steps ({p['tokens']:,} tokens)"
+    own = p.get("own_test")
+    own_text = f"{own['accuracy']:.1%} on its own {own['n']}-problem test split, " if own else ""
+    return (f"Parent: {name} (model.safetensors SHA-256 `{p['sha256'][:16]}…`), {p['params']:,} parameters "
+            f"({p['active_params']:,} active){trained}; {own_text}{p['accuracy']:.1%} on the {p['n_test']} "
+            "held-out problems of the tables below.")
 
 
 def _withheld(r: dict) -> str:
     """Why a report compares nothing against the parent."""
     why = ("a quick run is a smoke test" if r["quick"] else
-           f"the parent scores {r['parent']['accuracy']:.1%} on its test split, below the "
+           f"the parent scores {r['parent']['accuracy']:.1%} on the held-out problems, below the "
            f"{r['min_parent_accuracy']:.0%} (DemoConfig.min_parent_accuracy) a comparison with it needs")
     return f"No conclusions are drawn from these numbers: {why}."
 

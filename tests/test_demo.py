@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from star_elastic.assets import PARENT, sha256
 from star_elastic.cli import main
 from star_elastic.data.store import TokenStore
 from star_elastic.demo import QUICK, render_markdown
@@ -52,12 +53,17 @@ def check_baselines(report: dict, out) -> None:
     assert elastic["tokens"] == recount_elastic_tokens(out)
     assert elastic["tokens_per_size"] == pytest.approx(elastic["tokens"] / 3)
     active = {b["budget"]: b["active_params"] for b in report["budgets"]}
-    for kind in ("independent", "compression_equal_tokens", "compression_to_match"):
+    for kind in ("independent", "independent_elastic_tokens", "compression_equal_tokens", "compression_to_match"):
         assert [row["budget"] for row in base[kind]] == [0.75, 0.5]
         for row in base[kind]:
             assert row["active_params"] == active[row["budget"]] and 0 <= row["accuracy"] <= 1
-    for row in base["independent"]:  # the parent's recipe: same steps, same batches, so the same tokens
-        assert (row["steps"], row["tokens"]) == (report["parent"]["steps"], report["parent"]["tokens"])
+    recipe = QUICK.parent
+    for row, cut in zip(base["independent"], base["independent_elastic_tokens"]):
+        # the parent's recipe: its steps; every step draws batch_size whole examples (35..103 tokens)
+        assert row["steps"] == recipe.steps
+        assert 35 * recipe.batch_size <= row["tokens"] / row["steps"] <= 103 * recipe.batch_size
+        # cut to the elastic run's tokens per size, at the recipe's tokens per step
+        assert cut["steps"] == max(1, round(elastic["tokens_per_size"] / (row["tokens"] / row["steps"])))
     for row in base["compression_equal_tokens"]:  # a third of the elastic run's steps
         assert row["steps"] == round(QUICK.elastify.steps / 3)
         assert row["tokens"] == pytest.approx(elastic["tokens_per_size"], rel=0.35)
@@ -85,7 +91,7 @@ def check_conclusions(report: dict, md: str) -> None:
     md_full = render_markdown(full)
     assert "What it shows" in md_full and "smoke test" not in md_full and "No conclusions" not in md_full
     low = dict(full, conclusions=False, headline=None, parent=dict(report["parent"], accuracy=0.5))
-    assert ("No conclusions are drawn from these numbers: the parent scores 50.0% on its test split, below the 90% "
+    assert ("No conclusions are drawn from these numbers: the parent scores 50.0% on the held-out problems, below the 90% "
             "(DemoConfig.min_parent_accuracy) a comparison with it needs.") in render_markdown(low)
 
 
@@ -103,7 +109,10 @@ def test_demo_quick_writes_a_complete_report(tmp_path, capsys, monkeypatch):
     assert set(limits) == {"pareto.png", "budgets.png", "baselines.png"}
     assert all(0 <= lo < hi <= 1 for axes in limits.values() for lo, hi in axes) and all(limits.values()), limits
     report = json.loads((tmp_path / "report.json").read_text())
-    assert {"accuracy", "params"} <= set(report["parent"])
+    shipped = json.loads((PARENT / "train_report.json").read_text())
+    assert report["parent"]["sha256"] == sha256(PARENT / "model.safetensors") == sha256(tmp_path / "parent" / "model.safetensors")
+    assert report["parent"]["own_test"] == {"accuracy": shipped["test"]["accuracy"], "n": shipped["test"]["n"]}
+    assert report["parent"]["accuracy"] == next(b["accuracy_before_training"] for b in report["budgets"] if b["budget"] == 1.0)
     budgets = report["budgets"]
     assert [b["budget"] for b in budgets] == [1.0, 0.75, 0.5]
     for b in budgets:
@@ -136,7 +145,6 @@ def test_demo_quick_writes_a_complete_report(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--out", str(tmp_path), "--quick", "--baselines"]) == 0
     assert "reusing" in capsys.readouterr().err
     again = json.loads((tmp_path / "report.json").read_text())
-    assert again["reused_stages_s"] == {"parent": report["parent"]["train_seconds"],
-                                        "elastify": report["elastify_seconds"]}
-    assert (f"parent reused (took {report['parent']['train_seconds']} s then), elastify reused "
-            f"(took {report['elastify_seconds']} s then)") in (tmp_path / "report.md").read_text()
+    assert again["reused_stages_s"] == {"elastify": report["elastify_seconds"]}
+    assert f"elastify reused (took {report['elastify_seconds']} s then)" in (tmp_path / "report.md").read_text()
+    assert {k: again[k] for k in ("parent", "budgets", "baselines")} == {k: report[k] for k in ("parent", "budgets", "baselines")}
