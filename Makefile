@@ -26,6 +26,9 @@ parent: $(STAMP)
 	$(BIN)/python benchmarks/retrain_parent.py
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_packing.py
+	$(BIN)/python benchmarks/bench_store_memory.py
+	$(BIN)/python benchmarks/bench_packed_step.py
 	$(BIN)/python benchmarks/bench_hybrid.py --config bench
 	$(BIN)/python benchmarks/bench_hybrid.py --config demo
 	$(BIN)/python benchmarks/bench_elastic_step.py
