@@ -97,7 +97,7 @@ class QuantizeConfig:
     seq_len: int = 128
     """Tokens per packed row."""
     lr: float = 2e-5
-    """AdamW rate. On the demo run 2e-5 lowered the held-out KD most in 60 NVFP4 steps; 2e-4 raised it (README notes)."""
+    """AdamW rate. On the demo run 2e-5 lowered the held-out KD most in 60 NVFP4 steps; 2e-4 raised it (docs/history.md)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """adamw, or sgd (plain; used to compare engines, where Adam amplifies rounding)."""
     budget_probs: tuple[float, ...] | None = None
