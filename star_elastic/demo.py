@@ -25,10 +25,10 @@ import torch
 from star_elastic.accounting import count_params
 from star_elastic.assets import PARENT, sha256
 from star_elastic.baselines import KINDS, BaselineConfig, run_baselines
-from star_elastic.config import check_out_dir, from_dict, typed_blocks
+from star_elastic.config import ModelConfig, check_out_dir, from_dict, typed_blocks
 from star_elastic.elastic.arch import slice_model
 from star_elastic.elastic.run import load_elastic
-from star_elastic.hf import load_model, save_model
+from star_elastic.hf import save_model
 from star_elastic.infer.budget import ElasticServer
 from star_elastic.infer.evaluate import (
     BudgetConfig, decode_speed, evaluate_config, headline, load_eval_examples, plot_front, small_think_large_answer,
@@ -125,11 +125,10 @@ def stage_parent(cfg: DemoConfig, out: Path) -> dict:
         shutil.rmtree(parent_dir)  # an interrupted copy
     shutil.copytree(source, parent_dir)
     trained = json.loads((source / "train_report.json").read_text()) if (source / "train_report.json").is_file() else {}
-    model = load_model(parent_dir)
+    counts = count_params(ModelConfig.from_json(parent_dir / "config.json"))  # sizes from config.json alone
     info = {"source": "shipped" if not cfg.parent_model else str(source),
             "sha256": sha256(parent_dir / "model.safetensors"),
-            "params": count_params(model.config).total_params,
-            "active_params": count_params(model.config).active_params,
+            "params": counts.total_params, "active_params": counts.active_params,
             "steps": trained.get("steps"), "tokens": trained.get("tokens"),
             "train_seconds": trained.get("train_seconds"),
             "own_test": ({"accuracy": trained["test"]["accuracy"], "n": trained["test"]["n"]}
